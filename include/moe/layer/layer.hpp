@@ -1,0 +1,345 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// moe::layer: a gate, a dispatch layout, a collective and an expert composed into one MoE
+// layer, forward and backward. This header holds the layer and its host backend.
+//
+//   x (T, H) ─ gate ─▶ routing ─ encode ─▶ (E, C, H) ─ expert ─▶ (E, C, H) ─ decode ─▶ y (T, H)
+//
+// Memory contract (DESIGN §3): `workspace_bytes()` then forward and backward in that
+// workspace; forward leaves in it what backward needs. Nothing is allocated inside.
+
+#include <moe/comm/concepts.hpp>
+#include <moe/core/backend.hpp>
+#include <moe/core/config.hpp>
+#include <moe/core/dtype.hpp>
+#include <moe/core/error.hpp>
+#include <moe/core/view.hpp>
+#include <moe/core/workspace.hpp>
+#include <moe/expert/concepts.hpp>
+#include <moe/gating/args.hpp>
+#include <moe/gating/capacity.hpp>
+#include <moe/gating/concepts.hpp>
+#include <moe/gating/router.hpp>
+#include <moe/layer/concepts.hpp>
+#include <moe/layout/capacity.hpp>
+#include <moe/layout/concepts.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace moe {
+
+/// The run-time arguments of a layer.
+struct layer_args {
+  index_t tokens = 0;    ///< T: most tokens one call routes (workspace is sized for it)
+  index_t hidden = 0;    ///< H
+  index_t ffn = 0;       ///< F: inner width of an expert
+  index_t experts = 0;   ///< E
+  int top_k = 0;         ///< k for `top_any`; 0 or the static k for `top_k<K>`
+  float capacity_factor = 1.0f;    ///< f: > 0 fixed, == 0 dynamic, < 0 dynamic capped
+  index_t capacity_alignment = 1;  ///< capacity rounded up to a multiple of this
+  gating::renormalize normalize = gating::renormalize::none;
+  float aux_loss_coef = 0.0f;  ///< the layer's objective adds aux_loss_coef · gshard_aux
+  float z_loss_coef = 0.0f;    ///< … and z_loss_coef · z_loss
+};
+
+/// Views of a layer's parameters (T const) or of their gradients (T).
+template <class T, class Expert>
+struct layer_params {
+  matrix_view<T> gate_weight;                  // (hidden, experts)
+  typename Expert::template params<T> expert;  // the expert's own views
+};
+
+/// What one forward call decided, read back with `layer::stats`.
+struct layer_stats {
+  index_t tokens = 0;
+  index_t capacity = 0;
+  index_t dropped = 0;     ///< assignments that found no slot
+  double aux_loss = 0;     ///< gshard_aux, before its coefficient
+  double z_loss = 0;       ///< z_loss, before its coefficient
+  double loss = 0;         ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
+  span<std::int64_t const> load;  ///< (experts) assignments per expert, before drops
+};
+
+/// An MoE layer.
+/// @tparam Gate       a gating policy (moe::gating::top_k<2>, moe::gating::top_any<>, …)
+/// @tparam Layout     a dispatch layout (moe::layout::capacity)
+/// @tparam Collective a collective (moe::comm::single_rank)
+/// @tparam Expert     an expert (moe::expert::ffn<moe::act::gelu>, …)
+template <class Gate, class Layout, class Collective, class Expert>
+class layer {
+  static_assert(gating::gate<Gate>,
+                "moe::layer: Gate is not a moe::gating::gate. Use a gating policy such as "
+                "moe::gating::top_k<2> or moe::gating::top_any<>, or give your type "
+                "`using moe_concept = moe::gating::gate_tag;`, a score_function, a priority, "
+                "k(args) and can_implement(args).");
+  static_assert(layout::dispatch_layout<Layout>,
+                "moe::layer: Layout is not a moe::layout::dispatch_layout. Use "
+                "moe::layout::capacity.");
+  static_assert(comm::collective<Collective>,
+                "moe::layer: Collective is not a moe::comm::collective. Use "
+                "moe::comm::single_rank on one GPU.");
+  static_assert(expert::expert<Expert>,
+                "moe::layer: Expert is not a moe::expert::expert. Use moe::expert::ffn<Act> or "
+                "a type that tags itself with moe::expert::expert_tag and provides params, "
+                "check, carve_host_state and forward.");
+
+ public:
+  using gate_type = Gate;
+  using layout_type = Layout;
+  using collective_type = Collective;
+  using expert_type = Expert;
+  template <class T>
+  using params = layer_params<T const, Expert>;
+  template <class T>
+  using gradients = layer_params<T, Expert>;
+
+  /// Throws `moe::invalid_argument` when `can_implement(args)` fails.
+  explicit layer(layer_args const& args) : args_(args) { can_implement(args).throw_if_failed(); }
+
+  /// Whether a layer can be built with these arguments, and if not, which argument is wrong.
+  [[nodiscard]] static status can_implement(layer_args const& args) noexcept {
+    if (args.tokens < 1)
+      return status::failure("tokens", "must be at least 1, got " + std::to_string(args.tokens));
+    if (args.hidden < 1)
+      return status::failure("hidden", "must be at least 1, got " + std::to_string(args.hidden));
+    if (args.ffn < 1)
+      return status::failure("ffn", "must be at least 1, got " + std::to_string(args.ffn));
+    if (!std::isfinite(args.capacity_factor))
+      return status::failure("capacity_factor", "must be finite, got " +
+                                                    std::to_string(args.capacity_factor));
+    if (args.capacity_alignment < 1)
+      return status::failure("capacity_alignment", "must be at least 1, got " +
+                                                       std::to_string(args.capacity_alignment));
+    if (!std::isfinite(args.aux_loss_coef))
+      return status::failure("aux_loss_coef", "must be finite");
+    if (!std::isfinite(args.z_loss_coef)) return status::failure("z_loss_coef", "must be finite");
+    gating::gate_args const gate_args = gate_args_of(args);
+    if (auto s = Gate{}.can_implement(gate_args); !s) return s;
+    if (gating::capacity_bound(capacity_args_of(args, args.tokens)) < 1)
+      return status::failure("capacity_factor",
+                             "gives capacity 0 at " + std::to_string(args.tokens) +
+                                 " tokens over " + std::to_string(args.experts) +
+                                 " experts; raise it, or use 0 for dynamic capacity");
+    return {};
+  }
+
+  [[nodiscard]] layer_args const& args() const noexcept { return args_; }
+  [[nodiscard]] int k() const noexcept { return Gate{}.k(gate_args_of(args_)); }
+  [[nodiscard]] expert::expert_shape expert_shape() const noexcept {
+    return {args_.experts, args_.hidden, args_.ffn};
+  }
+
+  /// Bytes of host workspace that forward and backward need (host backend).
+  [[nodiscard]] std::size_t workspace_bytes(host_backend) const {
+    workspace_carver counter;
+    (void)carve(counter, args_.tokens, max_capacity());
+    return counter.bytes();
+  }
+
+  /// Checks a forward call's views; writes nothing.
+  template <element T>
+  [[nodiscard]] status can_implement(matrix_view<T const> x, params<T> const& p,
+                                     matrix_view<T> y, workspace ws) const noexcept {
+    index_t const tokens = x.extent(0);
+    if (tokens < 1 || tokens > args_.tokens)
+      return status::failure("x", "has " + std::to_string(tokens) + " tokens; the layer takes 1 to " +
+                                      std::to_string(args_.tokens));
+    if (auto s = check_extents(x, "x", {tokens, args_.hidden}); !s) return s;
+    if (auto s = check_extents(y, "y", {tokens, args_.hidden}); !s) return s;
+    if (auto s = check_params(p, "params"); !s) return s;
+    return check_workspace(ws);
+  }
+
+  /// Forward on the host: y = Σ_j w_{t,j} · expert_{e_j}(x_t) over kept choices.
+  /// @param[in]  x  (tokens, hidden) host memory, 1 ≤ tokens ≤ args().tokens
+  /// @param[in]  p  parameters, host memory
+  /// @param[out] y  (tokens, hidden) host memory
+  /// @param[in,out] ws host workspace of `workspace_bytes(host)` bytes; keeps what backward needs
+  template <element T>
+  void forward(host_backend, matrix_view<T const> x, params<T> const& p, matrix_view<T> y,
+               workspace ws) const {
+    can_implement(x, p, y, ws).throw_if_failed();
+    index_t const tokens = x.extent(0);
+    workspace_carver carver(ws);
+    auto state = carve(carver, tokens, max_capacity());
+    gating::routing_summary const summary =
+        gating::route(host, Gate{}, gate_args_of(args_), x, p.gate_weight, state.routing);
+    workspace_carver resized(ws);
+    state = carve(resized, tokens, summary.capacity);
+    state.routing.capacity = summary.capacity;
+
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t h = 0; h < args_.hidden; ++h) state.x(t, h) = to_accumulate(x(t, h));
+    layout::encode(host, Layout{}, state.routing, x, state.dispatched);
+    Expert::forward(host, expert_shape(), p.expert, rows_of(state), as_const(state.dispatched),
+                    state.expert_out, state.expert);
+    layout::decode(host, Layout{}, state.routing, as_const(state.expert_out), y);
+    *state.header = {.forward_tokens = tokens, .summary = summary};
+  }
+
+  /// Backward on the host, of the objective ⟨dy, y⟩ + the layer's losses: writes dx and
+  /// every gradient (zero for experts that received no token). Call it after `forward`
+  /// with the same workspace.
+  /// @param[in]  dy (tokens, hidden) host memory, the same tokens as the forward call
+  /// @param[out] dx (tokens, hidden) host memory
+  /// @param[out] g  gradients, host memory, overwritten
+  template <element T>
+  void backward(host_backend, matrix_view<T const> dy, params<T> const& p, matrix_view<T> dx,
+                gradients<T> const& g, workspace ws) const
+    requires expert::trainable_expert<Expert>
+  {
+    check_backward(dy, p, dx, g, ws).throw_if_failed();
+    index_t const tokens = dy.extent(0);
+    workspace_carver carver(ws);
+    auto state = carve(carver, tokens, max_capacity());
+    index_t const capacity = state.header->summary.capacity;
+    workspace_carver resized(ws);
+    state = carve(resized, tokens, capacity);
+    state.routing.capacity = capacity;
+
+    layout::decode_backward(host, Layout{}, state.routing, dy, as_const(state.expert_out),
+                            state.d_expert_out, state.d_weight);
+    Expert::backward(host, expert_shape(), p.expert, rows_of(state), as_const(state.dispatched),
+                     as_const(state.d_expert_out), state.d_dispatched, g.expert, state.expert);
+    layout::encode_backward(host, Layout{}, state.routing, as_const(state.d_dispatched),
+                            state.dx);
+    gating::route_backward(host, Gate{}, gate_args_of(args_), state.routing,
+                           as_const(state.d_weight), as_const(state.x), p.gate_weight, state.d_logits, state.dx,
+                           g.gate_weight);
+    for (index_t t = 0; t < dx.extent(0); ++t)
+      for (index_t h = 0; h < dx.extent(1); ++h)
+        dx(t, h) = from_accumulate<T>(static_cast<accumulate_t<T>>(state.dx(t, h)));
+  }
+
+  /// What the last forward call in `ws` decided (host backend).
+  [[nodiscard]] layer_stats stats(host_backend, workspace ws) const {
+    if (auto s = check_workspace(ws); !s) s.throw_if_failed();
+    workspace_carver carver(ws);
+    auto const state = carve(carver, args_.tokens, max_capacity());
+    auto const& h = *state.header;
+    MOE_EXPECTS(h.magic == forward_header::forward_done, "ws", "holds no forward call's state");
+    return {.tokens = h.forward_tokens,
+            .capacity = h.summary.capacity,
+            .dropped = h.summary.dropped,
+            .aux_loss = h.summary.aux_loss,
+            .z_loss = h.summary.z_loss,
+            .loss = args_.aux_loss_coef * h.summary.aux_loss + args_.z_loss_coef * h.summary.z_loss,
+            .load = {state.routing.load.data_handle(), static_cast<std::size_t>(args_.experts)}};
+  }
+
+ private:
+  /// The first bytes of the workspace: what forward tells backward.
+  struct forward_header {
+    static constexpr std::uint64_t forward_done = 0x6d6f652d66776421;  // "moe-fwd!"
+    std::uint64_t magic = forward_done;
+    index_t forward_tokens = 0;
+    gating::routing_summary summary;
+  };
+
+  /// The host backend's workspace, carved for `tokens` tokens and `capacity` slots.
+  struct host_state {
+    forward_header* header;
+    matrix_view<double> x;              // (tokens, hidden)  the forward's input
+    gating::host_routing routing;
+    tensor3_view<double> dispatched;    // (experts, capacity, hidden)
+    tensor3_view<double> expert_out;    // (experts, capacity, hidden)
+    typename Expert::host_state expert;
+    tensor3_view<double> d_expert_out;  // (experts, capacity, hidden)
+    tensor3_view<double> d_dispatched;  // (experts, capacity, hidden)
+    matrix_view<double> d_weight;       // (tokens, k)
+    matrix_view<double> d_logits;       // (tokens, experts)
+    matrix_view<double> dx;             // (tokens, hidden)
+    span<std::int64_t> rows;            // (experts) rows each expert computes: min(load, C)
+  };
+
+  static gating::gate_args gate_args_of(layer_args const& a) noexcept {
+    return {.tokens = a.tokens,
+            .experts = a.experts,
+            .k = a.top_k,
+            .capacity_factor = a.capacity_factor,
+            .capacity_alignment = a.capacity_alignment,
+            .normalize = a.normalize,
+            .aux_loss_coef = a.aux_loss_coef,
+            .z_loss_coef = a.z_loss_coef};
+  }
+
+  static gating::capacity_args capacity_args_of(layer_args const& a, index_t tokens) noexcept {
+    return {.tokens = tokens,
+            .experts = a.experts,
+            .k = Gate{}.k(gate_args_of(a)),
+            .factor = a.capacity_factor,
+            .alignment = a.capacity_alignment};
+  }
+
+  [[nodiscard]] index_t max_capacity() const noexcept {
+    return gating::capacity_bound(capacity_args_of(args_, args_.tokens));
+  }
+
+  host_state carve(workspace_carver& carver, index_t tokens, index_t capacity) const {
+    index_t const max_tokens = args_.tokens, max_c = max_capacity();
+    index_t const e = args_.experts, h = args_.hidden;
+    int const k = this->k();
+    auto slots = [&](index_t width) { return carver.take<double>(e * max_c * width); };
+    host_state s;
+    s.header = carver.take<forward_header>(1);
+    s.x = make_view(carver.take<double>(max_tokens * h), tokens, h);
+    s.routing = gating::carve_host_routing(carver, max_tokens, tokens, e, k);
+    s.dispatched = make_view(slots(h), e, capacity, h);
+    s.expert_out = make_view(slots(h), e, capacity, h);
+    s.expert = Expert::carve_host_state(carver, expert_shape(), max_c, capacity);
+    s.d_expert_out = make_view(slots(h), e, capacity, h);
+    s.d_dispatched = make_view(slots(h), e, capacity, h);
+    s.d_weight = make_view(carver.take<double>(max_tokens * k), tokens, k);
+    s.d_logits = make_view(carver.take<double>(max_tokens * e), tokens, e);
+    s.dx = make_view(carver.take<double>(max_tokens * h), tokens, h);
+    s.rows = {carver.take<std::int64_t>(e), static_cast<std::size_t>(e)};
+    return s;
+  }
+
+  /// Each expert computes rows [0, min(load, C)): slots are claimed in order.
+  static span<std::int64_t const> rows_of(host_state const& s) {
+    for (std::size_t e = 0; e < s.rows.size(); ++e) {
+      std::int64_t const load = s.routing.load(static_cast<index_t>(e));
+      s.rows[e] = load < s.routing.capacity ? load : s.routing.capacity;
+    }
+    return s.rows;
+  }
+
+  template <class T>
+  [[nodiscard]] status check_params(layer_params<T, Expert> const& p, char const* name) const {
+    std::string const arg = std::string(name) + ".gate_weight";
+    if (auto s = check_extents(p.gate_weight, arg.c_str(), {args_.hidden, args_.experts}); !s)
+      return s;
+    return Expert::check(p.expert, expert_shape(), (std::string(name) + ".expert").c_str());
+  }
+
+  [[nodiscard]] status check_workspace(workspace ws) const {
+    std::size_t const needed = workspace_bytes(host);
+    if (ws.size() < needed || ws.data() == nullptr)
+      return status::failure("ws", "holds " + std::to_string(ws.size()) + " bytes; " +
+                                       std::to_string(needed) + " are needed");
+    return {};
+  }
+
+  template <element T>
+  [[nodiscard]] status check_backward(matrix_view<T const> dy, params<T> const& p,
+                                      matrix_view<T> dx,
+                                      gradients<T> const& g, workspace ws) const {
+    if (auto s = check_workspace(ws); !s) return s;
+    workspace_carver carver(ws);
+    forward_header const& h = *carve(carver, args_.tokens, max_capacity()).header;
+    if (h.magic != forward_header::forward_done)
+      return status::failure("ws", "holds no forward call's state; call forward first");
+    index_t const tokens = h.forward_tokens;
+    if (auto s = check_extents(dy, "dy", {tokens, args_.hidden}); !s) return s;
+    if (auto s = check_extents(dx, "dx", {tokens, args_.hidden}); !s) return s;
+    if (auto s = check_params(p, "params"); !s) return s;
+    return check_params(g, "gradients");
+  }
+
+  layer_args args_;
+};
+
+}  // namespace moe

@@ -1,0 +1,25 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// The concept of a dispatch/combine layout: how the assignments of tokens to experts are
+// laid out in memory for the experts, and gathered back.
+
+#include <moe/core/config.hpp>
+#include <moe/gating/concepts.hpp>
+
+#include <concepts>
+
+namespace moe::layout {
+
+struct dispatch_layout_tag {};
+
+/// L models dispatch_layout if:
+/// 1. it is a stateless policy (std::semiregular) tagged `dispatch_layout_tag`;
+/// 2. `L::drops_tokens` says whether assignments beyond a capacity are dropped (true for
+///    the capacity layout, false for a dropless one).
+template <class L>
+concept dispatch_layout = std::semiregular<L> && gating::tagged_as<L, dispatch_layout_tag> &&
+                          requires {
+                            { L::drops_tokens } -> std::convertible_to<bool>;
+                          };
+
+}  // namespace moe::layout

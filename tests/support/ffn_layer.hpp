@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// Owned parameters (or gradients) of a layer with FFN experts, for tests.
+
+#include "random.hpp"
+
+#include <moe/moe.hpp>
+
+namespace moe::test {
+
+template <class T>
+struct ffn_layer_storage {
+  index_t hidden, ffn, experts;
+  bool biases;
+  host_tensor<T> gate_weight{hidden * experts};
+  host_tensor<T> w1{experts * hidden * ffn};
+  host_tensor<T> b1{biases ? experts * ffn : 0};
+  host_tensor<T> w2{experts * ffn * hidden};
+  host_tensor<T> b2{biases ? experts * hidden : 0};
+
+  ffn_layer_storage(layer_args const& a, bool with_biases)
+      : hidden(a.hidden), ffn(a.ffn), experts(a.experts), biases(with_biases) {}
+
+  template <class Expert, class U>
+  layer_params<U, Expert> views_as() {
+    auto bias = [&](host_tensor<T>& b, index_t width) {
+      return biases ? make_view(static_cast<U*>(b.data.data()), experts, width)
+                    : matrix_view<U>{};
+    };
+    return {make_view(static_cast<U*>(gate_weight.data.data()), hidden, experts),
+            {make_view(static_cast<U*>(w1.data.data()), experts, hidden, ffn), bias(b1, ffn),
+             make_view(static_cast<U*>(w2.data.data()), experts, ffn, hidden), bias(b2, hidden)}};
+  }
+  template <class Expert>
+  auto params() {
+    return views_as<Expert, T const>();
+  }
+  template <class Expert>
+  auto gradients() {
+    return views_as<Expert, T>();
+  }
+
+  /// Every tensor, for loops over all parameters.
+  std::vector<host_tensor<T>*> all() { return {&gate_weight, &w1, &b1, &w2, &b2}; }
+
+  void randomize(std::mt19937_64& rng, double scale) {
+    for (auto* t : all()) t->randomize(rng, scale);
+  }
+};
+
+}  // namespace moe::test

@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// Test data: fresh random values (never zeros), poison for outputs, and owned host tensors
+// that hand out moe views.
+
+#include <moe/core/dtype.hpp>
+#include <moe/core/view.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace moe::test {
+
+/// A seed that differs from run to run unless MOE_TEST_SEED fixes it; printed on failure
+/// by the tests that use it.
+inline std::uint64_t fresh_seed() {
+  if (char const* s = std::getenv("MOE_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  return std::random_device{}();
+}
+
+/// Owned host storage of `count` elements of T.
+template <class T>
+struct host_tensor {
+  std::vector<T> data;
+
+  explicit host_tensor(index_t count = 0) : data(static_cast<std::size_t>(count)) {}
+
+  template <class... Extents>
+  auto view(Extents... extents) {
+    return make_view(data.data(), extents...);
+  }
+  template <class... Extents>
+  auto cview(Extents... extents) const {
+    return make_view(static_cast<T const*>(data.data()), extents...);
+  }
+
+  /// Uniform values in [-scale, scale], redrawn while too close to zero.
+  void randomize(std::mt19937_64& rng, double scale = 1.0) {
+    std::uniform_real_distribution<double> dist(-scale, scale);
+    for (auto& v : data) {
+      double x = 0;
+      while (std::abs(x) < 1e-3 * scale) x = dist(rng);
+      v = from_accumulate<T>(static_cast<accumulate_t<T>>(x));
+    }
+  }
+
+  /// Fills every element with a NaN bit pattern, so that an unwritten output shows.
+  void poison() { std::memset(data.data(), 0xff, data.size() * sizeof(T)); }
+
+  /// True when every byte is still the poison pattern.
+  [[nodiscard]] bool is_poisoned() const {
+    auto const* bytes = reinterpret_cast<unsigned char const*>(data.data());
+    for (std::size_t i = 0; i < data.size() * sizeof(T); ++i)
+      if (bytes[i] != 0xff) return false;
+    return true;
+  }
+};
+
+}  // namespace moe::test
