@@ -102,6 +102,8 @@ TEST_CASE("cuda_device_count answers without throwing, the same each time") {
   CHECK(count >= 0);
   CHECK(cuda_device_count() == count);
   int raw = 0;
-  if (cudaGetDeviceCount(&raw) != cudaSuccess) CHECK(count == 0);
-  else CHECK(count == raw);
+  if (cudaGetDeviceCount(&raw) != cudaSuccess)
+    CHECK(count == 0);
+  else
+    CHECK(count == raw);
 }

@@ -65,13 +65,12 @@ TEST_CASE("capacity follows Tutel: k·⌊f·⌈T/E⌉⌋, dynamic when f ≤ 0, 
   a.factor = -2;  // cap 12 does not bind
   CHECK(gating::resolve_capacity(a, 7) == 7);
   CHECK(gating::capacity_bound(a) == 10);  // no load exceeds T
-  a.factor = 0.2f;  // ⌊0.2·3⌋ = 0
+  a.factor = 0.2f;                         // ⌊0.2·3⌋ = 0
   CHECK(gating::resolve_capacity(a, 7) == 0);
   a = {.tokens = 1, .experts = 8, .k = 1, .factor = 1.0f, .alignment = 1};
   CHECK(gating::resolve_capacity(a, 1) == 1);
-  static_assert(gating::resolve_capacity({.tokens = 8, .experts = 2, .k = 1, .factor = 1.0f,
-                                          .alignment = 1},
-                                         0) == 4);
+  static_assert(gating::resolve_capacity(
+                    {.tokens = 8, .experts = 2, .k = 1, .factor = 1.0f, .alignment = 1}, 0) == 4);
 }
 
 TEST_CASE("choice-major priority: all 1st choices claim slots before any 2nd choice") {
@@ -115,7 +114,8 @@ struct hand_routing {
   gating::routing_summary route(gating::gate_args args) {
     args.tokens = tokens;
     args.experts = experts;
-    return gating::route(host, gating::top_k<2>{}, args, make_view(std::as_const(x).data(), tokens, hidden),
+    return gating::route(host, gating::top_k<2>{}, args,
+                         make_view(std::as_const(x).data(), tokens, hidden),
                          make_view(std::as_const(w_gate).data(), hidden, experts), r);
   }
 };

@@ -65,11 +65,11 @@ void check_gradients(layer_args const& args, bool biases) {
   auto numeric = [&](double& v) {
     double const saved = v;
     v = saved + eps;
-    double const up = objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y,
-                                ws.view());
+    double const up =
+        objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y, ws.view());
     v = saved - eps;
-    double const down = objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y,
-                                  ws.view());
+    double const down =
+        objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y, ws.view());
     v = saved;
     return (up - down) / (2 * eps);
   };
@@ -80,7 +80,8 @@ void check_gradients(layer_args const& args, bool biases) {
   for (std::size_t n = 0; n < all_params.size(); ++n)
     for (std::size_t i = 0; i < all_params[n]->data.size(); ++i)
       expect_close(all_grads[n]->data[i], numeric(all_params[n]->data[i]), names[n], i);
-  for (std::size_t i = 0; i < x.data.size(); ++i) expect_close(dx.data[i], numeric(x.data[i]), "dx", i);
+  for (std::size_t i = 0; i < x.data.size(); ++i)
+    expect_close(dx.data[i], numeric(x.data[i]), "dx", i);
   // The routing of the last evaluation is that of the analytic pass: the check did not
   // cross a selection boundary, and the case did drop tokens where it meant to.
   CHECK(layer.stats(host, ws.view()).dropped == dropped);
@@ -91,16 +92,33 @@ void check_gradients(layer_args const& args, bool biases) {
 TEST_CASE("layer backward matches finite differences: every activation, with drops") {
   // T = 12, E = 4, k = 2, f = 1: C = 2·⌊1·3⌋ = 6 of 24 assignments over 4 experts: with
   // random routing some expert almost surely overflows.
-  layer_args const args{.tokens = 12, .hidden = 5, .ffn = 7, .experts = 4,
-                        .capacity_factor = 0.5f, .aux_loss_coef = 0.3f, .z_loss_coef = 0.2f};
-  SUBCASE("relu") { check_gradients<expert::ffn<act::relu>>(args, true); }
-  SUBCASE("gelu") { check_gradients<expert::ffn<act::gelu>>(args, true); }
-  SUBCASE("silu") { check_gradients<expert::ffn<act::silu>>(args, false); }
+  layer_args const args{.tokens = 12,
+                        .hidden = 5,
+                        .ffn = 7,
+                        .experts = 4,
+                        .capacity_factor = 0.5f,
+                        .aux_loss_coef = 0.3f,
+                        .z_loss_coef = 0.2f};
+  SUBCASE("relu") {
+    check_gradients<expert::ffn<act::relu>>(args, true);
+  }
+  SUBCASE("gelu") {
+    check_gradients<expert::ffn<act::gelu>>(args, true);
+  }
+  SUBCASE("silu") {
+    check_gradients<expert::ffn<act::silu>>(args, false);
+  }
 }
 
 TEST_CASE("layer backward matches finite differences: renormalisation and top_any") {
-  layer_args args{.tokens = 10, .hidden = 4, .ffn = 6, .experts = 5, .top_k = 3,
-                  .capacity_factor = 0.7f, .aux_loss_coef = 0.1f, .z_loss_coef = 0.05f};
+  layer_args args{.tokens = 10,
+                  .hidden = 4,
+                  .ffn = 6,
+                  .experts = 5,
+                  .top_k = 3,
+                  .capacity_factor = 0.7f,
+                  .aux_loss_coef = 0.1f,
+                  .z_loss_coef = 0.05f};
   using any = gating::top_any<>;
   SUBCASE("before drops") {
     args.normalize = gating::renormalize::before_drops;

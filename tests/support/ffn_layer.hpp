@@ -24,8 +24,7 @@ struct ffn_layer_storage {
   template <class Expert, class U>
   layer_params<U, Expert> views_as() {
     auto bias = [&](host_tensor<T>& b, index_t width) {
-      return biases ? make_view(static_cast<U*>(b.data.data()), experts, width)
-                    : matrix_view<U>{};
+      return biases ? make_view(static_cast<U*>(b.data.data()), experts, width) : matrix_view<U>{};
     };
     return {make_view(static_cast<U*>(gate_weight.data.data()), hidden, experts),
             {make_view(static_cast<U*>(w1.data.data()), experts, hidden, ffn), bias(b1, ffn),

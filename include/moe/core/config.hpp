@@ -10,7 +10,8 @@
 #endif
 
 #if MOE_CPLUSPLUS < 202002L
-#error "moe requires C++20: compile with -std=c++20 (nvcc: -std=c++20; CMake: link moe::moe, \
+#error \
+    "moe requires C++20: compile with -std=c++20 (nvcc: -std=c++20; CMake: link moe::moe, \
 which requests cxx_std_20 and cuda_std_20)."
 #endif
 

@@ -71,7 +71,9 @@ struct dtype_traits<__nv_bfloat16> {
 
 /// An element type the library knows: float, double, __half or __nv_bfloat16.
 template <class T>
-concept element = requires { dtype_traits<std::remove_cv_t<T>>::tag; };
+concept element = requires {
+  dtype_traits<std::remove_cv_t<T>>::tag;
+};
 
 /// The accumulation type of T: float for float/half/bfloat16, double for double.
 template <element T>
@@ -96,10 +98,14 @@ inline constexpr dtype dtype_of = dtype_traits<std::remove_cv_t<T>>::tag;
 /// The name of a run-time tag, for messages.
 constexpr char const* name_of(dtype d) noexcept {
   switch (d) {
-    case dtype::f64: return "double";
-    case dtype::f32: return "float";
-    case dtype::f16: return "half";
-    case dtype::bf16: return "bfloat16";
+    case dtype::f64:
+      return "double";
+    case dtype::f32:
+      return "float";
+    case dtype::f16:
+      return "half";
+    case dtype::bf16:
+      return "bfloat16";
   }
   return "unknown";
 }

@@ -140,59 +140,59 @@ class status {
 }  // namespace moe
 
 /// Throws `moe::invalid_argument` naming `argument` when `condition` is false.
-#define MOE_EXPECTS(condition, argument, message)                                      \
-  do {                                                                                 \
-    if (!(condition))                                                                  \
+#define MOE_EXPECTS(condition, argument, message)                                            \
+  do {                                                                                       \
+    if (!(condition))                                                                        \
       throw ::moe::invalid_argument((argument), (message), std::source_location::current()); \
   } while (0)
 
 /// Throws `moe::cuda_error` naming the call when a CUDA runtime call fails; clears the
 /// (non-sticky) last-error state first so that later calls do not report it again.
-#define MOE_CUDA_TRY(call)                                                            \
-  do {                                                                                \
-    cudaError_t const moe_cuda_status_ = (call);                                      \
-    if (moe_cuda_status_ != cudaSuccess) {                                            \
-      (void)cudaGetLastError();                                                       \
+#define MOE_CUDA_TRY(call)                                                               \
+  do {                                                                                   \
+    cudaError_t const moe_cuda_status_ = (call);                                         \
+    if (moe_cuda_status_ != cudaSuccess) {                                               \
+      (void)cudaGetLastError();                                                          \
       throw ::moe::cuda_error(moe_cuda_status_, #call, std::source_location::current()); \
-    }                                                                                 \
+    }                                                                                    \
   } while (0)
 
 /// The noexcept variant for destructors and cleanup paths: reports on stderr, never throws.
-#define MOE_CUDA_TRY_LOG(call)                                                            \
-  do {                                                                                    \
-    cudaError_t const moe_cuda_status_ = (call);                                          \
-    if (moe_cuda_status_ != cudaSuccess) {                                                \
-      (void)cudaGetLastError();                                                           \
-      std::fprintf(stderr, "moe: %s failed: %s at %s:%d\n", #call,                        \
-                   cudaGetErrorName(moe_cuda_status_), __FILE__, __LINE__);               \
-    }                                                                                     \
+#define MOE_CUDA_TRY_LOG(call)                                              \
+  do {                                                                      \
+    cudaError_t const moe_cuda_status_ = (call);                            \
+    if (moe_cuda_status_ != cudaSuccess) {                                  \
+      (void)cudaGetLastError();                                             \
+      std::fprintf(stderr, "moe: %s failed: %s at %s:%d\n", #call,          \
+                   cudaGetErrorName(moe_cuda_status_), __FILE__, __LINE__); \
+    }                                                                       \
   } while (0)
 
 /// Throws `moe::cublas_error` when a cuBLAS call does not return CUBLAS_STATUS_SUCCESS (0).
-#define MOE_CUBLAS_TRY(call)                                                              \
-  do {                                                                                    \
-    auto const moe_cublas_status_ = (call);                                               \
-    if (static_cast<int>(moe_cublas_status_) != 0)                                        \
-      throw ::moe::cublas_error(static_cast<int>(moe_cublas_status_), #call,              \
-                                std::source_location::current());                         \
+#define MOE_CUBLAS_TRY(call)                                                 \
+  do {                                                                       \
+    auto const moe_cublas_status_ = (call);                                  \
+    if (static_cast<int>(moe_cublas_status_) != 0)                           \
+      throw ::moe::cublas_error(static_cast<int>(moe_cublas_status_), #call, \
+                                std::source_location::current());            \
   } while (0)
 
 /// Throws `moe::nccl_error` when an NCCL call does not return ncclSuccess. The expansion
 /// site includes nccl.h; this header does not.
-#define MOE_NCCL_TRY(call)                                                                \
-  do {                                                                                    \
-    auto const moe_nccl_status_ = (call);                                                 \
-    if (moe_nccl_status_ != ncclSuccess)                                                  \
-      throw ::moe::nccl_error(static_cast<int>(moe_nccl_status_), #call,                  \
-                              ncclGetErrorString(moe_nccl_status_),                       \
-                              std::source_location::current());                           \
+#define MOE_NCCL_TRY(call)                                               \
+  do {                                                                   \
+    auto const moe_nccl_status_ = (call);                                \
+    if (moe_nccl_status_ != ncclSuccess)                                 \
+      throw ::moe::nccl_error(static_cast<int>(moe_nccl_status_), #call, \
+                              ncclGetErrorString(moe_nccl_status_),      \
+                              std::source_location::current());          \
   } while (0)
 
 /// The noexcept NCCL variant for destructors.
-#define MOE_NCCL_TRY_LOG(call)                                                            \
-  do {                                                                                    \
-    auto const moe_nccl_status_ = (call);                                                 \
-    if (moe_nccl_status_ != ncclSuccess)                                                  \
-      std::fprintf(stderr, "moe: %s failed: %s at %s:%d\n", #call,                        \
-                   ncclGetErrorString(moe_nccl_status_), __FILE__, __LINE__);             \
+#define MOE_NCCL_TRY_LOG(call)                                                \
+  do {                                                                        \
+    auto const moe_nccl_status_ = (call);                                     \
+    if (moe_nccl_status_ != ncclSuccess)                                      \
+      std::fprintf(stderr, "moe: %s failed: %s at %s:%d\n", #call,            \
+                   ncclGetErrorString(moe_nccl_status_), __FILE__, __LINE__); \
   } while (0)

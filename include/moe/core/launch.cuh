@@ -49,9 +49,9 @@ void launch(typename Kernel::params const& params, cudaStream_t stream,
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
   // Above 48 KiB of dynamic shared memory a kernel must opt in.
   if (smem > 48 * 1024) {
-    cudaError_t const status = cudaFuncSetAttribute(
-        detail::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(smem));
+    cudaError_t const status =
+        cudaFuncSetAttribute(detail::device_kernel<Kernel>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
       throw cuda_error(status, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", where);

@@ -21,11 +21,11 @@ namespace moe {
 /// 2. `r.deallocate(p, bytes, stream)` releases it once work ordered before it has finished,
 ///    and does not throw.
 template <class R>
-concept stream_ordered_resource =
-    requires(R& r, std::size_t bytes, void* p, cudaStream_t stream) {
-      { r.allocate(bytes, stream) } -> std::same_as<void*>;
-      { r.deallocate(p, bytes, stream) } noexcept;
-    };
+concept stream_ordered_resource = requires(R& r, std::size_t bytes, void* p, cudaStream_t stream) {
+  { r.allocate(bytes, stream) } -> std::same_as<void*>;
+  { r.deallocate(p, bytes, stream) }
+  noexcept;
+};
 
 /// `cudaMallocAsync` / `cudaFreeAsync` on the current device's default memory pool.
 class async_resource {

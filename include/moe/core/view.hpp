@@ -89,16 +89,15 @@ template <class T, class E, class L, class A>
     return status::failure(argument, "expected extents " + detail::format_extents(expected) +
                                          ", got " + detail::format_extents(actual));
   if (view.data_handle() == nullptr && element_count(view) > 0)
-    return status::failure(argument, "null data for a view of " +
-                                         detail::format_extents(actual) + " elements");
+    return status::failure(
+        argument, "null data for a view of " + detail::format_extents(actual) + " elements");
   return {};
 }
 
 /// Like `check_extents`, but an empty view (no elements) means "absent" and passes: for
 /// optional operands such as biases.
 template <class T, class E, class L, class A>
-[[nodiscard]] status check_optional_extents(mdspan_of<T, E, L, A> const& view,
-                                            char const* argument,
+[[nodiscard]] status check_optional_extents(mdspan_of<T, E, L, A> const& view, char const* argument,
                                             std::array<index_t, E::rank()> const& expected) {
   if (element_count(view) == 0 && view.data_handle() == nullptr) return {};
   return check_extents(view, argument, expected);

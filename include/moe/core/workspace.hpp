@@ -58,8 +58,8 @@ class host_buffer {
  public:
   host_buffer() = default;
   explicit host_buffer(std::size_t bytes)
-      : data_(bytes ? static_cast<std::byte*>(::operator new(
-                          bytes, std::align_val_t{workspace_alignment}))
+      : data_(bytes ? static_cast<std::byte*>(
+                          ::operator new (bytes, std::align_val_t{workspace_alignment}))
                     : nullptr),
         bytes_(bytes) {}
 
@@ -69,7 +69,7 @@ class host_buffer {
  private:
   struct aligned_delete {
     void operator()(std::byte* p) const noexcept {
-      ::operator delete(p, std::align_val_t{workspace_alignment});
+      ::operator delete (p, std::align_val_t{workspace_alignment});
     }
   };
   std::unique_ptr<std::byte, aligned_delete> data_;

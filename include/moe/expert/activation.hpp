@@ -20,20 +20,24 @@ struct activation_tag {};
 /// A models activation if it is a stateless policy tagged `activation_tag` whose static
 /// `forward(x)` and `derivative(x)` map float and double to the same type.
 template <class A>
-concept activation =
-    std::semiregular<A> && gating::tagged_as<A, activation_tag> && requires(float f, double d) {
-      { A::forward(f) } -> std::same_as<float>;
-      { A::derivative(f) } -> std::same_as<float>;
-      { A::forward(d) } -> std::same_as<double>;
-      { A::derivative(d) } -> std::same_as<double>;
-    };
+concept activation = std::semiregular<A> && gating::tagged_as<A, activation_tag> &&
+    requires(float f, double d) {
+  { A::forward(f) } -> std::same_as<float>;
+  { A::derivative(f) } -> std::same_as<float>;
+  { A::forward(d) } -> std::same_as<double>;
+  { A::derivative(d) } -> std::same_as<double>;
+};
 
 struct relu {
   using moe_concept = activation_tag;
   template <std::floating_point F>
-  MOE_HOST_DEVICE static F forward(F x) noexcept { return x > F(0) ? x : F(0); }
+  MOE_HOST_DEVICE static F forward(F x) noexcept {
+    return x > F(0) ? x : F(0);
+  }
   template <std::floating_point F>
-  MOE_HOST_DEVICE static F derivative(F x) noexcept { return x > F(0) ? F(1) : F(0); }
+  MOE_HOST_DEVICE static F derivative(F x) noexcept {
+    return x > F(0) ? F(1) : F(0);
+  }
 };
 static_assert(activation<relu>);
 
@@ -56,7 +60,9 @@ static_assert(activation<gelu>);
 struct silu {
   using moe_concept = activation_tag;
   template <std::floating_point F>
-  MOE_HOST_DEVICE static F forward(F x) noexcept { return x / (F(1) + cuda::std::exp(-x)); }
+  MOE_HOST_DEVICE static F forward(F x) noexcept {
+    return x / (F(1) + cuda::std::exp(-x));
+  }
   /// σ(x) · (1 + x · (1 − σ(x)))
   template <std::floating_point F>
   MOE_HOST_DEVICE static F derivative(F x) noexcept {

@@ -39,11 +39,11 @@ concept has_parameters = requires(expert_shape const& shape,
 template <class X>
 concept runs_on_host = requires(workspace_carver& carver, expert_shape const& shape,
                                 typename X::template params<double const> const& p,
-                                typename X::host_state const& state,
-                                span<std::int64_t const> rows,
+                                typename X::host_state const& state, span<std::int64_t const> rows,
                                 tensor3_view<double const> in, tensor3_view<double> out) {
-  { X::carve_host_state(carver, shape, index_t{}, index_t{}) }
-      -> std::same_as<typename X::host_state>;
+  {
+    X::carve_host_state(carver, shape, index_t{}, index_t{})
+    } -> std::same_as<typename X::host_state>;
   X::forward(host, shape, p, rows, in, out, state);
 };
 
@@ -52,9 +52,8 @@ template <class X>
 concept has_backward = requires(expert_shape const& shape,
                                 typename X::template params<double const> const& p,
                                 typename X::template params<double> const& g,
-                                typename X::host_state const& state,
-                                span<std::int64_t const> rows, tensor3_view<double const> in,
-                                tensor3_view<double> out) {
+                                typename X::host_state const& state, span<std::int64_t const> rows,
+                                tensor3_view<double const> in, tensor3_view<double> out) {
   X::backward(host, shape, p, rows, in, in, out, g, state);
 };
 
@@ -63,8 +62,8 @@ concept has_backward = requires(expert_shape const& shape,
 /// 2. it has parameter views checked against an `expert_shape`;
 /// 3. it runs forward on the host backend.
 template <class X>
-concept expert = std::semiregular<X> && gating::tagged_as<X, expert_tag> &&
-                 has_parameters<X> && runs_on_host<X>;
+concept expert =
+    std::semiregular<X> && gating::tagged_as<X, expert_tag> && has_parameters<X> && runs_on_host<X>;
 
 /// An expert that can also run backward.
 template <class X>

@@ -106,7 +106,9 @@ struct ffn {
                        tensor3_view<double const> d_out, tensor3_view<double> d_in,
                        ffn_params<G> const& g, host_state const& state) {
     std::fill_n(d_in.data_handle(), element_count(d_in), 0.0);
-    auto store = [](auto& view, double v) { view = from_accumulate<G>(static_cast<accumulate_t<G>>(v)); };
+    auto store = [](auto& view, double v) {
+      view = from_accumulate<G>(static_cast<accumulate_t<G>>(v));
+    };
     for (index_t e = 0; e < s.experts; ++e) {
       index_t const n = rows[e];
       auto const act = [&](index_t c, index_t f) {

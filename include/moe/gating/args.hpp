@@ -18,10 +18,10 @@ enum class renormalize {
 
 /// The run-time arguments of a gate.
 struct gate_args {
-  index_t tokens = 0;            ///< T: tokens routed in one call (an upper bound for sizing)
-  index_t experts = 0;           ///< E: experts over all ranks
-  int k = 0;                     ///< experts per token for `top_any`; 0 = the gate's static k
-  float capacity_factor = 1.0f;  ///< f: > 0 fixed, == 0 dynamic, < 0 dynamic capped by |f|
+  index_t tokens = 0;              ///< T: tokens routed in one call (an upper bound for sizing)
+  index_t experts = 0;             ///< E: experts over all ranks
+  int k = 0;                       ///< experts per token for `top_any`; 0 = the gate's static k
+  float capacity_factor = 1.0f;    ///< f: > 0 fixed, == 0 dynamic, < 0 dynamic capped by |f|
   index_t capacity_alignment = 1;  ///< capacity rounded up to a multiple of this
   renormalize normalize = renormalize::none;
   float aux_loss_coef = 0.0f;  ///< coefficient of the GShard aux loss; 0 disables it

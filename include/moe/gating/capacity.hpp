@@ -48,8 +48,10 @@ MOE_HOST_DEVICE constexpr bool is_dynamic_capacity(capacity_args const& a) noexc
 MOE_HOST_DEVICE constexpr index_t resolve_capacity(capacity_args const& a,
                                                    index_t max_load) noexcept {
   index_t c = factor_capacity(a);
-  if (a.factor == 0) c = max_load;
-  else if (a.factor < 0) c = max_load < c ? max_load : c;
+  if (a.factor == 0)
+    c = max_load;
+  else if (a.factor < 0)
+    c = max_load < c ? max_load : c;
   return round_up(c, a.alignment);
 }
 

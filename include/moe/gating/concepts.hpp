@@ -18,20 +18,21 @@ struct gate_tag {};
 
 /// T opts in to the concept whose tag is Tag.
 template <class T, class Tag>
-concept tagged_as = requires { typename T::moe_concept; } &&
-                    std::same_as<typename T::moe_concept, Tag>;
+concept tagged_as = requires {
+  typename T::moe_concept;
+}
+&&std::same_as<typename T::moe_concept, Tag>;
 
 /// S models score_function if:
 /// 1. it is a stateless policy (std::semiregular) tagged `score_function_tag`;
 /// 2. `S::apply(logits, scores)` maps one token's logits to its scores on the host
 ///    (float64), and `S::backward(scores, d_scores, d_logits)` is its vector–Jacobian product.
 template <class S>
-concept score_function =
-    std::semiregular<S> && tagged_as<S, score_function_tag> &&
+concept score_function = std::semiregular<S> && tagged_as<S, score_function_tag> &&
     requires(span<double const> in, span<double> out) {
-      S::apply(in, out);
-      S::backward(in, in, out);
-    };
+  S::apply(in, out);
+  S::backward(in, in, out);
+};
 
 /// P models priority if it is a stateless policy tagged `priority_tag` that names the order
 /// in which assignments claim an expert's slots (see priority.hpp).
@@ -40,12 +41,17 @@ concept priority = std::semiregular<P> && tagged_as<P, priority_tag>;
 
 /// G names its score function with `G::score_function`.
 template <class G>
-concept has_score_function = requires { typename G::score_function; } &&
-                             score_function<typename G::score_function>;
+concept has_score_function = requires {
+  typename G::score_function;
+}
+&&score_function<typename G::score_function>;
 
 /// G names its slot priority with `G::priority`.
 template <class G>
-concept has_priority = requires { typename G::priority; } && priority<typename G::priority>;
+concept has_priority = requires {
+  typename G::priority;
+}
+&&priority<typename G::priority>;
 
 /// G selects a number of experts per token: `g.k(args)`, and `g.can_implement(args)` says
 /// whether the run-time arguments suit it.
@@ -61,7 +67,7 @@ concept selects_k = requires(G const& g, gate_args const& args) {
 /// 3. it selects k experts per token, k fixed at compile time or given at run time.
 template <class G>
 concept gate = std::semiregular<G> && tagged_as<G, gate_tag> && has_score_function<G> &&
-               has_priority<G> && selects_k<G>;
+    has_priority<G> && selects_k<G>;
 
 /// A gate whose k is a compile-time constant `G::static_k`.
 template <class G>

@@ -59,8 +59,7 @@ namespace moe::gating {
 /// d_l_e += scale · 2 · lse · exp(l_e − lse).
 /// @param[in]    logits   (experts)
 /// @param[inout] d_logits (experts) accumulated into
-inline double z_loss_term(span<double const> logits, double scale,
-                          span<double> d_logits) noexcept {
+inline double z_loss_term(span<double const> logits, double scale, span<double> d_logits) noexcept {
   double const lse = logsumexp(logits);
   if (scale != 0)
     for (std::size_t e = 0; e < logits.size(); ++e)

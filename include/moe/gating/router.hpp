@@ -52,8 +52,8 @@ struct host_routing {
 };
 
 /// Lays out the routing state for up to `max_tokens` tokens and returns views of `tokens`.
-inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tokens,
-                                       index_t tokens, index_t experts, int k) {
+inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tokens, index_t tokens,
+                                       index_t experts, int k) {
   host_routing r;
   r.logits = make_view(carver.take<double>(max_tokens * experts), tokens, experts);
   r.scores = make_view(carver.take<double>(max_tokens * experts), tokens, experts);
@@ -91,8 +91,8 @@ inline span<double const> row_of(matrix_view<double> m, index_t t) {
 /// @param[in]  w_gate (hidden, experts) host memory
 /// @param[out] r      routing state, carved for x's T
 template <gate G, element T>
-routing_summary route(host_backend, G const& gate, gate_args const& args,
-                      matrix_view<T const> x, matrix_view<T const> w_gate, host_routing& r) {
+routing_summary route(host_backend, G const& gate, gate_args const& args, matrix_view<T const> x,
+                      matrix_view<T const> w_gate, host_routing& r) {
   using Score = typename G::score_function;
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = w_gate.extent(1);
   int const k = gate.k(args);
@@ -112,8 +112,11 @@ routing_summary route(host_backend, G const& gate, gate_args const& args,
 
   assign_slots(typename G::priority{}, as_const(r.expert), r.slot, r.load);
   index_t const max_load = *std::max_element(r.load.data_handle(), r.load.data_handle() + experts);
-  capacity_args const cap{.tokens = tokens, .experts = experts, .k = k,
-                          .factor = args.capacity_factor, .alignment = args.capacity_alignment};
+  capacity_args const cap{.tokens = tokens,
+                          .experts = experts,
+                          .k = k,
+                          .factor = args.capacity_factor,
+                          .alignment = args.capacity_alignment};
   r.capacity = summary.capacity = resolve_capacity(cap, max_load);
 
   for (index_t t = 0; t < tokens; ++t) {
@@ -150,8 +153,8 @@ void route_backward(host_backend, G const&, gate_args const& args, host_routing 
   for (index_t t = 0; t < tokens; ++t) {
     span<double> const d_scores = r.d_scores;
     for (index_t e = 0; e < experts; ++e)
-      d_scores[e] = args.aux_loss_coef *
-                    gshard_aux_score_gradient(r.first_choice[e], experts, tokens);
+      d_scores[e] =
+          args.aux_loss_coef * gshard_aux_score_gradient(r.first_choice[e], experts, tokens);
 
     // Through the renormalisation w_j = s_j / Σ_{i∈S} s_i, S the selected or kept set.
     double sum = 0, weighted = 0;
@@ -165,9 +168,8 @@ void route_backward(host_backend, G const&, gate_args const& args, host_routing 
     }
     for (int j = 0; j < k; ++j) {
       if (!r.kept(t, j)) continue;
-      d_scores[r.expert(t, j)] += args.normalize == renormalize::none || sum == 0
-                                      ? d_weight(t, j)
-                                      : d_weight(t, j) / sum;
+      d_scores[r.expert(t, j)] +=
+          args.normalize == renormalize::none || sum == 0 ? d_weight(t, j) : d_weight(t, j) / sum;
     }
     if (args.normalize != renormalize::none && sum > 0)
       for (int j = 0; j < k; ++j) {
@@ -178,8 +180,8 @@ void route_backward(host_backend, G const&, gate_args const& args, host_routing 
     span<double> const d_logits_row{&d_logits(t, 0), static_cast<std::size_t>(experts)};
     Score::backward(detail::row_of(r.scores, t), d_scores, d_logits_row);
     if (args.z_loss_coef != 0)
-      (void)z_loss_term(detail::row_of(r.logits, t),
-                        args.z_loss_coef / static_cast<double>(tokens), d_logits_row);
+      (void)z_loss_term(detail::row_of(r.logits, t), args.z_loss_coef / static_cast<double>(tokens),
+                        d_logits_row);
   }
 
   moe::detail::host_gemm(

@@ -36,8 +36,7 @@ struct softmax {
                        span<double> d_logits) noexcept {
     double dot = 0;
     for (std::size_t e = 0; e < scores.size(); ++e) dot += scores[e] * d_scores[e];
-    for (std::size_t e = 0; e < scores.size(); ++e)
-      d_logits[e] = scores[e] * (d_scores[e] - dot);
+    for (std::size_t e = 0; e < scores.size(); ++e) d_logits[e] = scores[e] * (d_scores[e] - dot);
   }
 };
 static_assert(score_function<softmax>);

@@ -26,11 +26,13 @@ inline status check_k(int k, gate_args const& args) {
   if (args.experts < 1)
     return status::failure("experts", "must be at least 1, got " + std::to_string(args.experts));
   if (k < 1 || k > max_k)
-    return status::failure("k", "must be in [1, " + std::to_string(max_k) + "], got " +
-                                    std::to_string(k));
+    return status::failure(
+        "k", "must be in [1, " + std::to_string(max_k) + "], got " + std::to_string(k));
   if (k > args.experts)
-    return status::failure("k", "selects " + std::to_string(k) + " experts per token but there "
-                                "are only " + std::to_string(args.experts) + " experts");
+    return status::failure("k", "selects " + std::to_string(k) +
+                                    " experts per token but there "
+                                    "are only " +
+                                    std::to_string(args.experts) + " experts");
   return {};
 }
 
@@ -52,8 +54,8 @@ struct top_k {
 
   [[nodiscard]] status can_implement(gate_args const& args) const {
     if (args.k != 0 && args.k != K)
-      return status::failure("k", "top_k<" + std::to_string(K) + "> was given k = " +
-                                      std::to_string(args.k) + "; pass 0 or " +
+      return status::failure("k", "top_k<" + std::to_string(K) +
+                                      "> was given k = " + std::to_string(args.k) + "; pass 0 or " +
                                       std::to_string(K) + ", or use top_any");
     return detail::check_k(K, args);
   }
@@ -88,7 +90,8 @@ inline void select_top_k(span<double const> scores, span<std::int32_t> experts) 
       for (std::size_t i = 0; i < j; ++i) taken = taken || experts[i] == e;
       if (taken) continue;
       // Strictly greater: the first (lowest) index wins a tie.
-      if (best < 0 || scores[e] > scores[best] || (scores[best] != scores[best] && scores[e] == scores[e]))
+      if (best < 0 || scores[e] > scores[best] ||
+          (scores[best] != scores[best] && scores[e] == scores[e]))
         best = e;
     }
     experts[j] = best;

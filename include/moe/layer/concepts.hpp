@@ -13,6 +13,6 @@ namespace moe {
 /// The four policies of a layer each model their concept.
 template <class Gate, class Layout, class Collective, class Expert>
 concept layer_policies = gating::gate<Gate> && layout::dispatch_layout<Layout> &&
-                         comm::collective<Collective> && expert::expert<Expert>;
+    comm::collective<Collective> && expert::expert<Expert>;
 
 }  // namespace moe

@@ -32,11 +32,11 @@ namespace moe {
 
 /// The run-time arguments of a layer.
 struct layer_args {
-  index_t tokens = 0;    ///< T: most tokens one call routes (workspace is sized for it)
-  index_t hidden = 0;    ///< H
-  index_t ffn = 0;       ///< F: inner width of an expert
-  index_t experts = 0;   ///< E
-  int top_k = 0;         ///< k for `top_any`; 0 or the static k for `top_k<K>`
+  index_t tokens = 0;              ///< T: most tokens one call routes (workspace is sized for it)
+  index_t hidden = 0;              ///< H
+  index_t ffn = 0;                 ///< F: inner width of an expert
+  index_t experts = 0;             ///< E
+  int top_k = 0;                   ///< k for `top_any`; 0 or the static k for `top_k<K>`
   float capacity_factor = 1.0f;    ///< f: > 0 fixed, == 0 dynamic, < 0 dynamic capped
   index_t capacity_alignment = 1;  ///< capacity rounded up to a multiple of this
   gating::renormalize normalize = gating::renormalize::none;
@@ -55,10 +55,10 @@ struct layer_params {
 struct layer_stats {
   index_t tokens = 0;
   index_t capacity = 0;
-  index_t dropped = 0;     ///< assignments that found no slot
-  double aux_loss = 0;     ///< gshard_aux, before its coefficient
-  double z_loss = 0;       ///< z_loss, before its coefficient
-  double loss = 0;         ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
+  index_t dropped = 0;            ///< assignments that found no slot
+  double aux_loss = 0;            ///< gshard_aux, before its coefficient
+  double z_loss = 0;              ///< z_loss, before its coefficient
+  double loss = 0;                ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
   span<std::int64_t const> load;  ///< (experts) assignments per expert, before drops
 };
 
@@ -107,11 +107,11 @@ class layer {
     if (args.ffn < 1)
       return status::failure("ffn", "must be at least 1, got " + std::to_string(args.ffn));
     if (!std::isfinite(args.capacity_factor))
-      return status::failure("capacity_factor", "must be finite, got " +
-                                                    std::to_string(args.capacity_factor));
+      return status::failure("capacity_factor",
+                             "must be finite, got " + std::to_string(args.capacity_factor));
     if (args.capacity_alignment < 1)
-      return status::failure("capacity_alignment", "must be at least 1, got " +
-                                                       std::to_string(args.capacity_alignment));
+      return status::failure("capacity_alignment",
+                             "must be at least 1, got " + std::to_string(args.capacity_alignment));
     if (!std::isfinite(args.aux_loss_coef))
       return status::failure("aux_loss_coef", "must be finite");
     if (!std::isfinite(args.z_loss_coef)) return status::failure("z_loss_coef", "must be finite");
@@ -140,11 +140,12 @@ class layer {
 
   /// Checks a forward call's views; writes nothing.
   template <element T>
-  [[nodiscard]] status can_implement(matrix_view<T const> x, params<T> const& p,
-                                     matrix_view<T> y, workspace ws) const noexcept {
+  [[nodiscard]] status can_implement(matrix_view<T const> x, params<T> const& p, matrix_view<T> y,
+                                     workspace ws) const noexcept {
     index_t const tokens = x.extent(0);
     if (tokens < 1 || tokens > args_.tokens)
-      return status::failure("x", "has " + std::to_string(tokens) + " tokens; the layer takes 1 to " +
+      return status::failure("x", "has " + std::to_string(tokens) +
+                                      " tokens; the layer takes 1 to " +
                                       std::to_string(args_.tokens));
     if (auto s = check_extents(x, "x", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_extents(y, "y", {tokens, args_.hidden}); !s) return s;
@@ -187,9 +188,8 @@ class layer {
   /// @param[out] g  gradients, host memory, overwritten
   template <element T>
   void backward(host_backend, matrix_view<T const> dy, params<T> const& p, matrix_view<T> dx,
-                gradients<T> const& g, workspace ws) const
-    requires expert::trainable_expert<Expert>
-  {
+                gradients<T> const& g,
+                workspace ws) const requires expert::trainable_expert<Expert> {
     check_backward(dy, p, dx, g, ws).throw_if_failed();
     index_t const tokens = dy.extent(0);
     workspace_carver carver(ws);
@@ -203,11 +203,10 @@ class layer {
                             state.d_expert_out, state.d_weight);
     Expert::backward(host, expert_shape(), p.expert, rows_of(state), as_const(state.dispatched),
                      as_const(state.d_expert_out), state.d_dispatched, g.expert, state.expert);
-    layout::encode_backward(host, Layout{}, state.routing, as_const(state.d_dispatched),
-                            state.dx);
+    layout::encode_backward(host, Layout{}, state.routing, as_const(state.d_dispatched), state.dx);
     gating::route_backward(host, Gate{}, gate_args_of(args_), state.routing,
-                           as_const(state.d_weight), as_const(state.x), p.gate_weight, state.d_logits, state.dx,
-                           g.gate_weight);
+                           as_const(state.d_weight), as_const(state.x), p.gate_weight,
+                           state.d_logits, state.dx, g.gate_weight);
     for (index_t t = 0; t < dx.extent(0); ++t)
       for (index_t h = 0; h < dx.extent(1); ++h)
         dx(t, h) = from_accumulate<T>(static_cast<accumulate_t<T>>(state.dx(t, h)));
@@ -241,10 +240,10 @@ class layer {
   /// The host backend's workspace, carved for `tokens` tokens and `capacity` slots.
   struct host_state {
     forward_header* header;
-    matrix_view<double> x;              // (tokens, hidden)  the forward's input
+    matrix_view<double> x;  // (tokens, hidden)  the forward's input
     gating::host_routing routing;
-    tensor3_view<double> dispatched;    // (experts, capacity, hidden)
-    tensor3_view<double> expert_out;    // (experts, capacity, hidden)
+    tensor3_view<double> dispatched;  // (experts, capacity, hidden)
+    tensor3_view<double> expert_out;  // (experts, capacity, hidden)
     typename Expert::host_state expert;
     tensor3_view<double> d_expert_out;  // (experts, capacity, hidden)
     tensor3_view<double> d_dispatched;  // (experts, capacity, hidden)
@@ -325,8 +324,8 @@ class layer {
 
   template <element T>
   [[nodiscard]] status check_backward(matrix_view<T const> dy, params<T> const& p,
-                                      matrix_view<T> dx,
-                                      gradients<T> const& g, workspace ws) const {
+                                      matrix_view<T> dx, gradients<T> const& g,
+                                      workspace ws) const {
     if (auto s = check_workspace(ws); !s) return s;
     workspace_carver carver(ws);
     forward_header const& h = *carve(carver, args_.tokens, max_capacity()).header;

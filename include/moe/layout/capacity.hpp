@@ -61,9 +61,9 @@ void decode(host_backend, capacity, gating::host_routing const& r,
 /// Backward of combine: d_expert_out[e, slot, :] = weight(t, j) · dy[t, :] for kept (t, j),
 /// zero elsewhere; d_weight(t, j) = ⟨dy[t, :], expert_out[e, slot, :]⟩, zero when dropped.
 template <element T>
-void decode_backward(host_backend, capacity, gating::host_routing const& r,
-                     matrix_view<T const> dy, tensor3_view<double const> expert_out,
-                     tensor3_view<double> d_expert_out, matrix_view<double> d_weight) {
+void decode_backward(host_backend, capacity, gating::host_routing const& r, matrix_view<T const> dy,
+                     tensor3_view<double const> expert_out, tensor3_view<double> d_expert_out,
+                     matrix_view<double> d_weight) {
   std::fill_n(d_expert_out.data_handle(), element_count(d_expert_out), 0.0);
   index_t const hidden = dy.extent(1);
   for (index_t t = 0; t < r.tokens(); ++t)

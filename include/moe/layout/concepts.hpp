@@ -17,9 +17,9 @@ struct dispatch_layout_tag {};
 /// 2. `L::drops_tokens` says whether assignments beyond a capacity are dropped (true for
 ///    the capacity layout, false for a dropless one).
 template <class L>
-concept dispatch_layout = std::semiregular<L> && gating::tagged_as<L, dispatch_layout_tag> &&
-                          requires {
-                            { L::drops_tokens } -> std::convertible_to<bool>;
-                          };
+concept dispatch_layout =
+    std::semiregular<L> && gating::tagged_as<L, dispatch_layout_tag> && requires {
+  { L::drops_tokens } -> std::convertible_to<bool>;
+};
 
 }  // namespace moe::layout

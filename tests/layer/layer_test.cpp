@@ -1,0 +1,201 @@
+// SPDX-License-Identifier: Apache-2.0
+// The layer on the host: bad input throws moe::invalid_argument naming the argument and
+// leaves every output untouched (poisoned before, still poisoned after), and the workspace
+// state of an earlier forward survives a rejected call.
+
+#include "../support/ffn_layer.hpp"
+
+#include <doctest/doctest.h>
+
+#include <moe/moe.hpp>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+using namespace moe;
+
+namespace {
+
+using ffn_t = expert::ffn<act::gelu>;
+using layer_t = layer<gating::top_k<2>, layout::capacity, comm::single_rank, ffn_t>;
+using any_layer_t = layer<gating::top_any<>, layout::capacity, comm::single_rank, ffn_t>;
+
+layer_args const good{.tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .capacity_factor = 1.25f};
+
+/// Expects `call` to throw invalid_argument naming `argument`.
+template <class Call>
+void expect_rejected(Call&& call, std::string const& argument) {
+  try {
+    call();
+    FAIL("no exception; expected one naming '" << argument << "'");
+  } catch (moe::invalid_argument const& e) {
+    INFO(e.what());
+    CHECK(e.argument() == argument);
+    CHECK(std::string(e.what()).find("'" + argument + "'") != std::string::npos);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("bad layer arguments are rejected, naming the argument") {
+  auto with = [](auto change) {
+    layer_args a = good;
+    change(a);
+    return a;
+  };
+  CHECK(layer_t::can_implement(good).ok());
+  expect_rejected([&] { any_layer_t{with([](auto& a) { a.top_k = 5; })}; }, "k");  // k > E
+  expect_rejected([&] { any_layer_t{with([](auto& a) { a.top_k = 0; })}; }, "k");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.top_k = 3; })}; }, "k");  // ≠ static k
+  expect_rejected(
+      [&] { layer<gating::top_k<8>, layout::capacity, comm::single_rank, ffn_t>{good}; }, "k");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.experts = 0; })}; }, "experts");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.capacity_factor = NAN; })}; },
+                  "capacity_factor");
+  expect_rejected(
+      [&] {
+        layer_t{with([](auto& a) { a.capacity_factor = std::numeric_limits<float>::infinity(); })};
+      },
+      "capacity_factor");
+  // ⌊0.1·⌈16/4⌉⌋ = 0: capacity 0 would drop every token.
+  expect_rejected([&] { layer_t{with([](auto& a) { a.capacity_factor = 0.1f; })}; },
+                  "capacity_factor");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.tokens = 0; })}; }, "tokens");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.hidden = -1; })}; }, "hidden");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.ffn = 0; })}; }, "ffn");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.capacity_alignment = 0; })}; },
+                  "capacity_alignment");
+  CHECK(layer_t::can_implement(with([](auto& a) { a.capacity_factor = 0; })).ok());  // dynamic
+  CHECK(layer_t::can_implement(with([](auto& a) { a.capacity_factor = -1; })).ok());
+}
+
+TEST_CASE("bad views are rejected before anything is written") {
+  layer_t const layer(good);
+  std::mt19937_64 rng(test::fresh_seed());
+  index_t const T = good.tokens, H = good.hidden;
+  test::ffn_layer_storage<float> params(good, true), grads(good, true);
+  params.randomize(rng, 0.5);
+  test::host_tensor<float> x(T * H), y(T * H), dy(T * H), dx(T * H), wide(T * (H + 1));
+  x.randomize(rng);
+  dy.randomize(rng);
+  host_buffer ws(layer.workspace_bytes(host));
+  auto const p = params.params<ffn_t>();
+
+  // A good forward first: its state must survive every rejected call below.
+  layer.forward(host, x.cview(T, H), p, y.view(T, H), ws.view());
+  auto const before = layer.stats(host, ws.view());
+  std::vector<float> const y_good = y.data;
+  y.poison();
+
+  SUBCASE("forward") {
+    auto forward = [&](auto xv, auto pv, auto yv, workspace w) {
+      return [=, &layer] { layer.forward(host, xv, pv, yv, w); };
+    };
+    expect_rejected(forward(wide.cview(T, H + 1), p, y.view(T, H), ws.view()), "x");
+    expect_rejected(forward(x.cview(T, H), p, wide.view(T, H + 1), ws.view()), "y");
+    expect_rejected(forward(x.cview(T, H), p, y.view(T - 1, H), ws.view()), "y");
+    expect_rejected(
+        forward(make_view(static_cast<float const*>(nullptr), T, H), p, y.view(T, H), ws.view()),
+        "x");
+    auto no_gate = p;
+    no_gate.gate_weight = make_view(static_cast<float const*>(nullptr), H, good.experts);
+    expect_rejected(forward(x.cview(T, H), no_gate, y.view(T, H), ws.view()), "params.gate_weight");
+    auto bad_w1 = p;
+    bad_w1.expert.w1 = make_view(p.expert.w1.data_handle(), good.experts, good.ffn, H);
+    expect_rejected(forward(x.cview(T, H), bad_w1, y.view(T, H), ws.view()), "params.expert.w1");
+    auto bad_b2 = p;
+    bad_b2.expert.b2 = make_view(p.expert.b2.data_handle(), good.experts, H - 1);
+    expect_rejected(forward(x.cview(T, H), bad_b2, y.view(T, H), ws.view()), "params.expert.b2");
+    expect_rejected(forward(x.cview(T, H), p, y.view(T, H), ws.view().first(ws.size() - 1)), "ws");
+    test::host_tensor<float> big(2 * T * H);
+    expect_rejected(forward(big.cview(2 * T, H), p, big.view(2 * T, H), ws.view()), "x");
+    CHECK(y.is_poisoned());
+  }
+
+  SUBCASE("backward") {
+    for (auto* g : grads.all()) g->poison();
+    dx.poison();
+    auto const g = grads.gradients<ffn_t>();
+    expect_rejected(
+        [&] { layer.backward(host, dy.cview(T - 1, H), p, dx.view(T, H), g, ws.view()); }, "dy");
+    expect_rejected(
+        [&] { layer.backward(host, dy.cview(T, H), p, dx.view(T, H - 1), g, ws.view()); }, "dx");
+    auto bad_g = g;
+    bad_g.expert.w2 = make_view(g.expert.w2.data_handle(), good.experts, H, good.ffn);
+    expect_rejected(
+        [&] { layer.backward(host, dy.cview(T, H), p, dx.view(T, H), bad_g, ws.view()); },
+        "gradients.expert.w2");
+    host_buffer fresh(layer.workspace_bytes(host));
+    std::memset(fresh.view().data(), 0, fresh.size());
+    expect_rejected(
+        [&] { layer.backward(host, dy.cview(T, H), p, dx.view(T, H), g, fresh.view()); }, "ws");
+    CHECK(dx.is_poisoned());
+    for (auto* t : grads.all()) CHECK(t->is_poisoned());
+  }
+
+  // Nothing was lost: the earlier forward's state still drives stats and backward.
+  auto const after = layer.stats(host, ws.view());
+  CHECK(after.capacity == before.capacity);
+  CHECK(after.dropped == before.dropped);
+  CHECK(after.aux_loss == before.aux_loss);
+  CHECK_NOTHROW(
+      layer.backward(host, dy.cview(T, H), p, dx.view(T, H), grads.gradients<ffn_t>(), ws.view()));
+  layer.forward(host, x.cview(T, H), p, y.view(T, H), ws.view());
+  CHECK(y.data == y_good);  // deterministic
+}
+
+TEST_CASE("forward takes fewer tokens than the layer was sized for") {
+  layer_t const layer(good);
+  std::mt19937_64 rng(test::fresh_seed());
+  test::ffn_layer_storage<float> params(good, false);
+  params.randomize(rng, 0.5);
+  index_t const T = 5, H = good.hidden;
+  test::host_tensor<float> x(T * H), y(T * H);
+  x.randomize(rng);
+  y.poison();
+  host_buffer ws(layer.workspace_bytes(host));
+  layer.forward(host, x.cview(T, H), params.params<ffn_t>(), y.view(T, H), ws.view());
+  auto const stats = layer.stats(host, ws.view());
+  CHECK(stats.tokens == T);
+  CHECK(stats.capacity == 2 * 2);  // k·⌊1.25·⌈5/4⌉⌋ = 2·2
+  std::int64_t assigned = 0;
+  for (auto l : stats.load) assigned += l;
+  CHECK(assigned == 2 * T);
+  for (float v : y.data) CHECK(std::isfinite(v));
+}
+
+TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded") {
+  // The float reference runs on the same rounded inputs, so routing is identical and the
+  // two differ by the final rounding of y alone: the host accumulates in double either way.
+  layer_args const args{
+      .tokens = 32, .hidden = 16, .ffn = 24, .experts = 4, .capacity_factor = 2.0f};
+  layer_t const layer(args);
+  index_t const T = args.tokens, H = args.hidden;
+  host_buffer ws(layer.workspace_bytes(host));
+
+  auto check_as = [&]<class E>(E, double tolerance) {
+    std::mt19937_64 rng(test::fresh_seed());
+    test::ffn_layer_storage<E> p(args, true);
+    p.randomize(rng, 0.4);
+    test::ffn_layer_storage<float> reference(args, true);
+    auto const src = p.all(), dst = reference.all();
+    for (std::size_t n = 0; n < src.size(); ++n)
+      for (std::size_t i = 0; i < src[n]->data.size(); ++i)
+        dst[n]->data[i] = to_accumulate(src[n]->data[i]);
+    test::host_tensor<E> xe(T * H), ye(T * H);
+    xe.randomize(rng);
+    test::host_tensor<float> x(T * H), y(T * H);
+    for (std::size_t i = 0; i < x.data.size(); ++i) x.data[i] = to_accumulate(xe.data[i]);
+    ye.poison();
+    y.poison();
+    layer.forward(host, x.cview(T, H), reference.template params<ffn_t>(), y.view(T, H), ws.view());
+    layer.forward(host, xe.cview(T, H), p.template params<ffn_t>(), ye.view(T, H), ws.view());
+    for (std::size_t i = 0; i < y.data.size(); ++i) {
+      double const ref = y.data[i];
+      CHECK(std::abs(to_accumulate(ye.data[i]) - ref) <= tolerance * std::abs(ref) + 1e-7);
+    }
+  };
+  check_as(__half{}, 1.0 / 1024);
+  check_as(__nv_bfloat16{}, 1.0 / 128);
+}
