@@ -1,0 +1,337 @@
+# SPDX-License-Identifier: Apache-2.0
+#
+# Helpers for moe's own tests, examples and benchmarks. Not installed: consumers never see
+# them. Every helper builds against the in-tree `moe` target.
+#
+#   moe_add_cpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
+#   moe_add_gpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
+#   moe_add_compile_fail_test(<file>)
+#   moe_add_header_check()        # "every public header compiles on its own"
+#   moe_add_format_test()         # clang-format --dry-run --Werror over our sources
+#   moe_add_consumer_test()       # install, then find_package(moe) from a fresh project
+#   moe_target_defaults(<target>) # warnings, shared CUDA runtime (examples and bench use it)
+#
+# ctest labels: `cpu` runs anywhere, `gpu` is skipped (not passed) without a CUDA device,
+# `compile_fail` checks that misuse is rejected with our message.
+
+include_guard(GLOBAL)
+
+set(MOE_CMAKE_SCRIPTS_DIR "${CMAKE_CURRENT_LIST_DIR}/scripts")
+
+# Tests that run `cmake --build` on this build tree hold this lock: two build tools working
+# on one tree at once (ctest -j) corrupt each other's state (.ninja_log, Makefile stamps).
+set(_moe_build_tree_lock moe_build_tree)
+
+# Flags for our own binaries only; moe::moe itself imposes no warnings on its consumers.
+# MOE_WARNINGS_AS_ERRORS is declared in the root CMakeLists.txt.
+if(NOT TARGET moe_dev_options)
+  add_library(moe_dev_options INTERFACE)
+  # Helper objects that do not link moe (the doctest mains) still build as C++20.
+  target_compile_features(moe_dev_options INTERFACE cxx_std_20)
+  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    set(host_warnings -Wall -Wextra)
+    if(MOE_WARNINGS_AS_ERRORS)
+      list(APPEND host_warnings -Werror)
+    endif()
+    target_compile_options(moe_dev_options INTERFACE
+      "$<$<COMPILE_LANGUAGE:CXX>:${host_warnings}>")
+  endif()
+  if(CMAKE_CUDA_COMPILER_ID STREQUAL "NVIDIA")
+    # -Xcompiler reaches the host compiler for host code; --Werror covers nvcc's own
+    # diagnostics (front end and device code).
+    set(cuda_warnings -Xcompiler=-Wall,-Wextra)
+    if(MOE_WARNINGS_AS_ERRORS)
+      list(APPEND cuda_warnings -Xcompiler=-Werror --Werror=all-warnings)
+    endif()
+    target_compile_options(moe_dev_options INTERFACE
+      "$<$<COMPILE_LANGUAGE:CUDA>:${cuda_warnings}>")
+  endif()
+endif()
+
+# Properties every moe test, example and benchmark shares.
+function(moe_target_defaults target)
+  set_target_properties(${target} PROPERTIES
+    CXX_EXTENSIONS OFF
+    CUDA_EXTENSIONS OFF
+    # A target with .cu files links the static runtime by default; our binaries also link
+    # CUDA::cudart (shared) for their host files, and one process must not carry both.
+    CUDA_RUNTIME_LIBRARY Shared)
+  target_link_libraries(${target} PRIVATE moe_dev_options)
+endfunction()
+
+# Rewriting an unchanged generated file would make every reconfigure rebuild its users.
+function(_moe_write_if_changed path content)
+  if(EXISTS "${path}")
+    file(READ "${path}" old)
+    if(old STREQUAL content)
+      return()
+    endif()
+  endif()
+  file(WRITE "${path}" "${content}")
+endfunction()
+
+# Sets <out_var> to TRUE when <sources> hold CUDA files that cannot be compiled here.
+function(_moe_needs_missing_cuda out_var)
+  set(${out_var} FALSE PARENT_SCOPE)
+  if(NOT CMAKE_CUDA_COMPILER_LOADED)
+    foreach(source IN LISTS ARGN)
+      if(source MATCHES "\\.cu$")
+        set(${out_var} TRUE PARENT_SCOPE)
+      endif()
+    endforeach()
+  endif()
+endfunction()
+
+# One object file with doctest's main, shared by every cpu test.
+function(_moe_doctest_main_target out_var)
+  if(NOT TARGET moe_doctest_main)
+    add_library(moe_doctest_main OBJECT "${PROJECT_SOURCE_DIR}/tests/doctest_main.cpp")
+    target_link_libraries(moe_doctest_main PUBLIC doctest::doctest)
+    moe_target_defaults(moe_doctest_main)
+  endif()
+  set(${out_var} moe_doctest_main PARENT_SCOPE)
+endfunction()
+
+# The gpu tests' main: exit code 77 (ctest "skipped") when there is no usable device.
+function(_moe_gpu_main_target out_var)
+  if(NOT TARGET moe_gpu_main)
+    add_library(moe_gpu_main OBJECT "${PROJECT_SOURCE_DIR}/tests/gpu_main.cpp")
+    target_link_libraries(moe_gpu_main PUBLIC doctest::doctest CUDA::cudart)
+    moe_target_defaults(moe_gpu_main)
+  endif()
+  set(${out_var} moe_gpu_main PARENT_SCOPE)
+endfunction()
+
+# Shared body of moe_add_cpu_test and moe_add_gpu_test.
+function(_moe_add_doctest_executable kind name)
+  cmake_parse_arguments(PARSE_ARGV 2 arg "" "" "LIBRARIES;LABELS")
+  set(sources ${arg_UNPARSED_ARGUMENTS})
+  if(NOT sources)
+    message(FATAL_ERROR "moe_add_${kind}_test(${name}): no sources given")
+  endif()
+  _moe_needs_missing_cuda(skip ${sources})
+  if(skip)
+    message(STATUS "moe: skipping test ${name}: it has CUDA sources and CUDA is not enabled")
+    return()
+  endif()
+
+  if(kind STREQUAL "gpu")
+    _moe_gpu_main_target(main_target)
+  else()
+    _moe_doctest_main_target(main_target)
+  endif()
+  add_executable(${name} ${sources})
+  target_link_libraries(${name} PRIVATE ${main_target} moe doctest::doctest CUDA::cudart
+    ${arg_LIBRARIES})
+  moe_target_defaults(${name})
+  add_test(NAME ${name} COMMAND ${name})
+  set(labels ${kind} ${arg_LABELS})
+  set_tests_properties(${name} PROPERTIES LABELS "${labels}")
+endfunction()
+
+#[[ moe_add_cpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
+
+An executable <name> of doctest cases that needs no GPU, run as ctest test <name> with
+label `cpu`. It links moe, doctest and the shared CUDA runtime (host code may ask
+cudaGetDeviceCount and fall back to the host backend). Sources are relative to the calling
+directory; LIBRARIES adds e.g. moe::nccl.]]
+function(moe_add_cpu_test name)
+  _moe_add_doctest_executable(cpu ${name} ${ARGN})
+endfunction()
+
+#[[ moe_add_gpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
+
+Like moe_add_cpu_test, label `gpu`, and .cu sources are allowed. Without a usable CUDA
+device the test exits 77 and ctest reports it skipped; with MOE_REQUIRE_GPU=1 in the
+environment a missing device is a failure instead (use that on the GPU machine).]]
+function(moe_add_gpu_test name)
+  _moe_add_doctest_executable(gpu ${name} ${ARGN})
+  if(TARGET ${name})
+    set_tests_properties(${name} PROPERTIES SKIP_RETURN_CODE 77)
+  endif()
+endfunction()
+
+#[[ moe_add_compile_fail_test(<file>)
+
+<file> is tests/compile_fail/<concept>_<case>.cu. Its first line of the form
+    // expected-error: "<regex>"
+holds a CMake regular expression that one of the compiler's error lines must match (our
+static_assert text, not the compiler's wording; the echoed source line does not count).
+Compiled with -DMOE_PASSING_TWIN, the same file must build: the `#ifdef MOE_PASSING_TWIN`
+one line away proves the error comes from the misuse and not from a typo.
+
+Two targets outside ALL, moe_compile_fail_<stem> and moe_compile_fail_<stem>_twin, and two
+ctest tests with label `compile_fail`: compile_fail.<stem> (build fails AND output matches)
+and compile_fail.<stem>_twin (build succeeds). Without nvcc the file is compiled as C++.]]
+function(moe_add_compile_fail_test file)
+  cmake_path(ABSOLUTE_PATH file BASE_DIRECTORY "${CMAKE_CURRENT_SOURCE_DIR}"
+    OUTPUT_VARIABLE source)
+  cmake_path(GET source STEM stem)
+  file(STRINGS "${source}" expectation REGEX "^[ \t]*//[ \t]*expected-error:" LIMIT_COUNT 1)
+  if(NOT expectation MATCHES "expected-error:[ \t]*\"(.+)\"")
+    message(FATAL_ERROR "${source}: needs a line  // expected-error: \"<regex>\"")
+  endif()
+
+  if(NOT CMAKE_CUDA_COMPILER_LOADED AND source MATCHES "\\.cu$")
+    # The concept checks are host code; g++ can reject the misuse just as well.
+    set_source_files_properties("${source}" PROPERTIES LANGUAGE CXX)
+  endif()
+
+  set(target moe_compile_fail_${stem})
+  add_library(${target} OBJECT EXCLUDE_FROM_ALL "${source}")
+  add_library(${target}_twin OBJECT EXCLUDE_FROM_ALL "${source}")
+  target_compile_definitions(${target}_twin PRIVATE MOE_PASSING_TWIN)
+  foreach(t IN ITEMS ${target} ${target}_twin)
+    target_link_libraries(${t} PRIVATE moe)
+    set_target_properties(${t} PROPERTIES CXX_EXTENSIONS OFF CUDA_EXTENSIONS OFF)
+  endforeach()
+
+  # The script re-reads the regex from the source, so no quoting of it passes through here.
+  add_test(NAME compile_fail.${stem}
+    COMMAND "${CMAKE_COMMAND}"
+      "-DBUILD_DIR=${PROJECT_BINARY_DIR}" "-DTARGET=${target}" "-DCONFIG=$<CONFIG>"
+      "-DSOURCE=${source}"
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/compile-fail.cmake")
+  add_test(NAME compile_fail.${stem}_twin
+    COMMAND "${CMAKE_COMMAND}" --build "${PROJECT_BINARY_DIR}" --target ${target}_twin
+      --config "$<CONFIG>")
+  set_tests_properties(compile_fail.${stem} compile_fail.${stem}_twin PROPERTIES
+    LABELS compile_fail
+    RESOURCE_LOCK ${_moe_build_tree_lock})
+endfunction()
+
+#[[ moe_add_header_check()
+
+Generates one translation unit per public header that includes it twice (so it must be
+self-contained and guarded by #pragma once): .hpp files as .cpp for the host compiler, .cuh
+files as .cu for nvcc. They form the OBJECT library moe_headers_self_contained, part of
+ALL, so a plain build is the check; ctest's headers.self_contained reports it. The header
+list is globbed at configure time with CONFIGURE_DEPENDS, so new headers join by
+themselves. Headers with "nccl" in their path are checked only when NCCL was found.]]
+function(moe_add_header_check)
+  set(include_dir "${PROJECT_SOURCE_DIR}/include")
+  file(GLOB_RECURSE host_headers CONFIGURE_DEPENDS RELATIVE "${include_dir}"
+    "${include_dir}/moe/*.hpp")
+  file(GLOB_RECURSE cuda_headers CONFIGURE_DEPENDS RELATIVE "${include_dir}"
+    "${include_dir}/moe/*.cuh")
+  list(APPEND host_headers moe/version.hpp)  # generated, lives in the build tree
+  if(NOT CMAKE_CUDA_COMPILER_LOADED)
+    set(cuda_headers "")
+  endif()
+  if(NOT TARGET moe::nccl)
+    list(FILTER host_headers EXCLUDE REGEX "nccl")
+    list(FILTER cuda_headers EXCLUDE REGEX "nccl")
+  endif()
+
+  set(generated_dir "${CMAKE_CURRENT_BINARY_DIR}/self_contained")
+  set(sources "")
+  foreach(header IN LISTS host_headers cuda_headers)
+    if(header MATCHES "\\.cuh$")
+      set(source "${generated_dir}/${header}.cu")
+    else()
+      set(source "${generated_dir}/${header}.cpp")
+    endif()
+    _moe_write_if_changed("${source}"
+"// Generated by MoeTesting.cmake: ${header} must compile on its own.
+#include <${header}>
+#include <${header}>  // twice: #pragma once must hold
+")
+    list(APPEND sources "${source}")
+  endforeach()
+
+  add_library(moe_headers_self_contained OBJECT ${sources})
+  if(TARGET moe::nccl)
+    target_link_libraries(moe_headers_self_contained PRIVATE moe::nccl)
+  else()
+    target_link_libraries(moe_headers_self_contained PRIVATE moe)
+  endif()
+  moe_target_defaults(moe_headers_self_contained)
+
+  add_test(NAME headers.self_contained
+    COMMAND "${CMAKE_COMMAND}" --build "${PROJECT_BINARY_DIR}"
+      --target moe_headers_self_contained --config "$<CONFIG>")
+  set_tests_properties(headers.self_contained PROPERTIES
+    LABELS cpu
+    RESOURCE_LOCK ${_moe_build_tree_lock})
+endfunction()
+
+#[[ moe_add_format_test()
+
+ctest `format` (label cpu): clang-format --dry-run --Werror over the C++ files under
+include/, tests/, examples/ and bench/ that git tracks or would track (untracked but not
+ignored), or all of them outside a git checkout. Skipped when clang-format is missing.
+The skip is signalled by output (SKIP_REGULAR_EXPRESSION) because `cmake -P` cannot choose
+its exit code before CMake 3.29.]]
+function(moe_add_format_test)
+  find_program(MOE_CLANG_FORMAT NAMES clang-format clang-format-14
+    DOC "clang-format used by the `format` test")
+  find_program(MOE_GIT NAMES git DOC "git used by the `format` test to list tracked files")
+  mark_as_advanced(MOE_CLANG_FORMAT MOE_GIT)
+  add_test(NAME format
+    COMMAND "${CMAKE_COMMAND}"
+      "-DCLANG_FORMAT=${MOE_CLANG_FORMAT}" "-DGIT=${MOE_GIT}"
+      "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}"
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/format-check.cmake")
+  set_tests_properties(format PROPERTIES
+    LABELS cpu
+    SKIP_REGULAR_EXPRESSION "moe-format: skipped")
+endfunction()
+
+#[[ moe_add_consumer_test()
+
+Proves the installed package works for a stranger: consumer.install (a FIXTURES_SETUP
+test) installs this build into <build>/tests/consumer-prefix; consumer.find_package then
+configures tests/consumer/ from scratch against it with the same generator and compilers,
+builds it and runs its programs (which need no GPU). Label cpu.]]
+function(moe_add_consumer_test)
+  if(NOT MOE_INSTALL)
+    message(STATUS "moe: consumer test off because MOE_INSTALL is off")
+    return()
+  endif()
+  set(prefix "${CMAKE_CURRENT_BINARY_DIR}/consumer-prefix")
+  set(consumer_build "${CMAKE_CURRENT_BINARY_DIR}/consumer-build")
+
+  # What the consumer's configure needs to know about this build (the same compilers, so
+  # that the test checks the package and not a different toolchain), as an initial-cache
+  # script for `cmake -C`: list values such as several CUDA architectures survive intact.
+  set(cache "${CMAKE_CURRENT_BINARY_DIR}/consumer-cache.cmake")
+  set(content "# Generated by MoeTesting.cmake: initial cache of the consumer test's project.\n")
+  set(entries CMAKE_CXX_COMPILER CMAKE_MAKE_PROGRAM)
+  if(CMAKE_CUDA_COMPILER_LOADED)
+    list(APPEND entries CMAKE_CUDA_COMPILER CMAKE_CUDA_HOST_COMPILER CMAKE_CUDA_ARCHITECTURES)
+  endif()
+  if(TARGET moe::nccl)
+    list(APPEND entries NCCL_INCLUDE_DIR NCCL_LIBRARY)  # the NCCL this build found
+  endif()
+  foreach(entry IN LISTS entries)
+    if(NOT "${${entry}}" STREQUAL "")
+      string(APPEND content "set(${entry} [==[${${entry}}]==] CACHE STRING \"\")\n")
+    endif()
+  endforeach()
+  if(CMAKE_CUDA_COMPILER_LOADED)
+    string(APPEND content "set(MOE_CONSUMER_CUDA ON CACHE BOOL \"\")\n")
+  else()
+    string(APPEND content "set(MOE_CONSUMER_CUDA OFF CACHE BOOL \"\")\n")
+  endif()
+  if(TARGET moe::nccl)
+    string(APPEND content "set(MOE_CONSUMER_NCCL ON CACHE BOOL \"\")\n")
+  else()
+    string(APPEND content "set(MOE_CONSUMER_NCCL OFF CACHE BOOL \"\")\n")
+  endif()
+  _moe_write_if_changed("${cache}" "${content}")
+
+  add_test(NAME consumer.install
+    COMMAND "${CMAKE_COMMAND}" -DSTEP=install "-DCONFIG=$<CONFIG>"
+      "-DBUILD_DIR=${PROJECT_BINARY_DIR}" "-DPREFIX=${prefix}"
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
+  add_test(NAME consumer.find_package
+    COMMAND "${CMAKE_COMMAND}" -DSTEP=build_and_run "-DCONFIG=$<CONFIG>"
+      "-DPREFIX=${prefix}" "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}/tests/consumer"
+      "-DCONSUMER_BUILD=${consumer_build}" "-DCACHE=${cache}"
+      "-DGENERATOR=${CMAKE_GENERATOR}"
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
+  set_tests_properties(consumer.install PROPERTIES
+    LABELS cpu FIXTURES_SETUP moe_consumer_prefix)
+  set_tests_properties(consumer.find_package PROPERTIES
+    LABELS cpu FIXTURES_REQUIRED moe_consumer_prefix)
+endfunction()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+#
+# Installs the Debian packages moe's build needs, and only those that are missing, so that
+# it is safe (and offline-safe) to run every time. The CUDA toolkit (nvcc 12+, CCCL, NCCL)
+# is not a Debian package here: it is checked, not installed.
+set -euo pipefail
+
+packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format)
+
+if ! command -v dpkg >/dev/null 2>&1; then
+  echo "bootstrap: not a Debian system; make sure these are installed: ${packages[*]}" >&2
+  exit 0
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+
+if ((${#missing[@]} > 0)); then
+  echo "bootstrap: installing ${missing[*]}"
+  sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  ${sudo[@]+"${sudo[@]}"} apt-get update
+  ${sudo[@]+"${sudo[@]}"} apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v nvcc >/dev/null 2>&1 && [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
+  echo "bootstrap: nvcc not found; only host code will be built (CUDA toolkit 12+ needed" \
+       "for the rest)" >&2
+fi
