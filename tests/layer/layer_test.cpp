@@ -145,7 +145,7 @@ TEST_CASE("bad views are rejected before anything is written") {
   CHECK(y.data == y_good);  // deterministic
 }
 
-TEST_CASE("forward takes fewer tokens than the layer was sized for") {
+TEST_CASE("forward takes fewer tokens than the layer was sized for, and mutable inputs") {
   layer_t const layer(good);
   std::mt19937_64 rng(test::fresh_seed());
   test::ffn_layer_storage<float> params(good, false);
@@ -155,7 +155,7 @@ TEST_CASE("forward takes fewer tokens than the layer was sized for") {
   x.randomize(rng);
   y.poison();
   host_buffer ws(layer.workspace_bytes(host));
-  layer.forward(host, x.cview(T, H), params.params<ffn_t>(), y.view(T, H), ws.view());
+  layer.forward(host, x.view(T, H), params.params<ffn_t>(), y.view(T, H), ws.view());
   auto const stats = layer.stats(host, ws.view());
   CHECK(stats.tokens == T);
   CHECK(stats.capacity == 2 * 2);  // k·⌊1.25·⌈5/4⌉⌋ = 2·2

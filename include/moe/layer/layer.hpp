@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace moe {
 
@@ -55,11 +56,13 @@ struct layer_params {
 struct layer_stats {
   index_t tokens = 0;
   index_t capacity = 0;
-  index_t dropped = 0;            ///< assignments that found no slot
-  double aux_loss = 0;            ///< gshard_aux, before its coefficient
-  double z_loss = 0;              ///< z_loss, before its coefficient
-  double loss = 0;                ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
-  span<std::int64_t const> load;  ///< (experts) assignments per expert, before drops
+  index_t dropped = 0;  ///< assignments that found no slot
+  double aux_loss = 0;  ///< gshard_aux, before its coefficient
+  double z_loss = 0;    ///< z_loss, before its coefficient
+  double loss = 0;      ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
+  /// (experts) assignments per expert, before drops. A view into the workspace: the next
+  /// forward call overwrites it.
+  span<std::int64_t const> load;
 };
 
 /// An MoE layer.
@@ -140,7 +143,8 @@ class layer {
 
   /// Checks a forward call's views; writes nothing.
   template <element T>
-  [[nodiscard]] status can_implement(matrix_view<T const> x, params<T> const& p, matrix_view<T> y,
+  [[nodiscard]] status can_implement(matrix_view<std::type_identity_t<T> const> x,
+                                     params<T> const& p, matrix_view<T> y,
                                      workspace ws) const noexcept {
     index_t const tokens = x.extent(0);
     if (tokens < 1 || tokens > args_.tokens)
@@ -159,8 +163,8 @@ class layer {
   /// @param[out] y  (tokens, hidden) host memory
   /// @param[in,out] ws host workspace of `workspace_bytes(host)` bytes; keeps what backward needs
   template <element T>
-  void forward(host_backend, matrix_view<T const> x, params<T> const& p, matrix_view<T> y,
-               workspace ws) const {
+  void forward(host_backend, matrix_view<std::type_identity_t<T> const> x, params<T> const& p,
+               matrix_view<T> y, workspace ws) const {
     can_implement(x, p, y, ws).throw_if_failed();
     index_t const tokens = x.extent(0);
     workspace_carver carver(ws);
@@ -187,8 +191,8 @@ class layer {
   /// @param[out] dx (tokens, hidden) host memory
   /// @param[out] g  gradients, host memory, overwritten
   template <element T>
-  void backward(host_backend, matrix_view<T const> dy, params<T> const& p, matrix_view<T> dx,
-                gradients<T> const& g,
+  void backward(host_backend, matrix_view<std::type_identity_t<T> const> dy, params<T> const& p,
+                matrix_view<T> dx, gradients<T> const& g,
                 workspace ws) const requires expert::trainable_expert<Expert> {
     check_backward(dy, p, dx, g, ws).throw_if_failed();
     index_t const tokens = dy.extent(0);
