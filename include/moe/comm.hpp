@@ -5,5 +5,6 @@
 // <moe/comm/nccl_communicator.hpp> and link moe::nccl.
 
 #include <moe/comm/all_to_all.hpp>
+#include <moe/comm/communicator_ref.hpp>
 #include <moe/comm/concepts.hpp>
 #include <moe/comm/simulated_world.hpp>

@@ -9,3 +9,4 @@
 #include <moe/gating.hpp>
 #include <moe/layer.hpp>
 #include <moe/layout.hpp>
+#include <moe/tune.hpp>

@@ -5,6 +5,7 @@
 
 #include <moe/comm/all_to_all.hpp>
 #include <moe/comm/simulated_world.hpp>
+#include <moe/tune/cost_model.hpp>
 
 #include "../support/random.hpp"
 
@@ -205,6 +206,40 @@ TEST_CASE("all_to_allv: variable chunks arrive in rank order with their sizes") 
       }
       CHECK(bytes(recvs[dst].begin(), recvs[dst].begin() + expected.size()) == expected);
       CHECK(recvs[dst][expected.size()] == std::byte{0xee});  // nothing written past the end
+    }
+  }
+}
+
+TEST_CASE("all_to_all: the cost model's message plan is what the simulated world carries") {
+  using moe::tune::all_to_all_algorithm;
+  for (topology const t : {topology{1, 1}, topology{4, 1}, topology{1, 5}, topology{2, 3},
+                           topology{8, 4}, topology{3, 7}}) {
+    CAPTURE(t.ranks_per_node);
+    CAPTURE(t.nodes);
+    int const p = t.size();
+    std::int64_t const bytes_per_rank = 24 * p;
+    std::mt19937_64 rng(static_cast<std::uint64_t>(p));
+    auto const sends = random_sends(p, 24, rng);
+    for (auto const algorithm :
+         {all_to_all_algorithm::linear, all_to_all_algorithm::two_dimensional_hierarchical}) {
+      simulated_world world(t);
+      if (algorithm == all_to_all_algorithm::linear)
+        (void)run_on_world<moe::comm::linear_all_to_all>(world, sends);
+      else
+        (void)run_on_world<moe::comm::all_to_all_2dh>(world, sends);
+      auto const plan = moe::tune::plan(algorithm, bytes_per_rank, t);
+      auto const counts = count_by_rank_and_phase(world);
+      for (int r = 0; r < p; ++r)
+        for (int phase = 0; phase < plan.phase_count; ++phase) {
+          auto const found = counts.find({r, phase});
+          phase_counts const c = found == counts.end() ? phase_counts{} : found->second;
+          auto const& expected = plan.phases[static_cast<std::size_t>(phase)];
+          CHECK(std::get<0>(c) == expected.intra_node.messages);
+          CHECK(static_cast<std::int64_t>(std::get<1>(c)) == expected.intra_node.bytes);
+          CHECK(std::get<2>(c) == expected.inter_node.messages);
+          CHECK(static_cast<std::int64_t>(std::get<3>(c)) == expected.inter_node.bytes);
+        }
+      CHECK(counts.size() <= static_cast<std::size_t>(p * plan.phase_count));  // no extra phase
     }
   }
 }
