@@ -207,7 +207,8 @@ self-contained and guarded by #pragma once): .hpp files as .cpp for the host com
 files as .cu for nvcc. They form the OBJECT library moe_headers_self_contained, part of
 ALL, so a plain build is the check; ctest's headers.self_contained reports it. The header
 list is globbed at configure time with CONFIGURE_DEPENDS, so new headers join by
-themselves. Headers with "nccl" in their path are checked only when NCCL was found.]]
+themselves. Headers with "nccl" in their path are checked only when NCCL was found, and
+headers named *_mpi.hpp only when MPI was found too (MPI_CXX_FOUND; they link MPI::MPI_CXX).]]
 function(moe_add_header_check)
   set(include_dir "${PROJECT_SOURCE_DIR}/include")
   file(GLOB_RECURSE host_headers CONFIGURE_DEPENDS RELATIVE "${include_dir}"
@@ -221,6 +222,10 @@ function(moe_add_header_check)
   if(NOT TARGET moe::nccl)
     list(FILTER host_headers EXCLUDE REGEX "nccl")
     list(FILTER cuda_headers EXCLUDE REGEX "nccl")
+  endif()
+  # FindMPI creates MPI::MPI_CXX even when it finds nothing: ask MPI_CXX_FOUND.
+  if(NOT MPI_CXX_FOUND)
+    list(FILTER host_headers EXCLUDE REGEX "_mpi\\.hpp$")
   endif()
 
   set(generated_dir "${CMAKE_CURRENT_BINARY_DIR}/self_contained")
@@ -242,6 +247,9 @@ function(moe_add_header_check)
   add_library(moe_headers_self_contained OBJECT ${sources})
   if(TARGET moe::nccl)
     target_link_libraries(moe_headers_self_contained PRIVATE moe::nccl)
+    if(MPI_CXX_FOUND)
+      target_link_libraries(moe_headers_self_contained PRIVATE MPI::MPI_CXX)
+    endif()
   else()
     target_link_libraries(moe_headers_self_contained PRIVATE moe)
   endif()
