@@ -45,11 +45,12 @@ TEST_CASE("ffn forward and backward by hand: one expert, one used row of two") {
   workspace_carver carver(buffer.view());
   auto const state = ffn::carve_host_state(carver, shape, 2, 2);
 
-  std::array<double, 2> in{2, 9};  // row 1 is beyond the expert's rows: ignored
+  std::array<double, 2> in{2, 9};  // row 1 is outside the expert's segment: ignored
   std::array<double, 2> out{-1, -1};
-  std::array<std::int64_t, 1> const rows{1};
-  ffn::forward(host, shape, p, rows, make_view(std::as_const(in).data(), 1, 2, 1),
-               make_view(out.data(), 1, 2, 1), state);
+  std::array<std::int64_t, 1> const begin{0}, rows{1};
+  expert::row_segments const segments{begin, rows};
+  ffn::forward(host, shape, p, segments, make_view(std::as_const(in).data(), 2, 1),
+               make_view(out.data(), 2, 1), state);
   // pre = (2·1 + 0.5, 2·(−1) + 0.5) = (2.5, −1.5); relu → (2.5, 0); out = 2.5·3 + 0·4 + 1.
   CHECK(out[0] == Approx(8.5));
   CHECK(out[1] == 0);
@@ -59,8 +60,8 @@ TEST_CASE("ffn forward and backward by hand: one expert, one used row of two") {
   std::array<double, 1> db2{-1};
   expert::ffn_params<double> const g{make_view(dw1.data(), 1, 1, 2), make_view(db1.data(), 1, 2),
                                      make_view(dw2.data(), 1, 2, 1), make_view(db2.data(), 1, 1)};
-  ffn::backward(host, shape, p, rows, make_view(std::as_const(in).data(), 1, 2, 1),
-                make_view(d_out.data(), 1, 2, 1), make_view(d_in.data(), 1, 2, 1), g, state);
+  ffn::backward(host, shape, p, segments, make_view(std::as_const(in).data(), 2, 1),
+                make_view(d_out.data(), 2, 1), make_view(d_in.data(), 2, 1), g, state);
   // d_pre = (3·1, 4·1·relu'(−1.5)) = (3, 0); dW2 = act = (2.5, 0); db2 = 1;
   // dW1 = x · d_pre = (6, 0); db1 = (3, 0); d_in = d_pre · W1ᵀ = 3.
   CHECK(dw2 == std::array<double, 2>{2.5, 0});
@@ -74,7 +75,7 @@ TEST_CASE("an expert that received no row gets zero gradients, not garbage") {
   using ffn = expert::ffn<act::gelu>;
   expert::expert_shape const shape{.experts = 2, .hidden = 3, .ffn = 4};
   std::mt19937_64 rng(test::fresh_seed());
-  test::host_tensor<double> w1(24), b1(8), w2(24), b2(6), in(2 * 2 * 3), d_out(2 * 2 * 3);
+  test::host_tensor<double> w1(24), b1(8), w2(24), b2(6), in(4 * 3), d_out(4 * 3);
   for (auto* t : {&w1, &b1, &w2, &b2, &in, &d_out}) t->randomize(rng);
   test::host_tensor<double> dw1(24), db1(8), dw2(24), db2(6), d_in(12), out(12);
   for (auto* t : {&dw1, &db1, &dw2, &db2, &d_in, &out}) t->poison();
@@ -83,19 +84,122 @@ TEST_CASE("an expert that received no row gets zero gradients, not garbage") {
   expert::ffn_params<double> const g{dw1.view(2, 3, 4), db1.view(2, 4), dw2.view(2, 4, 3),
                                      db2.view(2, 3)};
   workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 2, 2);
+  (void)ffn::carve_host_state(counter, shape, 4, 4);
   host_buffer buffer(counter.bytes());
   workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 2, 2);
-  std::array<std::int64_t, 2> const rows{2, 0};  // expert 1 received nothing
-  ffn::forward(host, shape, p, rows, in.cview(2, 2, 3), out.view(2, 2, 3), state);
-  ffn::backward(host, shape, p, rows, in.cview(2, 2, 3), d_out.cview(2, 2, 3), d_in.view(2, 2, 3),
-                g, state);
+  auto const state = ffn::carve_host_state(carver, shape, 4, 4);
+  // The capacity layout's batch with C = 2: expert 0 holds rows [0, 2), expert 1 received
+  // nothing (its rows [2, 4) are no expert's).
+  std::array<std::int64_t, 2> const begin{0, 2}, rows{2, 0};
+  expert::row_segments const segments{begin, rows};
+  ffn::forward(host, shape, p, segments, in.cview(4, 3), out.view(4, 3), state);
+  ffn::backward(host, shape, p, segments, in.cview(4, 3), d_out.cview(4, 3), d_in.view(4, 3), g,
+                state);
   for (index_t i = 12; i < 24; ++i) CHECK(dw1.data[i] == 0);
   for (index_t i = 12; i < 24; ++i) CHECK(dw2.data[i] == 0);
   for (index_t i = 4; i < 8; ++i) CHECK(db1.data[i] == 0);
   for (index_t i = 3; i < 6; ++i) CHECK(db2.data[i] == 0);
   for (index_t i = 6; i < 12; ++i) CHECK(out.data[i] == 0);
+  for (index_t i = 6; i < 12; ++i) CHECK(d_in.data[i] == 0);
   for (index_t i = 0; i < 12; ++i) CHECK(std::isfinite(dw1.data[i]));
   CHECK(dw1.data[0] != 0);
+}
+
+TEST_CASE("ffn over a batch with gaps: each expert's segment, padding rows zero") {
+  // The same rows, laid out twice: packed, expert 0 in rows [0, 2) and expert 1 in [2, 3) of
+  // 3; and with padding, expert 0 in [0, 2) and expert 1 in [4, 5) of 6 (the ragged layout
+  // at alignment 4, say). Each row's result, and every gradient, must be the same bit for
+  // bit (the sums run over the same rows in the same order); padding rows are zero in `out`
+  // and `d_in` even where `in` and `d_out` hold values there.
+  using ffn = expert::ffn<act::silu>;
+  expert::expert_shape const shape{.experts = 2, .hidden = 3, .ffn = 5};
+  std::mt19937_64 rng(test::fresh_seed());
+  test::host_tensor<double> w1(30), b1(10), w2(30), b2(6);
+  for (auto* t : {&w1, &b1, &w2, &b2}) t->randomize(rng);
+  expert::ffn_params<double const> const p{w1.cview(2, 3, 5), b1.cview(2, 5), w2.cview(2, 5, 3),
+                                           b2.cview(2, 3)};
+
+  struct run {
+    test::host_tensor<double> in, d_out, out, d_in, dw1{30}, db1{10}, dw2{30}, db2{6};
+    explicit run(index_t rows) : in(rows * 3), d_out(rows * 3), out(rows * 3), d_in(rows * 3) {}
+  };
+  auto compute = [&](run& r, index_t rows, std::array<std::int64_t, 2> const& begin) {
+    std::array<std::int64_t, 2> const counts{2, 1};
+    expert::row_segments const segments{begin, counts};
+    for (auto* t : {&r.out, &r.d_in, &r.dw1, &r.db1, &r.dw2, &r.db2}) t->poison();
+    workspace_carver counter;
+    (void)ffn::carve_host_state(counter, shape, rows, rows);
+    host_buffer buffer(counter.bytes());
+    workspace_carver carver(buffer.view());
+    auto const state = ffn::carve_host_state(carver, shape, rows, rows);
+    ffn::forward(host, shape, p, segments, r.in.cview(rows, 3), r.out.view(rows, 3), state);
+    ffn::backward(host, shape, p, segments, r.in.cview(rows, 3), r.d_out.cview(rows, 3),
+                  r.d_in.view(rows, 3),
+                  expert::ffn_params<double>{r.dw1.view(2, 3, 5), r.db1.view(2, 5),
+                                             r.dw2.view(2, 5, 3), r.db2.view(2, 3)},
+                  state);
+  };
+
+  run packed(3), padded(6);
+  packed.in.randomize(rng);
+  packed.d_out.randomize(rng);
+  padded.in.randomize(rng);  // padding rows keep these values: they must not leak
+  padded.d_out.randomize(rng);
+  index_t const padded_row_of[3] = {0, 1, 4};
+  for (index_t row = 0; row < 3; ++row)
+    for (index_t h = 0; h < 3; ++h) {
+      padded.in.data[padded_row_of[row] * 3 + h] = packed.in.data[row * 3 + h];
+      padded.d_out.data[padded_row_of[row] * 3 + h] = packed.d_out.data[row * 3 + h];
+    }
+  compute(packed, 3, {0, 2});
+  compute(padded, 6, {0, 4});
+
+  for (index_t row = 0; row < 3; ++row)
+    for (index_t h = 0; h < 3; ++h) {
+      CHECK(padded.out.data[padded_row_of[row] * 3 + h] == packed.out.data[row * 3 + h]);
+      CHECK(padded.d_in.data[padded_row_of[row] * 3 + h] == packed.d_in.data[row * 3 + h]);
+    }
+  for (index_t row : {2, 3, 5})
+    for (index_t h = 0; h < 3; ++h) {
+      CHECK(padded.out.data[row * 3 + h] == 0);
+      CHECK(padded.d_in.data[row * 3 + h] == 0);
+    }
+  CHECK(padded.dw1.data == packed.dw1.data);
+  CHECK(padded.db1.data == packed.db1.data);
+  CHECK(padded.dw2.data == packed.dw2.data);
+  CHECK(padded.db2.data == packed.db2.data);
+  for (double v : packed.out.data) CHECK(std::isfinite(v));
+  for (double v : packed.dw1.data) CHECK(std::isfinite(v));
+}
+
+TEST_CASE("ffn rejects segments that overlap or leave the batch, writing nothing") {
+  using ffn = expert::ffn<act::relu>;
+  expert::expert_shape const shape{.experts = 2, .hidden = 1, .ffn = 1};
+  std::array<double, 2> const w1{1, 2}, w2{3, 4};
+  expert::ffn_params<double const> const p{
+      make_view(w1.data(), 2, 1, 1), {}, make_view(w2.data(), 2, 1, 1), {}};
+  workspace_carver counter;
+  (void)ffn::carve_host_state(counter, shape, 4, 4);
+  host_buffer buffer(counter.bytes());
+  workspace_carver carver(buffer.view());
+  auto const state = ffn::carve_host_state(carver, shape, 4, 4);
+  std::array<double, 4> const in{1, 2, 3, 4};
+  test::host_tensor<double> out(4);
+
+  auto rejects = [&](std::array<std::int64_t, 2> begin, std::array<std::int64_t, 2> rows) {
+    out.poison();
+    CHECK_FALSE(expert::check_segments({begin, rows}, 2, 4, "segments").ok());
+    CHECK_THROWS_AS(ffn::forward(host, shape, p, expert::row_segments{begin, rows},
+                                 make_view(in.data(), 4, 1), out.view(4, 1), state),
+                    moe::invalid_argument);
+    CHECK(out.is_poisoned());
+  };
+  rejects({0, 1}, {2, 1});   // expert 1 starts inside expert 0
+  rejects({2, 0}, {1, 1});   // out of expert order
+  rejects({0, 3}, {2, 2});   // past the 4 rows of the batch
+  rejects({0, 2}, {-1, 1});  // a negative count
+  std::array<std::int64_t, 1> const one{0};
+  CHECK_FALSE(expert::check_segments({one, one}, 2, 4, "segments").ok());  // wrong size
+  std::array<std::int64_t, 2> const begin{0, 3}, rows{2, 1};               // a gap at row 2 is fine
+  CHECK(expert::check_segments({begin, rows}, 2, 4, "segments").ok());
 }

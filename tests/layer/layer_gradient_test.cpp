@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Finite-difference checks, in double precision, of the host backend's backward: the
 // gradient of every parameter and of x, through experts, combine weights, renormalisation,
-// the softmax, the aux loss and the z-loss, with tokens dropped.
+// the softmax, the aux loss and the z-loss, with tokens dropped (capacity layout) and with
+// none dropped and padded rows (ragged layout).
 
 #include "../support/ffn_layer.hpp"
 
@@ -36,9 +37,9 @@ void expect_close(double analytic, double numeric, char const* what, std::size_t
   CHECK(std::abs(analytic - numeric) <= 1e-6 * scale);
 }
 
-template <class Expert, class Gate = gating::top_k<2>>
+template <class Expert, class Gate = gating::top_k<2>, class Layout = layout::capacity>
 void check_gradients(layer_args const& args, bool biases) {
-  using layer_t = layer<Gate, layout::capacity, comm::single_rank, Expert>;
+  using layer_t = layer<Gate, Layout, comm::single_rank, Expert>;
   layer_t const layer(args);
   auto const seed = test::fresh_seed();
   INFO("seed " << seed);
@@ -60,6 +61,7 @@ void check_gradients(layer_args const& args, bool biases) {
   layer.backward(host, dy.cview(tokens, hidden), p, dx.view(tokens, hidden),
                  grads.template gradients<Expert>(), ws.view());
   auto const dropped = layer.stats(host, ws.view()).dropped;
+  if (!Layout::drops_tokens) CHECK(dropped == 0);
 
   double const eps = 1e-6;
   auto numeric = [&](double& v) {
@@ -108,6 +110,15 @@ TEST_CASE("layer backward matches finite differences: every activation, with dro
   SUBCASE("silu") {
     check_gradients<expert::ffn<act::silu>>(args, false);
   }
+  // The same factor means nothing to the ragged layout: it keeps all 24 assignments.
+  SUBCASE("ragged, gelu") {
+    check_gradients<expert::ffn<act::gelu>, gating::top_k<2>, layout::ragged>(args, true);
+  }
+  SUBCASE("ragged, relu, rows padded to 8") {
+    auto padded = args;
+    padded.expert_row_alignment = 8;
+    check_gradients<expert::ffn<act::relu>, gating::top_k<2>, layout::ragged>(padded, true);
+  }
 }
 
 TEST_CASE("layer backward matches finite differences: renormalisation and top_any") {
@@ -136,5 +147,14 @@ TEST_CASE("layer backward matches finite differences: renormalisation and top_an
   SUBCASE("k = 1") {
     args.top_k = 1;
     check_gradients<expert::ffn<act::gelu>, any>(args, false);
+  }
+  SUBCASE("ragged, after drops (none), rows padded to 4") {
+    args.normalize = gating::renormalize::after_drops;
+    args.expert_row_alignment = 4;
+    check_gradients<expert::ffn<act::silu>, any, layout::ragged>(args, true);
+  }
+  SUBCASE("ragged, k = 1") {
+    args.top_k = 1;
+    check_gradients<expert::ffn<act::gelu>, any, layout::ragged>(args, false);
   }
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 // The concept of an expert: a computation applied, per expert, to the rows that the layout
-// dispatched to it. The layer sees only what this concept names.
+// dispatched to it, and the expert batch those rows form (`row_segments`). The layer sees
+// only what this concept names.
 
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
@@ -12,6 +13,7 @@
 
 #include <concepts>
 #include <cstdint>
+#include <string>
 
 namespace moe::expert {
 
@@ -34,17 +36,57 @@ concept has_parameters = requires(expert_shape const& shape,
   { X::check(g, shape, "gradients") } -> std::same_as<status>;
 };
 
-/// X runs on the host backend: it lays out its saved state in a workspace and computes the
-/// forward of `rows[e]` rows per expert from an (experts, rows, hidden) buffer.
+/// The expert batch: where each expert's rows lie in an (total rows, hidden) row matrix.
+/// Expert e owns rows [begin[e], begin[e] + rows[e]); segments come in expert order and do
+/// not overlap. Rows outside every segment (a layout's padding, or capacity no assignment
+/// claimed) belong to no expert: an expert's forward writes zero output there and its
+/// backward zero input gradient. The capacity layout gives begin[e] = e·C and rows[e] =
+/// min(load_e, C); the ragged layout gives the exclusive scan of its padded loads and
+/// rows[e] = load_e.
+struct row_segments {
+  span<std::int64_t const> begin;  // (experts) first row of each expert
+  span<std::int64_t const> rows;   // (experts) rows of each expert
+
+  [[nodiscard]] constexpr index_t experts() const noexcept {
+    return static_cast<index_t>(rows.size());
+  }
+};
+
+/// Checks that `segments` describes `experts` experts whose rows lie, in expert order and
+/// without overlap, inside a matrix of `total_rows` rows. Returns a failure naming
+/// `argument` otherwise.
+[[nodiscard]] inline status check_segments(row_segments const& segments, index_t experts,
+                                           index_t total_rows, char const* argument) {
+  if (segments.experts() != experts || static_cast<index_t>(segments.begin.size()) != experts)
+    return status::failure(argument, "describes " + std::to_string(segments.begin.size()) +
+                                         " begins and " + std::to_string(segments.rows.size()) +
+                                         " row counts for " + std::to_string(experts) + " experts");
+  index_t next_free = 0;
+  for (index_t e = 0; e < experts; ++e) {
+    index_t const begin = segments.begin[e], rows = segments.rows[e];
+    if (rows < 0 || begin < next_free || begin + rows > total_rows)
+      return status::failure(argument, "gives expert " + std::to_string(e) + " rows [" +
+                                           std::to_string(begin) + ", " +
+                                           std::to_string(begin + rows) + "), which overlaps " +
+                                           "an earlier expert or leaves the " +
+                                           std::to_string(total_rows) + " rows of the batch");
+    next_free = begin + rows;
+  }
+  return {};
+}
+
+/// X runs on the host backend: it lays out its saved state in a workspace for a batch of up
+/// to `max_rows` rows, and computes the forward of every expert's segment of an (rows,
+/// hidden) batch.
 template <class X>
 concept runs_on_host = requires(workspace_carver& carver, expert_shape const& shape,
                                 typename X::template params<double const> const& p,
-                                typename X::host_state const& state, span<std::int64_t const> rows,
-                                tensor3_view<double const> in, tensor3_view<double> out) {
+                                typename X::host_state const& state, row_segments const& segments,
+                                matrix_view<double const> in, matrix_view<double> out) {
   {
     X::carve_host_state(carver, shape, index_t{}, index_t{})
     } -> std::same_as<typename X::host_state>;
-  X::forward(host, shape, p, rows, in, out, state);
+  X::forward(host, shape, p, segments, in, out, state);
 };
 
 /// X can be trained: its backward gives the gradient of its input and of its parameters.
@@ -52,9 +94,9 @@ template <class X>
 concept has_backward = requires(expert_shape const& shape,
                                 typename X::template params<double const> const& p,
                                 typename X::template params<double> const& g,
-                                typename X::host_state const& state, span<std::int64_t const> rows,
-                                tensor3_view<double const> in, tensor3_view<double> out) {
-  X::backward(host, shape, p, rows, in, in, out, g, state);
+                                typename X::host_state const& state, row_segments const& segments,
+                                matrix_view<double const> in, matrix_view<double> out) {
+  X::backward(host, shape, p, segments, in, in, out, g, state);
 };
 
 /// X models expert if:

@@ -5,8 +5,9 @@
 //   W1 (experts, hidden, ffn)   b1 (experts, ffn)     optional
 //   W2 (experts, ffn, hidden)   b2 (experts, hidden)  optional
 //
-// Host backend: forward and backward over the rows that the layout dispatched to each
-// expert, in float64. Experts that received no row get zero gradients.
+// Host backend: forward and backward over the expert batch (expert::row_segments: each
+// expert's segment of an (rows, hidden) matrix), in float64. Experts that received no row
+// get zero gradients.
 
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
@@ -42,10 +43,10 @@ struct ffn {
   template <class T>
   using params = ffn_params<T>;
 
-  /// What the host backend keeps between forward and backward.
+  /// What the host backend keeps between forward and backward, per row of the batch.
   struct host_state {
-    tensor3_view<double> pre_activation;    // (experts, rows, ffn)  x · W1 + b1
-    tensor3_view<double> d_pre_activation;  // (experts, rows, ffn)  backward scratch
+    matrix_view<double> pre_activation;    // (rows, ffn)  x · W1 + b1
+    matrix_view<double> d_pre_activation;  // (rows, ffn)  backward scratch
   };
 
   /// Checks every view of `p` against `shape`; `name` prefixes the argument in the message.
@@ -62,92 +63,114 @@ struct ffn {
     return check_optional_extents(p.b2, (prefix + "b2").c_str(), {s.experts, s.hidden});
   }
 
-  /// Lays out the saved state for up to `max_rows` rows per expert; views of `rows`.
+  /// Lays out the saved state for a batch of up to `max_rows` rows; views of `rows` rows.
   static host_state carve_host_state(workspace_carver& carver, expert_shape const& s,
                                      index_t max_rows, index_t rows) {
-    index_t const n = s.experts * max_rows * s.ffn;
-    return {make_view(carver.take<double>(n), s.experts, rows, s.ffn),
-            make_view(carver.take<double>(n), s.experts, rows, s.ffn)};
+    index_t const n = max_rows * s.ffn;
+    return {make_view(carver.take<double>(n), rows, s.ffn),
+            make_view(carver.take<double>(n), rows, s.ffn)};
   }
 
-  /// Forward of rows [0, rows[e]) of every expert; the other rows of `out` are zero.
-  /// @param[in]  in  (experts, capacity, hidden)  host memory
-  /// @param[out] out (experts, capacity, hidden)  host memory
+  /// Forward of every expert's segment of the batch; rows outside every segment of `out`
+  /// are zero.
+  /// @param[in]  segments expert e's rows are [begin[e], begin[e] + rows[e]), host memory
+  /// @param[in]  in       (rows, hidden)  host memory
+  /// @param[out] out      (rows, hidden)  host memory
+  /// @param[in]  state    carved for `rows` rows; keeps what backward needs
   template <class T>
   static void forward(host_backend, expert_shape const& s, ffn_params<T const> const& p,
-                      span<std::int64_t const> rows, tensor3_view<double const> in,
-                      tensor3_view<double> out, host_state const& state) {
+                      row_segments const& segments, matrix_view<double const> in,
+                      matrix_view<double> out, host_state const& state) {
+    check_batch(s, segments, in, out, state).throw_if_failed();
     std::fill_n(out.data_handle(), element_count(out), 0.0);
     for (index_t e = 0; e < s.experts; ++e) {
-      index_t const n = rows[e];
+      index_t const first = segments.begin[e], n = segments.rows[e];
       detail::host_gemm(
-          n, s.ffn, s.hidden, [&](index_t c, index_t h) { return in(e, c, h); },
+          n, s.ffn, s.hidden, [&](index_t c, index_t h) { return in(first + c, h); },
           [&](index_t h, index_t f) { return to_accumulate(p.w1(e, h, f)); },
           [&](index_t c, index_t f, double v) {
-            state.pre_activation(e, c, f) = v + (is_present(p.b1) ? to_accumulate(p.b1(e, f)) : 0);
+            state.pre_activation(first + c, f) =
+                v + (is_present(p.b1) ? to_accumulate(p.b1(e, f)) : 0);
           });
       detail::host_gemm(
           n, s.hidden, s.ffn,
-          [&](index_t c, index_t f) { return Act::forward(state.pre_activation(e, c, f)); },
+          [&](index_t c, index_t f) { return Act::forward(state.pre_activation(first + c, f)); },
           [&](index_t f, index_t h) { return to_accumulate(p.w2(e, f, h)); },
           [&](index_t c, index_t h, double v) {
-            out(e, c, h) = v + (is_present(p.b2) ? to_accumulate(p.b2(e, h)) : 0);
+            out(first + c, h) = v + (is_present(p.b2) ? to_accumulate(p.b2(e, h)) : 0);
           });
     }
   }
 
-  /// Backward: d_in (rows beyond rows[e] zero) and every parameter gradient, overwritten.
-  /// @param[in]  in, d_out (experts, capacity, hidden)
-  /// @param[out] d_in      (experts, capacity, hidden)
-  /// @param[out] g         gradients, same shapes as the parameters
+  /// Backward: d_in (zero outside every segment) and every parameter gradient, overwritten;
+  /// an expert with no rows gets zero gradients. Call it after `forward` with the same state.
+  /// @param[in]  in, d_out (rows, hidden)  host memory
+  /// @param[out] d_in      (rows, hidden)  host memory
+  /// @param[out] g         gradients, same shapes as the parameters, host memory
   template <class T, class G>
   static void backward(host_backend, expert_shape const& s, ffn_params<T const> const& p,
-                       span<std::int64_t const> rows, tensor3_view<double const> in,
-                       tensor3_view<double const> d_out, tensor3_view<double> d_in,
+                       row_segments const& segments, matrix_view<double const> in,
+                       matrix_view<double const> d_out, matrix_view<double> d_in,
                        ffn_params<G> const& g, host_state const& state) {
+    check_batch(s, segments, in, d_in, state).throw_if_failed();
+    check_extents(d_out, "d_out", {in.extent(0), s.hidden}).throw_if_failed();
     std::fill_n(d_in.data_handle(), element_count(d_in), 0.0);
     auto store = [](auto& view, double v) {
       view = from_accumulate<G>(static_cast<accumulate_t<G>>(v));
     };
     for (index_t e = 0; e < s.experts; ++e) {
-      index_t const n = rows[e];
-      auto const act = [&](index_t c, index_t f) {
-        return Act::forward(state.pre_activation(e, c, f));
+      index_t const first = segments.begin[e], n = segments.rows[e];
+      auto const pre = [&](index_t c, index_t f) -> double& {
+        return state.pre_activation(first + c, f);
+      };
+      auto const d_pre = [&](index_t c, index_t f) -> double& {
+        return state.d_pre_activation(first + c, f);
       };
       // d_pre = (d_out · W2ᵀ) ⊙ act'(pre)
       detail::host_gemm(
-          n, s.ffn, s.hidden, [&](index_t c, index_t h) { return d_out(e, c, h); },
+          n, s.ffn, s.hidden, [&](index_t c, index_t h) { return d_out(first + c, h); },
           [&](index_t h, index_t f) { return to_accumulate(p.w2(e, f, h)); },
-          [&](index_t c, index_t f, double v) {
-            state.d_pre_activation(e, c, f) = v * Act::derivative(state.pre_activation(e, c, f));
-          });
-      // dW2 = act(pre)ᵀ · d_out, dW1 = inᵀ · d_pre: sums over this expert's rows only.
+          [&](index_t c, index_t f, double v) { d_pre(c, f) = v * Act::derivative(pre(c, f)); });
+      // dW2 = act(pre)ᵀ · d_out, dW1 = inᵀ · d_pre: sums over this expert's rows only, in
+      // row order.
       detail::host_gemm(
-          s.ffn, s.hidden, n, [&](index_t f, index_t c) { return act(c, f); },
-          [&](index_t c, index_t h) { return d_out(e, c, h); },
+          s.ffn, s.hidden, n, [&](index_t f, index_t c) { return Act::forward(pre(c, f)); },
+          [&](index_t c, index_t h) { return d_out(first + c, h); },
           [&](index_t f, index_t h, double v) { store(g.w2(e, f, h), v); });
       detail::host_gemm(
-          s.hidden, s.ffn, n, [&](index_t h, index_t c) { return in(e, c, h); },
-          [&](index_t c, index_t f) { return state.d_pre_activation(e, c, f); },
+          s.hidden, s.ffn, n, [&](index_t h, index_t c) { return in(first + c, h); },
+          [&](index_t c, index_t f) { return d_pre(c, f); },
           [&](index_t h, index_t f, double v) { store(g.w1(e, h, f), v); });
       if (is_present(g.b2))
         for (index_t h = 0; h < s.hidden; ++h) {
           double sum = 0;
-          for (index_t c = 0; c < n; ++c) sum += d_out(e, c, h);
+          for (index_t c = 0; c < n; ++c) sum += d_out(first + c, h);
           store(g.b2(e, h), sum);
         }
       if (is_present(g.b1))
         for (index_t f = 0; f < s.ffn; ++f) {
           double sum = 0;
-          for (index_t c = 0; c < n; ++c) sum += state.d_pre_activation(e, c, f);
+          for (index_t c = 0; c < n; ++c) sum += d_pre(c, f);
           store(g.b1(e, f), sum);
         }
       // d_in = d_pre · W1ᵀ
       detail::host_gemm(
-          n, s.hidden, s.ffn, [&](index_t c, index_t f) { return state.d_pre_activation(e, c, f); },
+          n, s.hidden, s.ffn, [&](index_t c, index_t f) { return d_pre(c, f); },
           [&](index_t f, index_t h) { return to_accumulate(p.w1(e, h, f)); },
-          [&](index_t c, index_t h, double v) { d_in(e, c, h) = v; });
+          [&](index_t c, index_t h, double v) { d_in(first + c, h) = v; });
     }
+  }
+
+ private:
+  /// The batch's views agree with each other and its segments fit in them.
+  [[nodiscard]] static status check_batch(expert_shape const& s, row_segments const& segments,
+                                          matrix_view<double const> in, matrix_view<double> out,
+                                          host_state const& state) {
+    index_t const rows = in.extent(0);
+    if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
+    if (auto st = check_extents(out, "out", {rows, s.hidden}); !st) return st;
+    if (auto st = check_extents(state.pre_activation, "state", {rows, s.ffn}); !st) return st;
+    return check_segments(segments, s.experts, rows, "segments");
   }
 };
 static_assert(trainable_expert<ffn<act::relu>> && trainable_expert<ffn<act::gelu>> &&

@@ -3,7 +3,12 @@
 // moe::layer: a gate, a dispatch layout, a collective and an expert composed into one MoE
 // layer, forward and backward. This header holds the layer and its host backend.
 //
-//   x (T, H) ─ gate ─▶ routing ─ encode ─▶ (E, C, H) ─ expert ─▶ (E, C, H) ─ decode ─▶ y (T, H)
+//   x (T, H) ─ gate ─▶ routing ─ gather ─▶ batch (R, H) ─ expert ─▶ (R, H) ─ combine ─▶ y (T, H)
+//
+// The expert batch has R rows, expert e's segment [begin_e, begin_e + rows_e) of them, and
+// assignment (t, j) sits in row begin_e + slot(t, j) (layout/row_map.hpp). The layout says
+// where the segments lie: capacity, begin_e = e·C and R = E·C; ragged, begin_e = the
+// exclusive scan of the padded loads and R = their sum.
 //
 // Memory contract (DESIGN §3): `workspace_bytes()` then forward and backward in that
 // workspace; forward leaves in it what backward needs. Nothing is allocated inside.
@@ -21,8 +26,11 @@
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/router.hpp>
 #include <moe/layer/concepts.hpp>
+#include <moe/layout/args.hpp>
 #include <moe/layout/capacity.hpp>
 #include <moe/layout/concepts.hpp>
+#include <moe/layout/ragged.hpp>
+#include <moe/layout/row_map.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -31,7 +39,10 @@
 
 namespace moe {
 
-/// The run-time arguments of a layer.
+/// The run-time arguments of a layer. A dropless layout (`layout::ragged`) has no capacity:
+/// the values of `capacity_factor` and `capacity_alignment` do not matter to it (they are
+/// still checked to be finite and at least 1), and it never rejects a factor for giving
+/// capacity 0.
 struct layer_args {
   index_t tokens = 0;              ///< T: most tokens one call routes (workspace is sized for it)
   index_t hidden = 0;              ///< H
@@ -40,6 +51,9 @@ struct layer_args {
   int top_k = 0;                   ///< k for `top_any`; 0 or the static k for `top_k<K>`
   float capacity_factor = 1.0f;    ///< f: > 0 fixed, == 0 dynamic, < 0 dynamic capped
   index_t capacity_alignment = 1;  ///< capacity rounded up to a multiple of this
+  /// `layout::ragged`: each expert's rows padded to a multiple of this (16, 32, 128: GEMM
+  /// tiles). A layout that drops tokens sizes its rows by the capacity and takes only 1.
+  index_t expert_row_alignment = 1;
   gating::renormalize normalize = gating::renormalize::none;
   float aux_loss_coef = 0.0f;  ///< the layer's objective adds aux_loss_coef · gshard_aux
   float z_loss_coef = 0.0f;    ///< … and z_loss_coef · z_loss
@@ -55,11 +69,13 @@ struct layer_params {
 /// What one forward call decided, read back with `layer::stats`.
 struct layer_stats {
   index_t tokens = 0;
+  /// C of the call; with a dropless layout, the largest per-expert load (nothing is dropped).
   index_t capacity = 0;
-  index_t dropped = 0;  ///< assignments that found no slot
-  double aux_loss = 0;  ///< gshard_aux, before its coefficient
-  double z_loss = 0;    ///< z_loss, before its coefficient
-  double loss = 0;      ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
+  index_t expert_rows = 0;  ///< rows of the expert batch, padding included (E·C for capacity)
+  index_t dropped = 0;      ///< assignments that found no slot; 0 with a dropless layout
+  double aux_loss = 0;      ///< gshard_aux, before its coefficient
+  double z_loss = 0;        ///< z_loss, before its coefficient
+  double loss = 0;          ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
   /// (experts) assignments per expert, before drops. A view into the workspace: the next
   /// forward call overwrites it.
   span<std::int64_t const> load;
@@ -67,7 +83,7 @@ struct layer_stats {
 
 /// An MoE layer.
 /// @tparam Gate       a gating policy (moe::gating::top_k<2>, moe::gating::top_any<>, …)
-/// @tparam Layout     a dispatch layout (moe::layout::capacity)
+/// @tparam Layout     a dispatch layout (moe::layout::capacity, moe::layout::ragged)
 /// @tparam Collective a collective (moe::comm::single_rank)
 /// @tparam Expert     an expert (moe::expert::ffn<moe::act::gelu>, …)
 template <class Gate, class Layout, class Collective, class Expert>
@@ -79,7 +95,7 @@ class layer {
                 "k(args) and can_implement(args).");
   static_assert(layout::dispatch_layout<Layout>,
                 "moe::layer: Layout is not a moe::layout::dispatch_layout. Use "
-                "moe::layout::capacity.");
+                "moe::layout::capacity or moe::layout::ragged.");
   static_assert(comm::collective<Collective>,
                 "moe::layer: Collective is not a moe::comm::collective. Use "
                 "moe::comm::single_rank on one GPU.");
@@ -115,12 +131,21 @@ class layer {
     if (args.capacity_alignment < 1)
       return status::failure("capacity_alignment",
                              "must be at least 1, got " + std::to_string(args.capacity_alignment));
+    if (args.expert_row_alignment < 1)
+      return status::failure("expert_row_alignment", "must be at least 1, got " +
+                                                         std::to_string(args.expert_row_alignment));
+    if (Layout::drops_tokens && args.expert_row_alignment != 1)
+      return status::failure("expert_row_alignment",
+                             "pads the rows of a dropless layout (layout::ragged) and must be 1 "
+                             "here, got " +
+                                 std::to_string(args.expert_row_alignment) +
+                                 "; align the capacity with capacity_alignment instead");
     if (!std::isfinite(args.aux_loss_coef))
       return status::failure("aux_loss_coef", "must be finite");
     if (!std::isfinite(args.z_loss_coef)) return status::failure("z_loss_coef", "must be finite");
     gating::gate_args const gate_args = gate_args_of(args);
     if (auto s = Gate{}.can_implement(gate_args); !s) return s;
-    if (gating::capacity_bound(capacity_args_of(args, args.tokens)) < 1)
+    if (Layout::drops_tokens && gating::capacity_bound(capacity_args_of(args, args.tokens)) < 1)
       return status::failure("capacity_factor",
                              "gives capacity 0 at " + std::to_string(args.tokens) +
                                  " tokens over " + std::to_string(args.experts) +
@@ -137,7 +162,7 @@ class layer {
   /// Bytes of host workspace that forward and backward need (host backend).
   [[nodiscard]] std::size_t workspace_bytes(host_backend) const {
     workspace_carver counter;
-    (void)carve(counter, args_.tokens, max_capacity());
+    (void)carve(counter, args_.tokens, max_expert_rows());
     return counter.bytes();
   }
 
@@ -168,20 +193,22 @@ class layer {
     can_implement(x, p, y, ws).throw_if_failed();
     index_t const tokens = x.extent(0);
     workspace_carver carver(ws);
-    auto state = carve(carver, tokens, max_capacity());
+    auto state = carve(carver, tokens, max_expert_rows());
     gating::routing_summary const summary =
         gating::route(host, Gate{}, gate_args_of(args_), x, p.gate_weight, state.routing);
+    index_t const expert_rows = lay_out_expert_batch(state, summary.capacity);
     workspace_carver resized(ws);
-    state = carve(resized, tokens, summary.capacity);
+    state = carve(resized, tokens, expert_rows);
     state.routing.capacity = summary.capacity;
 
     for (index_t t = 0; t < tokens; ++t)
       for (index_t h = 0; h < args_.hidden; ++h) state.x(t, h) = to_accumulate(x(t, h));
-    layout::encode(host, Layout{}, state.routing, x, state.dispatched);
-    Expert::forward(host, expert_shape(), p.expert, rows_of(state), as_const(state.dispatched),
+    auto const row_of = row_map_of(state);
+    layout::gather(host, state.routing, row_of, x, state.dispatched);
+    Expert::forward(host, expert_shape(), p.expert, segments_of(state), as_const(state.dispatched),
                     state.expert_out, state.expert);
-    layout::decode(host, Layout{}, state.routing, as_const(state.expert_out), y);
-    *state.header = {.forward_tokens = tokens, .summary = summary};
+    layout::combine(host, state.routing, row_of, as_const(state.expert_out), y);
+    *state.header = {.forward_tokens = tokens, .expert_rows = expert_rows, .summary = summary};
   }
 
   /// Backward on the host, of the objective ⟨dy, y⟩ + the layer's losses: writes dx and
@@ -196,18 +223,17 @@ class layer {
                 workspace ws) const requires expert::trainable_expert<Expert> {
     check_backward(dy, p, dx, g, ws).throw_if_failed();
     index_t const tokens = dy.extent(0);
+    forward_header const header = header_of(ws);
     workspace_carver carver(ws);
-    auto state = carve(carver, tokens, max_capacity());
-    index_t const capacity = state.header->summary.capacity;
-    workspace_carver resized(ws);
-    state = carve(resized, tokens, capacity);
-    state.routing.capacity = capacity;
+    auto state = carve(carver, tokens, header.expert_rows);
+    state.routing.capacity = header.summary.capacity;
 
-    layout::decode_backward(host, Layout{}, state.routing, dy, as_const(state.expert_out),
-                            state.d_expert_out, state.d_weight);
-    Expert::backward(host, expert_shape(), p.expert, rows_of(state), as_const(state.dispatched),
+    auto const row_of = row_map_of(state);
+    layout::combine_backward(host, state.routing, row_of, dy, as_const(state.expert_out),
+                             state.d_expert_out, state.d_weight);
+    Expert::backward(host, expert_shape(), p.expert, segments_of(state), as_const(state.dispatched),
                      as_const(state.d_expert_out), state.d_dispatched, g.expert, state.expert);
-    layout::encode_backward(host, Layout{}, state.routing, as_const(state.d_dispatched), state.dx);
+    layout::gather_backward(host, state.routing, row_of, as_const(state.d_dispatched), state.dx);
     gating::route_backward(host, Gate{}, gate_args_of(args_), state.routing,
                            as_const(state.d_weight), as_const(state.x), p.gate_weight,
                            state.d_logits, state.dx, g.gate_weight);
@@ -219,12 +245,13 @@ class layer {
   /// What the last forward call in `ws` decided (host backend).
   [[nodiscard]] layer_stats stats(host_backend, workspace ws) const {
     if (auto s = check_workspace(ws); !s) s.throw_if_failed();
-    workspace_carver carver(ws);
-    auto const state = carve(carver, args_.tokens, max_capacity());
-    auto const& h = *state.header;
+    forward_header const h = header_of(ws);
     MOE_EXPECTS(h.magic == forward_header::forward_done, "ws", "holds no forward call's state");
+    workspace_carver carver(ws);
+    auto const state = carve(carver, h.forward_tokens, h.expert_rows);
     return {.tokens = h.forward_tokens,
             .capacity = h.summary.capacity,
+            .expert_rows = h.expert_rows,
             .dropped = h.summary.dropped,
             .aux_loss = h.summary.aux_loss,
             .z_loss = h.summary.z_loss,
@@ -238,76 +265,114 @@ class layer {
     static constexpr std::uint64_t forward_done = 0x6d6f652d66776421;  // "moe-fwd!"
     std::uint64_t magic = forward_done;
     index_t forward_tokens = 0;
+    index_t expert_rows = 0;  // rows of the expert batch
     gating::routing_summary summary;
   };
 
-  /// The host backend's workspace, carved for `tokens` tokens and `capacity` slots.
+  /// The host backend's workspace, carved for `tokens` tokens and an expert batch of
+  /// `expert_rows` rows.
   struct host_state {
     forward_header* header;
     matrix_view<double> x;  // (tokens, hidden)  the forward's input
     gating::host_routing routing;
-    tensor3_view<double> dispatched;  // (experts, capacity, hidden)
-    tensor3_view<double> expert_out;  // (experts, capacity, hidden)
+    span<std::int64_t> begin;        // (experts) the expert batch: first row of each expert
+    span<std::int64_t> rows;         // (experts) … and its rows
+    matrix_view<double> dispatched;  // (expert rows, hidden)
+    matrix_view<double> expert_out;  // (expert rows, hidden)
     typename Expert::host_state expert;
-    tensor3_view<double> d_expert_out;  // (experts, capacity, hidden)
-    tensor3_view<double> d_dispatched;  // (experts, capacity, hidden)
-    matrix_view<double> d_weight;       // (tokens, k)
-    matrix_view<double> d_logits;       // (tokens, experts)
-    matrix_view<double> dx;             // (tokens, hidden)
-    span<std::int64_t> rows;            // (experts) rows each expert computes: min(load, C)
+    matrix_view<double> d_expert_out;  // (expert rows, hidden)
+    matrix_view<double> d_dispatched;  // (expert rows, hidden)
+    matrix_view<double> d_weight;      // (tokens, k)
+    matrix_view<double> d_logits;      // (tokens, experts)
+    matrix_view<double> dx;            // (tokens, hidden)
   };
 
+  /// The gate's arguments. A dropless layout routes with dynamic capacity (f = 0, no
+  /// alignment): the capacity is then the largest load, and no assignment is dropped.
   static gating::gate_args gate_args_of(layer_args const& a) noexcept {
     return {.tokens = a.tokens,
             .experts = a.experts,
             .k = a.top_k,
-            .capacity_factor = a.capacity_factor,
-            .capacity_alignment = a.capacity_alignment,
+            .capacity_factor = Layout::drops_tokens ? a.capacity_factor : 0.0f,
+            .capacity_alignment = Layout::drops_tokens ? a.capacity_alignment : 1,
             .normalize = a.normalize,
             .aux_loss_coef = a.aux_loss_coef,
             .z_loss_coef = a.z_loss_coef};
   }
 
   static gating::capacity_args capacity_args_of(layer_args const& a, index_t tokens) noexcept {
+    gating::gate_args const g = gate_args_of(a);
     return {.tokens = tokens,
             .experts = a.experts,
-            .k = Gate{}.k(gate_args_of(a)),
-            .factor = a.capacity_factor,
-            .alignment = a.capacity_alignment};
+            .k = Gate{}.k(g),
+            .factor = g.capacity_factor,
+            .alignment = g.capacity_alignment};
   }
 
   [[nodiscard]] index_t max_capacity() const noexcept {
     return gating::capacity_bound(capacity_args_of(args_, args_.tokens));
   }
 
-  host_state carve(workspace_carver& carver, index_t tokens, index_t capacity) const {
-    index_t const max_tokens = args_.tokens, max_c = max_capacity();
+  /// What the layout's size math needs, for `tokens` tokens and capacity `capacity`.
+  [[nodiscard]] layout::layout_args layout_args_of(index_t tokens,
+                                                   index_t capacity) const noexcept {
+    return {.tokens = tokens,
+            .experts = args_.experts,
+            .k = k(),
+            .capacity = capacity,
+            .row_alignment = args_.expert_row_alignment};
+  }
+
+  /// The most rows an expert batch can have: what the workspace is sized for.
+  [[nodiscard]] index_t max_expert_rows() const noexcept {
+    return layout::rows_bound(Layout{}, layout_args_of(args_.tokens, max_capacity()));
+  }
+
+  host_state carve(workspace_carver& carver, index_t tokens, index_t expert_rows) const {
+    index_t const max_tokens = args_.tokens, max_rows = max_expert_rows();
     index_t const e = args_.experts, h = args_.hidden;
     int const k = this->k();
-    auto slots = [&](index_t width) { return carver.take<double>(e * max_c * width); };
+    auto batch = [&] { return make_view(carver.take<double>(max_rows * h), expert_rows, h); };
     host_state s;
     s.header = carver.take<forward_header>(1);
     s.x = make_view(carver.take<double>(max_tokens * h), tokens, h);
     s.routing = gating::carve_host_routing(carver, max_tokens, tokens, e, k);
-    s.dispatched = make_view(slots(h), e, capacity, h);
-    s.expert_out = make_view(slots(h), e, capacity, h);
-    s.expert = Expert::carve_host_state(carver, expert_shape(), max_c, capacity);
-    s.d_expert_out = make_view(slots(h), e, capacity, h);
-    s.d_dispatched = make_view(slots(h), e, capacity, h);
+    s.begin = {carver.take<std::int64_t>(e), static_cast<std::size_t>(e)};
+    s.rows = {carver.take<std::int64_t>(e), static_cast<std::size_t>(e)};
+    s.dispatched = batch();
+    s.expert_out = batch();
+    s.expert = Expert::carve_host_state(carver, expert_shape(), max_rows, expert_rows);
+    s.d_expert_out = batch();
+    s.d_dispatched = batch();
     s.d_weight = make_view(carver.take<double>(max_tokens * k), tokens, k);
     s.d_logits = make_view(carver.take<double>(max_tokens * e), tokens, e);
     s.dx = make_view(carver.take<double>(max_tokens * h), tokens, h);
-    s.rows = {carver.take<std::int64_t>(e), static_cast<std::size_t>(e)};
     return s;
   }
 
-  /// Each expert computes rows [0, min(load, C)): slots are claimed in order.
-  static span<std::int64_t const> rows_of(host_state const& s) {
-    for (std::size_t e = 0; e < s.rows.size(); ++e) {
-      std::int64_t const load = s.routing.load(static_cast<index_t>(e));
-      s.rows[e] = load < s.routing.capacity ? load : s.routing.capacity;
-    }
-    return s.rows;
+  /// The forward's header, at the start of the workspace.
+  static forward_header header_of(workspace ws) {
+    workspace_carver carver(ws);
+    return *carver.take<forward_header>(1);
+  }
+
+  /// Lays out the expert batch after routing, the one place that does: writes each expert's
+  /// segment (begin, rows) as the layout says and returns the batch's rows.
+  [[nodiscard]] index_t lay_out_expert_batch(host_state const& s, index_t capacity) const {
+    span<std::int64_t const> const load{s.routing.load.data_handle(), s.begin.size()};
+    return layout::offsets(host, Layout{}, layout_args_of(s.routing.tokens(), capacity), load,
+                           s.begin, s.rows);
+  }
+
+  /// The expert batch as the expert sees it.
+  static expert::row_segments segments_of(host_state const& s) noexcept {
+    return {s.begin, s.rows};
+  }
+
+  /// The row of each assignment (t, j) in the expert batch, the one place that says:
+  /// begin_e + slot(t, j) while the slot lies inside expert e's segment, dropped past it.
+  static layout::segment_rows row_map_of(host_state const& s) noexcept {
+    return {as_const(s.routing.expert), as_const(s.routing.slot), s.begin, s.rows};
   }
 
   template <class T>
@@ -331,8 +396,7 @@ class layer {
                                       matrix_view<T> dx, gradients<T> const& g,
                                       workspace ws) const {
     if (auto s = check_workspace(ws); !s) return s;
-    workspace_carver carver(ws);
-    forward_header const& h = *carve(carver, args_.tokens, max_capacity()).header;
+    forward_header const h = header_of(ws);
     if (h.magic != forward_header::forward_done)
       return status::failure("ws", "holds no forward call's state; call forward first");
     index_t const tokens = h.forward_tokens;

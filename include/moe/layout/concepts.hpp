@@ -16,6 +16,10 @@ struct dispatch_layout_tag {};
 /// 1. it is a stateless policy (std::semiregular) tagged `dispatch_layout_tag`;
 /// 2. `L::drops_tokens` says whether assignments beyond a capacity are dropped (true for
 ///    the capacity layout, false for a dropless one).
+/// Beside the policy, its header gives the expert batch's size math and host backend, by
+/// overloads on the tag that the layer calls: `rows_bound(L{}, layout_args)` bounds the
+/// rows, and `offsets(host, L{}, layout_args, load, begin, rows)` lays out each expert's
+/// segment of them; dispatch and combine are then the shared row map code (row_map.hpp).
 template <class L>
 concept dispatch_layout =
     std::semiregular<L> && gating::tagged_as<L, dispatch_layout_tag> && requires {

@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// What every dispatch layout shares: the row of each assignment (token t, choice j) in the
+// dispatched matrix. Expert e's assignments fill a segment of rows [begin_e, begin_e + rows_e)
+// in slot order (the priority order of gating::assign_slots), so
+//
+//   row(t, j) = begin_e + slot(t, j)   while slot(t, j) < rows_e;   no_row (dropped) past it.
+//
+// The capacity layout is begin_e = e·C with C rows per expert; the ragged layout is begin_e =
+// the exclusive scan of the padded loads with load_e rows per expert, so it drops nothing.
+// A layout is its row map: dispatch, combine and their backward below serve every layout.
+//
+// Host backend, in float64: dispatch is a gather into those rows (all other rows zero);
+// combine is a weighted reduction over each token's choices j = 0..k−1 in that order, so the
+// result does not depend on how the rows are laid out, and no atomics are needed on device.
+
+#include <moe/core/backend.hpp>
+#include <moe/core/config.hpp>
+#include <moe/core/dtype.hpp>
+#include <moe/core/view.hpp>
+#include <moe/gating/router.hpp>
+#include <moe/gating/top_k.hpp>
+
+#include <algorithm>
+#include <concepts>
+#include <cstdint>
+
+namespace moe::layout {
+
+/// The row of a dropped assignment: none.
+inline constexpr index_t no_row = -1;
+
+/// The row of the assignment at `slot` of an expert whose segment starts at `begin` and
+/// holds `rows` rows; `no_row` when the slot lies past the segment (the assignment is dropped).
+MOE_HOST_DEVICE constexpr index_t row_in_segment(index_t begin, index_t rows,
+                                                 index_t slot) noexcept {
+  return slot < rows ? begin + slot : no_row;
+}
+
+/// M models row_map if `m(t, j)` gives the row of assignment (t, j) in the dispatched matrix,
+/// or `no_row` when it is dropped. Distinct kept assignments have distinct rows.
+template <class M>
+concept row_map = std::copy_constructible<M> && requires(M const& m, index_t t, index_t j) {
+  { m(t, j) } -> std::convertible_to<index_t>;
+};
+
+/// The row map of an expert batch given by segments: (t, j) of expert e goes to
+/// row_in_segment(begin[e], rows[e], slot(t, j)).
+struct segment_rows {
+  matrix_view<std::int32_t const> expert;  // (tokens, k)  the expert of each assignment
+  matrix_view<std::int64_t const> slot;    // (tokens, k)  its position in the expert's queue
+  span<std::int64_t const> begin;          // (experts)    first row of each expert
+  span<std::int64_t const> rows;           // (experts)    rows each expert holds
+
+  MOE_HOST_DEVICE constexpr index_t operator()(index_t t, index_t j) const noexcept {
+    auto const e = static_cast<std::size_t>(expert(t, j));
+    return row_in_segment(begin[e], rows[e], slot(t, j));
+  }
+};
+static_assert(row_map<segment_rows>);
+
+/// Dispatch: dispatched[row(t, j), :] = x[t, :] for every kept (t, j); every other row zero.
+/// @param[in]  r          routing of the call (tokens and k)
+/// @param[in]  x          (tokens, hidden)  host memory
+/// @param[out] dispatched (rows, hidden)    host memory
+template <row_map Map, element T>
+void gather(host_backend, gating::host_routing const& r, Map const& row_of, matrix_view<T const> x,
+            matrix_view<double> dispatched) {
+  std::fill_n(dispatched.data_handle(), element_count(dispatched), 0.0);
+  index_t const hidden = x.extent(1);
+  for (index_t t = 0; t < r.tokens(); ++t)
+    for (index_t j = 0; j < r.k(); ++j)
+      if (index_t const row = row_of(t, j); row != no_row)
+        for (index_t h = 0; h < hidden; ++h) dispatched(row, h) = to_accumulate(x(t, h));
+}
+
+/// Combine: y[t, :] = Σ over kept choices j = 0..k−1, in order, of weight(t, j) ·
+/// expert_out[row(t, j), :]. A token whose every choice was dropped gets zero (the caller's
+/// residual carries it).
+/// @param[in]  expert_out (rows, hidden)    host memory
+/// @param[out] y          (tokens, hidden)  host memory
+template <row_map Map, element T>
+void combine(host_backend, gating::host_routing const& r, Map const& row_of,
+             matrix_view<double const> expert_out, matrix_view<T> y) {
+  index_t const hidden = y.extent(1), k = r.k();
+  index_t rows[gating::max_k];
+  for (index_t t = 0; t < r.tokens(); ++t) {
+    for (index_t j = 0; j < k; ++j) rows[j] = row_of(t, j);
+    for (index_t h = 0; h < hidden; ++h) {
+      double sum = 0;
+      for (index_t j = 0; j < k; ++j)
+        if (rows[j] != no_row) sum += r.weight(t, j) * expert_out(rows[j], h);
+      y(t, h) = from_accumulate<T>(static_cast<accumulate_t<T>>(sum));
+    }
+  }
+}
+
+/// Backward of combine: d_expert_out[row(t, j), :] = weight(t, j) · dy[t, :] for kept (t, j),
+/// zero in every other row; d_weight(t, j) = ⟨dy[t, :], expert_out[row(t, j), :]⟩, zero when
+/// dropped.
+/// @param[in]  dy           (tokens, hidden)  host memory
+/// @param[in]  expert_out   (rows, hidden)    host memory, the forward's
+/// @param[out] d_expert_out (rows, hidden)    host memory
+/// @param[out] d_weight     (tokens, k)       host memory
+template <row_map Map, element T>
+void combine_backward(host_backend, gating::host_routing const& r, Map const& row_of,
+                      matrix_view<T const> dy, matrix_view<double const> expert_out,
+                      matrix_view<double> d_expert_out, matrix_view<double> d_weight) {
+  std::fill_n(d_expert_out.data_handle(), element_count(d_expert_out), 0.0);
+  index_t const hidden = dy.extent(1);
+  for (index_t t = 0; t < r.tokens(); ++t)
+    for (index_t j = 0; j < r.k(); ++j) {
+      d_weight(t, j) = 0;
+      index_t const row = row_of(t, j);
+      if (row == no_row) continue;
+      double dot = 0;
+      for (index_t h = 0; h < hidden; ++h) {
+        double const g = to_accumulate(dy(t, h));
+        d_expert_out(row, h) = r.weight(t, j) * g;
+        dot += g * expert_out(row, h);
+      }
+      d_weight(t, j) = dot;
+    }
+}
+
+/// Backward of dispatch (the transpose of the gather): dx[t, :] = Σ over kept choices
+/// j = 0..k−1, in order, of d_dispatched[row(t, j), :].
+/// @param[in]  d_dispatched (rows, hidden)    host memory
+/// @param[out] dx           (tokens, hidden)  host memory, overwritten
+template <row_map Map>
+void gather_backward(host_backend, gating::host_routing const& r, Map const& row_of,
+                     matrix_view<double const> d_dispatched, matrix_view<double> dx) {
+  index_t const hidden = dx.extent(1), k = r.k();
+  index_t rows[gating::max_k];
+  for (index_t t = 0; t < r.tokens(); ++t) {
+    for (index_t j = 0; j < k; ++j) rows[j] = row_of(t, j);
+    for (index_t h = 0; h < hidden; ++h) {
+      double sum = 0;
+      for (index_t j = 0; j < k; ++j)
+        if (rows[j] != no_row) sum += d_dispatched(rows[j], h);
+      dx(t, h) = sum;
+    }
+  }
+}
+
+}  // namespace moe::layout
