@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 
 namespace moe::gating {
 
@@ -90,9 +91,13 @@ inline span<double const> row_of(matrix_view<double> m, index_t t) {
 /// @param[in]  x      (tokens, hidden)  host memory
 /// @param[in]  w_gate (hidden, experts) host memory
 /// @param[out] r      routing state, carved for x's T
-template <gate G, element T>
+/// @param reduce_max_load maps this call's largest per-expert load to the one dynamic
+///        capacity uses: the identity on one rank, the maximum over the ranks with several
+///        (Tutel all-reduces it). Called once, on every call.
+template <gate G, element T, class ReduceMaxLoad = std::identity>
 routing_summary route(host_backend, G const& gate, gate_args const& args, matrix_view<T const> x,
-                      matrix_view<T const> w_gate, host_routing& r) {
+                      matrix_view<T const> w_gate, host_routing& r,
+                      ReduceMaxLoad reduce_max_load = {}) {
   using Score = typename G::score_function;
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = w_gate.extent(1);
   int const k = gate.k(args);
@@ -111,7 +116,8 @@ routing_summary route(host_backend, G const& gate, gate_args const& args, matrix
   }
 
   assign_slots(typename G::priority{}, as_const(r.expert), r.slot, r.load);
-  index_t const max_load = *std::max_element(r.load.data_handle(), r.load.data_handle() + experts);
+  index_t const max_load = static_cast<index_t>(
+      reduce_max_load(*std::max_element(r.load.data_handle(), r.load.data_handle() + experts)));
   capacity_args const cap{.tokens = tokens,
                           .experts = experts,
                           .k = k,

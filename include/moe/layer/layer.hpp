@@ -13,6 +13,7 @@
 // Memory contract (DESIGN §3): `workspace_bytes()` then forward and backward in that
 // workspace; forward leaves in it what backward needs. Nothing is allocated inside.
 
+#include <moe/comm/communicator_ref.hpp>
 #include <moe/comm/concepts.hpp>
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
@@ -26,14 +27,17 @@
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/router.hpp>
 #include <moe/layer/concepts.hpp>
+#include <moe/layer/expert_parallel.hpp>
 #include <moe/layout/args.hpp>
 #include <moe/layout/capacity.hpp>
 #include <moe/layout/concepts.hpp>
 #include <moe/layout/ragged.hpp>
 #include <moe/layout/row_map.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -114,8 +118,23 @@ class layer {
   template <class T>
   using gradients = layer_params<T, Expert>;
 
-  /// Throws `moe::invalid_argument` when `can_implement(args)` fails.
-  explicit layer(layer_args const& args) : args_(args) { can_implement(args).throw_if_failed(); }
+  /// A layer on one rank. Throws `moe::invalid_argument` when `can_implement(args)` fails.
+  explicit layer(layer_args const& args) requires Collective::is_identity : args_(args) {
+    can_implement(args).throw_if_failed();
+  }
+
+  /// A layer whose experts are split over the ranks of `comm` (expert parallelism): rank w
+  /// holds experts [w·E/W, (w+1)·E/W), and its expert parameters are those E/W experts'.
+  /// Every rank builds its layer with the same arguments. `comm` is borrowed: it must
+  /// outlive the layer. Throws `moe::invalid_argument` when `can_implement(args)` fails or
+  /// E is not a multiple of the world size.
+  layer(layer_args const& args, comm::communicator_ref comm) requires(!Collective::is_identity)
+      : args_(args), comm_(comm), ranks_(comm.size()), rank_(comm.rank()) {
+    can_implement(args).throw_if_failed();
+    MOE_EXPECTS(comm.size() >= 1 && args.experts % comm.size() == 0, "experts",
+                std::to_string(args.experts) + " experts do not split evenly over " +
+                    std::to_string(comm.size()) + " ranks");
+  }
 
   /// Whether a layer can be built with these arguments, and if not, which argument is wrong.
   [[nodiscard]] static status can_implement(layer_args const& args) noexcept {
@@ -155,14 +174,19 @@ class layer {
 
   [[nodiscard]] layer_args const& args() const noexcept { return args_; }
   [[nodiscard]] int k() const noexcept { return Gate{}.k(gate_args_of(args_)); }
+  /// The experts on this rank: all E on one rank, E/W with expert parallelism.
   [[nodiscard]] expert::expert_shape expert_shape() const noexcept {
-    return {args_.experts, args_.hidden, args_.ffn};
+    return {args_.experts / ranks(), args_.hidden, args_.ffn};
   }
+  /// The world size the experts are split over (1 on one rank).
+  [[nodiscard]] int ranks() const noexcept { return ranks_; }
+  /// The first expert this rank holds.
+  [[nodiscard]] index_t first_expert() const noexcept { return rank_ * expert_shape().experts; }
 
   /// Bytes of host workspace that forward and backward need (host backend).
   [[nodiscard]] std::size_t workspace_bytes(host_backend) const {
     workspace_carver counter;
-    (void)carve(counter, args_.tokens, max_expert_rows());
+    (void)carve(counter, args_.tokens, max_local_rows(), max_expert_rows());
     return counter.bytes();
   }
 
@@ -193,22 +217,30 @@ class layer {
     can_implement(x, p, y, ws).throw_if_failed();
     index_t const tokens = x.extent(0);
     workspace_carver carver(ws);
-    auto state = carve(carver, tokens, max_expert_rows());
+    auto state = carve(carver, tokens, max_local_rows(), max_expert_rows());
+    check_tokens_agree(state, tokens);
     gating::routing_summary const summary =
-        gating::route(host, Gate{}, gate_args_of(args_), x, p.gate_weight, state.routing);
-    index_t const expert_rows = lay_out_expert_batch(state, summary.capacity);
+        gating::route(host, Gate{}, gate_args_of(args_), x, p.gate_weight, state.routing,
+                      [&](index_t load) { return max_over_ranks(state, load); });
+    index_t const local_rows = lay_out_local_batch(state, summary.capacity);
+    index_t const expert_rows = lay_out_expert_batch(state, summary.capacity, local_rows);
     workspace_carver resized(ws);
-    state = carve(resized, tokens, expert_rows);
+    state = carve(resized, tokens, local_rows, expert_rows);
     state.routing.capacity = summary.capacity;
 
     for (index_t t = 0; t < tokens; ++t)
       for (index_t h = 0; h < args_.hidden; ++h) state.x(t, h) = to_accumulate(x(t, h));
     auto const row_of = row_map_of(state);
-    layout::gather(host, state.routing, row_of, x, state.dispatched);
+    layout::gather(host, state.routing, row_of, x, state.local_in);
+    to_experts(state, as_const(state.local_in), state.dispatched);
     Expert::forward(host, expert_shape(), p.expert, segments_of(state), as_const(state.dispatched),
                     state.expert_out, state.expert);
-    layout::combine(host, state.routing, row_of, as_const(state.expert_out), y);
-    *state.header = {.forward_tokens = tokens, .expert_rows = expert_rows, .summary = summary};
+    to_ranks(state, as_const(state.expert_out), state.local_out);
+    layout::combine(host, state.routing, row_of, as_const(state.local_out), y);
+    *state.header = {.forward_tokens = tokens,
+                     .local_rows = local_rows,
+                     .expert_rows = expert_rows,
+                     .summary = summary};
   }
 
   /// Backward on the host, of the objective ⟨dy, y⟩ + the layer's losses: writes dx and
@@ -225,15 +257,17 @@ class layer {
     index_t const tokens = dy.extent(0);
     forward_header const header = header_of(ws);
     workspace_carver carver(ws);
-    auto state = carve(carver, tokens, header.expert_rows);
+    auto state = carve(carver, tokens, header.local_rows, header.expert_rows);
     state.routing.capacity = header.summary.capacity;
 
     auto const row_of = row_map_of(state);
-    layout::combine_backward(host, state.routing, row_of, dy, as_const(state.expert_out),
-                             state.d_expert_out, state.d_weight);
+    layout::combine_backward(host, state.routing, row_of, dy, as_const(state.local_out),
+                             state.local_d_out, state.d_weight);
+    to_experts(state, as_const(state.local_d_out), state.d_expert_out);
     Expert::backward(host, expert_shape(), p.expert, segments_of(state), as_const(state.dispatched),
                      as_const(state.d_expert_out), state.d_dispatched, g.expert, state.expert);
-    layout::gather_backward(host, state.routing, row_of, as_const(state.d_dispatched), state.dx);
+    to_ranks(state, as_const(state.d_dispatched), state.local_d_in);
+    layout::gather_backward(host, state.routing, row_of, as_const(state.local_d_in), state.dx);
     gating::route_backward(host, Gate{}, gate_args_of(args_), state.routing,
                            as_const(state.d_weight), as_const(state.x), p.gate_weight,
                            state.d_logits, state.dx, g.gate_weight);
@@ -248,7 +282,7 @@ class layer {
     forward_header const h = header_of(ws);
     MOE_EXPECTS(h.magic == forward_header::forward_done, "ws", "holds no forward call's state");
     workspace_carver carver(ws);
-    auto const state = carve(carver, h.forward_tokens, h.expert_rows);
+    auto const state = carve(carver, h.forward_tokens, h.local_rows, h.expert_rows);
     return {.tokens = h.forward_tokens,
             .capacity = h.summary.capacity,
             .expert_rows = h.expert_rows,
@@ -265,26 +299,39 @@ class layer {
     static constexpr std::uint64_t forward_done = 0x6d6f652d66776421;  // "moe-fwd!"
     std::uint64_t magic = forward_done;
     index_t forward_tokens = 0;
+    index_t local_rows = 0;   // rows of the local batch
     index_t expert_rows = 0;  // rows of the expert batch
     gating::routing_summary summary;
   };
 
-  /// The host backend's workspace, carved for `tokens` tokens and an expert batch of
-  /// `expert_rows` rows.
+  /// The host backend's workspace, carved for `tokens` tokens, a local batch of
+  /// `local_rows` rows and an expert batch of `expert_rows` rows. On one rank the two
+  /// batches are one (the local_* views alias the expert batch's).
   struct host_state {
     forward_header* header;
     matrix_view<double> x;  // (tokens, hidden)  the forward's input
     gating::host_routing routing;
-    span<std::int64_t> begin;        // (experts) the expert batch: first row of each expert
-    span<std::int64_t> rows;         // (experts) … and its rows
+    span<std::int64_t> local_begin;  // (experts) the local batch: first row of each expert
+    span<std::int64_t> local_rows;   // (experts) … and its rows
+    span<std::int64_t> begin;        // (local experts) the expert batch: first row of each
+    span<std::int64_t> rows;         // (local experts) … and its rows
     matrix_view<double> dispatched;  // (expert rows, hidden)
     matrix_view<double> expert_out;  // (expert rows, hidden)
     typename Expert::host_state expert;
     matrix_view<double> d_expert_out;  // (expert rows, hidden)
     matrix_view<double> d_dispatched;  // (expert rows, hidden)
+    matrix_view<double> local_in;      // (local rows, hidden)  dispatched, before the exchange
+    matrix_view<double> local_out;     // (local rows, hidden)  expert output, back home
+    matrix_view<double> local_d_out;   // (local rows, hidden)
+    matrix_view<double> local_d_in;    // (local rows, hidden)
     matrix_view<double> d_weight;      // (tokens, k)
     matrix_view<double> d_logits;      // (tokens, experts)
     matrix_view<double> dx;            // (tokens, hidden)
+    // Expert parallelism only:
+    span<std::byte> exchange;                  // scratch of the all-to-alls
+    detail::ragged_exchange::plan plan;        // rows sent and received per (rank, expert)
+    span<std::uint64_t> byte_counts;           // (2·ranks) all_to_allv's counts
+    span<std::int64_t> gathered, gather_send;  // (ranks) each an all-gather's
   };
 
   /// The gate's arguments. A dropless layout routes with dynamic capacity (f = 0, no
@@ -314,39 +361,87 @@ class layer {
   }
 
   /// What the layout's size math needs, for `tokens` tokens and capacity `capacity`.
-  [[nodiscard]] layout::layout_args layout_args_of(index_t tokens,
-                                                   index_t capacity) const noexcept {
+  [[nodiscard]] layout::layout_args layout_args_of(index_t tokens, index_t capacity,
+                                                   index_t row_alignment) const noexcept {
     return {.tokens = tokens,
             .experts = args_.experts,
             .k = k(),
             .capacity = capacity,
-            .row_alignment = args_.expert_row_alignment};
+            .row_alignment = row_alignment};
   }
 
-  /// The most rows an expert batch can have: what the workspace is sized for.
+  /// Padding belongs to the batch the experts compute on: with expert parallelism the local
+  /// batch travels unpadded and the expert batch is padded on arrival.
+  [[nodiscard]] index_t local_row_alignment() const noexcept {
+    return Collective::is_identity ? args_.expert_row_alignment : 1;
+  }
+
+  /// The most rows of a local batch: what the workspace is sized for.
+  [[nodiscard]] index_t max_local_rows() const noexcept {
+    return layout::rows_bound(Layout{},
+                              layout_args_of(args_.tokens, max_capacity(), local_row_alignment()));
+  }
+
+  /// The most rows of an expert batch. The capacity layout's is the local batch's size
+  /// (E_local · W·C = E·C); the ragged one receives at most min(k, E_local) rows per token
+  /// of every rank, plus padding.
   [[nodiscard]] index_t max_expert_rows() const noexcept {
-    return layout::rows_bound(Layout{}, layout_args_of(args_.tokens, max_capacity()));
+    if (Collective::is_identity || Layout::drops_tokens) return max_local_rows();
+    index_t const local_experts = expert_shape().experts;
+    index_t const per_token = std::min<index_t>(k(), local_experts);
+    return ranks() * args_.tokens * per_token + local_experts * (args_.expert_row_alignment - 1);
   }
 
-  host_state carve(workspace_carver& carver, index_t tokens, index_t expert_rows) const {
+  host_state carve(workspace_carver& carver, index_t tokens, index_t local_rows,
+                   index_t expert_rows) const {
     index_t const max_tokens = args_.tokens, max_rows = max_expert_rows();
-    index_t const e = args_.experts, h = args_.hidden;
+    index_t const e = args_.experts, h = args_.hidden, local_e = expert_shape().experts;
     int const k = this->k();
-    auto batch = [&] { return make_view(carver.take<double>(max_rows * h), expert_rows, h); };
+    auto batch = [&](index_t most, index_t rows) {
+      return make_view(carver.take<double>(most * h), rows, h);
+    };
+    auto integers = [&](index_t n) {
+      return span<std::int64_t>(carver.take<std::int64_t>(n), static_cast<std::size_t>(n));
+    };
     host_state s;
     s.header = carver.take<forward_header>(1);
     s.x = make_view(carver.take<double>(max_tokens * h), tokens, h);
     s.routing = gating::carve_host_routing(carver, max_tokens, tokens, e, k);
-    s.begin = {carver.take<std::int64_t>(e), static_cast<std::size_t>(e)};
-    s.rows = {carver.take<std::int64_t>(e), static_cast<std::size_t>(e)};
-    s.dispatched = batch();
-    s.expert_out = batch();
+    s.begin = integers(local_e);
+    s.rows = integers(local_e);
+    s.dispatched = batch(max_rows, expert_rows);
+    s.expert_out = batch(max_rows, expert_rows);
     s.expert = Expert::carve_host_state(carver, expert_shape(), max_rows, expert_rows);
-    s.d_expert_out = batch();
-    s.d_dispatched = batch();
+    s.d_expert_out = batch(max_rows, expert_rows);
+    s.d_dispatched = batch(max_rows, expert_rows);
     s.d_weight = make_view(carver.take<double>(max_tokens * k), tokens, k);
     s.d_logits = make_view(carver.take<double>(max_tokens * e), tokens, e);
     s.dx = make_view(carver.take<double>(max_tokens * h), tokens, h);
+    if constexpr (Collective::is_identity) {
+      s.local_begin = s.begin;
+      s.local_rows = s.rows;
+      s.local_in = s.dispatched;
+      s.local_out = s.expert_out;
+      s.local_d_out = s.d_expert_out;
+      s.local_d_in = s.d_dispatched;
+    } else {
+      index_t const max_local = max_local_rows(), w = ranks();
+      s.local_begin = integers(e);
+      s.local_rows = integers(e);
+      s.local_in = batch(max_local, local_rows);
+      s.local_out = batch(max_local, local_rows);
+      s.local_d_out = batch(max_local, local_rows);
+      s.local_d_in = batch(max_local, local_rows);
+      std::size_t const largest = static_cast<std::size_t>(std::max(max_local, max_rows) * h);
+      std::size_t const exchange =
+          largest * sizeof(double) +
+          Collective::scratch_bytes(largest * sizeof(double), comm_->topology());
+      s.exchange = {carver.take<std::byte>(exchange), exchange};
+      s.plan = {integers(w * local_e), integers(w * local_e)};
+      s.byte_counts = {carver.take<std::uint64_t>(2 * w), static_cast<std::size_t>(2 * w)};
+      s.gathered = integers(w);
+      s.gather_send = integers(w);
+    }
     return s;
   }
 
@@ -356,12 +451,83 @@ class layer {
     return *carver.take<forward_header>(1);
   }
 
-  /// Lays out the expert batch after routing, the one place that does: writes each expert's
-  /// segment (begin, rows) as the layout says and returns the batch's rows.
-  [[nodiscard]] index_t lay_out_expert_batch(host_state const& s, index_t capacity) const {
-    span<std::int64_t const> const load{s.routing.load.data_handle(), s.begin.size()};
-    return layout::offsets(host, Layout{}, layout_args_of(s.routing.tokens(), capacity), load,
-                           s.begin, s.rows);
+  /// With a capacity the all-to-all moves equal blocks, so every rank must route the same
+  /// number of tokens; all ranks see the same gathered counts and throw alike.
+  void check_tokens_agree(host_state const& s, index_t tokens) const {
+    if constexpr (!Collective::is_identity && Layout::drops_tokens) {
+      detail::all_gather(*comm_, tokens, s.gathered, s.gather_send);
+      for (std::size_t w = 0; w < s.gathered.size(); ++w)
+        MOE_EXPECTS(s.gathered[w] == tokens, "x",
+                    "has " + std::to_string(tokens) + " tokens on rank " +
+                        std::to_string(comm_->rank()) + " but " + std::to_string(s.gathered[w]) +
+                        " on rank " + std::to_string(w) +
+                        ": with the capacity layout every rank routes as many tokens");
+    }
+  }
+
+  /// The largest load over the ranks, for dynamic capacity (Tutel's all-reduce MAX).
+  index_t max_over_ranks(host_state const& s, index_t load) const {
+    if constexpr (Collective::is_identity) {
+      return load;
+    } else {
+      detail::all_gather(*comm_, load, s.gathered, s.gather_send);
+      return *std::max_element(s.gathered.begin(), s.gathered.end());
+    }
+  }
+
+  /// Lays out the local batch after routing, the one place that does: writes each
+  /// expert's segment (begin, rows) as the layout says and returns the batch's rows.
+  [[nodiscard]] index_t lay_out_local_batch(host_state const& s, index_t capacity) const {
+    span<std::int64_t const> const load{s.routing.load.data_handle(), s.local_begin.size()};
+    return layout::offsets(host, Layout{},
+                           layout_args_of(s.routing.tokens(), capacity, local_row_alignment()),
+                           load, s.local_begin, s.local_rows);
+  }
+
+  /// Lays out the expert batch: the local batch on one rank; with expert parallelism, the
+  /// capacity layout's [E_local, W·C] (every row computed, unclaimed ones zero) or the
+  /// ragged rows every rank sends, counted first.
+  [[nodiscard]] index_t lay_out_expert_batch(host_state const& s, index_t capacity,
+                                             index_t local_rows) const {
+    if constexpr (Collective::is_identity) {
+      return local_rows;
+    } else if constexpr (Layout::drops_tokens) {
+      index_t const per_expert = ranks() * capacity;
+      for (std::size_t e = 0; e < s.begin.size(); ++e) {
+        s.begin[e] = static_cast<index_t>(e) * per_expert;
+        s.rows[e] = per_expert;
+      }
+      return static_cast<index_t>(s.begin.size()) * per_expert;
+    } else {
+      return detail::ragged_exchange::exchange_counts(
+          *comm_, s.local_rows, args_.expert_row_alignment, s.plan, s.begin, s.rows);
+    }
+  }
+
+  /// Moves local-batch rows to the ranks that own their experts (no-op on one rank).
+  void to_experts(host_state const& s, matrix_view<double const> local,
+                  matrix_view<double> expert) const {
+    if constexpr (!Collective::is_identity) {
+      if constexpr (Layout::drops_tokens)
+        detail::capacity_exchange<Collective>::to_experts(*comm_, s.routing.capacity, local, expert,
+                                                          s.exchange);
+      else
+        detail::ragged_exchange::to_experts(*comm_, s.plan, s.begin, local, expert, s.exchange,
+                                            s.byte_counts);
+    }
+  }
+
+  /// The way back: expert-batch rows to the ranks their tokens live on.
+  void to_ranks(host_state const& s, matrix_view<double const> expert,
+                matrix_view<double> local) const {
+    if constexpr (!Collective::is_identity) {
+      if constexpr (Layout::drops_tokens)
+        detail::capacity_exchange<Collective>::to_ranks(*comm_, s.routing.capacity, expert, local,
+                                                        s.exchange);
+      else
+        detail::ragged_exchange::to_ranks(*comm_, s.plan, s.begin, expert, local, s.exchange,
+                                          s.byte_counts);
+    }
   }
 
   /// The expert batch as the expert sees it.
@@ -369,10 +535,10 @@ class layer {
     return {s.begin, s.rows};
   }
 
-  /// The row of each assignment (t, j) in the expert batch, the one place that says:
+  /// The row of each assignment (t, j) in the local batch, the one place that says:
   /// begin_e + slot(t, j) while the slot lies inside expert e's segment, dropped past it.
   static layout::segment_rows row_map_of(host_state const& s) noexcept {
-    return {as_const(s.routing.expert), as_const(s.routing.slot), s.begin, s.rows};
+    return {as_const(s.routing.expert), as_const(s.routing.slot), s.local_begin, s.local_rows};
   }
 
   template <class T>
@@ -407,6 +573,8 @@ class layer {
   }
 
   layer_args args_;
+  std::optional<comm::communicator_ref> comm_;  // borrowed; empty on one rank
+  int ranks_ = 1, rank_ = 0;
 };
 
 }  // namespace moe

@@ -1,0 +1,203 @@
+// SPDX-License-Identifier: Apache-2.0
+// Expert parallelism on the host backend: a layer whose E experts are split over the W
+// ranks of a simulated world gives the single-rank layer's results on the same global
+// batch. Outputs and dx are bit-identical (every row is computed by the same expert with
+// the same weights, and combine sums a token's choices in the same order). Parameter
+// gradients are sums over rows whose order differs between the layouts when k > 1 (and the
+// gate's is a sum of per-rank partial sums), so they agree to rounding there and exactly
+// when k = 1.
+
+#include "../support/ffn_layer.hpp"
+#include "../support/random.hpp"
+
+#include <moe/moe.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace moe;
+using comm::simulated_world;
+using comm::topology;
+using expert_t = expert::ffn<act::gelu>;
+
+double max_relative_error(std::vector<double> const& got, std::vector<double> const& want) {
+  double worst = 0, scale = 0;
+  for (double v : want) scale = std::max(scale, std::abs(v));
+  for (std::size_t i = 0; i < got.size(); ++i)
+    worst = std::max(worst, std::abs(got[i] - want[i]) / std::max(scale, 1e-300));
+  return worst;
+}
+
+/// Runs the W-rank layer and the single-rank layer on the same global batch and compares.
+template <int K, class Layout, class Collective>
+void check_against_single_rank(topology t, layer_args args, std::uint64_t seed) {
+  CAPTURE(t.ranks_per_node);
+  CAPTURE(t.nodes);
+  int const w = t.size();
+  index_t const tokens = args.tokens, global_tokens = tokens * w, h = args.hidden;
+  index_t const e = args.experts, local_e = e / w, f = args.ffn;
+  std::mt19937_64 rng(seed);
+
+  layer_args global_args = args;
+  global_args.tokens = global_tokens;
+  test::ffn_layer_storage<double> params(global_args, true), grads(global_args, true);
+  params.randomize(rng, 0.5);
+  test::host_tensor<double> x(global_tokens * h), dy(global_tokens * h);
+  x.randomize(rng);
+  dy.randomize(rng);
+
+  // The reference: one rank, all experts, all tokens.
+  using single_t = moe::layer<gating::top_k<K>, Layout, comm::single_rank, expert_t>;
+  single_t single(global_args);
+  std::vector<std::byte> ws(single.workspace_bytes(host));
+  test::host_tensor<double> y_ref(global_tokens * h), dx_ref(global_tokens * h);
+  single.forward(host, x.cview(global_tokens, h), params.params<expert_t>(),
+                 y_ref.view(global_tokens, h), ws);
+  single.backward(host, dy.cview(global_tokens, h), params.params<expert_t>(),
+                  dx_ref.view(global_tokens, h), grads.gradients<expert_t>(), ws);
+  CHECK(single.stats(host, ws).dropped == 0);
+
+  // W ranks: rank r routes tokens [r·T, (r+1)·T) and holds experts [r·E_l, (r+1)·E_l).
+  test::host_tensor<double> y(global_tokens * h), dx(global_tokens * h);
+  test::ffn_layer_storage<double> ep_grads(global_args, true);
+  std::vector<test::host_tensor<double>> gate_grads(w, test::host_tensor<double>(h * e));
+  y.poison();
+  dx.poison();
+  for (auto* g : ep_grads.all()) g->poison();
+  std::vector<index_t> capacity(w), largest_load(w);
+  using parallel_t = moe::layer<gating::top_k<K>, Layout, Collective, expert_t>;
+  simulated_world world(t);
+  world.run([&](simulated_world::rank_communicator& comm) {
+    int const r = comm.rank();
+    parallel_t layer(args, comm);
+    REQUIRE(layer.expert_shape().experts == local_e);
+    REQUIRE(layer.first_expert() == r * local_e);
+    auto slice = [&](auto& tensor, index_t per_expert) {
+      return tensor.data.data() + r * local_e * per_expert;
+    };
+    auto bank = [&](auto& s, auto* gate) {
+      using U = std::remove_pointer_t<decltype(gate)>;
+      return layer_params<U, expert_t>{
+          make_view(gate, h, e),
+          {make_view(static_cast<U*>(slice(s.w1, h * f)), local_e, h, f),
+           make_view(static_cast<U*>(slice(s.b1, f)), local_e, f),
+           make_view(static_cast<U*>(slice(s.w2, f * h)), local_e, f, h),
+           make_view(static_cast<U*>(slice(s.b2, h)), local_e, h)}};
+    };
+    auto const p = bank(params, static_cast<double const*>(params.gate_weight.data.data()));
+    auto const g = bank(ep_grads, gate_grads[static_cast<std::size_t>(r)].data.data());
+    std::vector<std::byte> rank_ws(layer.workspace_bytes(host));
+    auto rows = [&](auto& tensor) { return tensor.data.data() + r * tokens * h; };
+    layer.forward(host, make_view(static_cast<double const*>(rows(x)), tokens, h), p,
+                  make_view(rows(y), tokens, h), rank_ws);
+    layer.backward(host, make_view(static_cast<double const*>(rows(dy)), tokens, h), p,
+                   make_view(rows(dx), tokens, h), g, rank_ws);
+    auto const s = layer.stats(host, rank_ws);
+    CHECK(s.dropped == 0);
+    capacity[static_cast<std::size_t>(r)] = s.capacity;
+    largest_load[static_cast<std::size_t>(r)] = *std::max_element(s.load.begin(), s.load.end());
+  });
+
+  CHECK(y.data == y_ref.data);
+  CHECK(dx.data == dx_ref.data);
+  double const tolerance = K == 1 ? 0 : 1e-12;
+  for (std::size_t i = 1; i < 5; ++i) {  // w1, b1, w2, b2
+    CAPTURE(i);
+    CHECK(max_relative_error(ep_grads.all()[i]->data, grads.all()[i]->data) <= tolerance);
+  }
+  std::vector<double> gate_sum(static_cast<std::size_t>(h * e), 0.0);
+  for (auto const& gg : gate_grads)
+    for (std::size_t i = 0; i < gate_sum.size(); ++i) gate_sum[i] += gg.data[i];
+  CHECK(max_relative_error(gate_sum, grads.gate_weight.data) <= 1e-12);
+  if constexpr (Layout::drops_tokens) {
+    // Dynamic capacity is the largest load over all ranks, the same on every rank.
+    index_t const expected = *std::max_element(largest_load.begin(), largest_load.end());
+    for (index_t c : capacity) CHECK(c == expected);
+  }
+}
+
+layer_args small_args(index_t experts) {
+  return {.tokens = 6,
+          .hidden = 5,
+          .ffn = 7,
+          .experts = experts,
+          .capacity_factor = 0.0f,  // dynamic: nothing dropped, on one rank or many
+          .normalize = gating::renormalize::before_drops};
+}
+
+}  // namespace
+
+TEST_CASE("expert parallelism: the capacity layout over W ranks equals one rank") {
+  std::uint64_t const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  for (topology const t : {topology{1, 1}, topology{2, 1}, topology{1, 2}, topology{2, 2},
+                           topology{4, 1}, topology{1, 4}, topology{4, 2}}) {
+    check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(t, small_args(8), seed);
+    check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(t, small_args(8), seed);
+    check_against_single_rank<1, layout::capacity, comm::all_to_all_2dh>(t, small_args(8), seed);
+  }
+}
+
+TEST_CASE("expert parallelism: the ragged layout over W ranks equals one rank") {
+  std::uint64_t const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  for (topology const t : {topology{1, 1}, topology{2, 1}, topology{2, 2}, topology{4, 2}}) {
+    check_against_single_rank<2, layout::ragged, comm::linear_all_to_all>(t, small_args(8), seed);
+    check_against_single_rank<1, layout::ragged, comm::linear_all_to_all>(t, small_args(8), seed);
+    layer_args padded = small_args(8);
+    padded.expert_row_alignment = 4;
+    check_against_single_rank<3, layout::ragged, comm::linear_all_to_all>(t, padded, seed);
+  }
+}
+
+TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
+  using parallel_t =
+      moe::layer<gating::top_k<2>, layout::capacity, comm::linear_all_to_all, expert_t>;
+  simulated_world world({.ranks_per_node = 3, .nodes = 1});
+  CHECK_THROWS_WITH_AS(world.run([](simulated_world::rank_communicator& comm) {
+    parallel_t layer(small_args(8), comm);  // 8 experts over 3 ranks
+  }),
+                       doctest::Contains("do not split evenly over 3 ranks"),
+                       moe::invalid_argument);
+
+  // With a capacity, every rank must route as many tokens.
+  simulated_world two({.ranks_per_node = 2, .nodes = 1});
+  layer_args const args = small_args(4);
+  test::ffn_layer_storage<float> params(args, false);
+  std::mt19937_64 rng(1);
+  params.randomize(rng, 0.5);
+  std::vector<int> rejected(2, 0);
+  CHECK_THROWS_AS(two.run([&](simulated_world::rank_communicator& comm) {
+    parallel_t layer(args, comm);
+    test::host_tensor<float> x(args.tokens * args.hidden), y(args.tokens * args.hidden);
+    x.randomize(rng);
+    index_t const tokens = comm.rank() == 0 ? args.tokens : args.tokens - 1;
+    auto p = layer_params<float const, expert_t>{
+        make_view(static_cast<float const*>(params.gate_weight.data.data()), args.hidden, 4),
+        {make_view(static_cast<float const*>(params.w1.data.data()) +
+                       comm.rank() * 2 * args.hidden * args.ffn,
+                   2, args.hidden, args.ffn),
+         {},
+         make_view(static_cast<float const*>(params.w2.data.data()) +
+                       comm.rank() * 2 * args.ffn * args.hidden,
+                   2, args.ffn, args.hidden),
+         {}}};
+    std::vector<std::byte> ws(layer.workspace_bytes(host));
+    try {
+      layer.forward(host, x.cview(tokens, args.hidden), p, y.view(tokens, args.hidden), ws);
+    } catch (moe::invalid_argument const& e) {
+      rejected[static_cast<std::size_t>(comm.rank())] =
+          std::string(e.what()).find("every rank routes as many tokens") != std::string::npos;
+      throw;
+    }
+  }),
+                  moe::invalid_argument);
+  CHECK(rejected == std::vector<int>{1, 1});
+}
