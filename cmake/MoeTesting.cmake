@@ -8,7 +8,8 @@
 #   moe_add_compile_fail_test(<file>)
 #   moe_add_header_check()        # "every public header compiles on its own"
 #   moe_add_format_test()         # clang-format --dry-run --Werror over our sources
-#   moe_add_consumer_test()       # install, then find_package(moe) from a fresh project
+#   moe_add_consumer_test()       # find_package, FetchContent, vcpkg and Conan consumers
+#   moe_add_readme_test()         # README.md shows the marked regions the consumers build
 #   moe_target_defaults(<target>) # warnings, shared CUDA runtime (examples and bench use it)
 #
 # ctest labels: `cpu` runs anywhere, `gpu` is skipped (not passed) without a CUDA device,
@@ -285,19 +286,53 @@ function(moe_add_format_test)
     SKIP_REGULAR_EXPRESSION "moe-format: skipped")
 endfunction()
 
+# One consumer test: <cmake> runs consumer-test.cmake's build_and_run step on <project>, in
+# <build_root>/<name>, after the fixture <fixture>; ARGN adds -D arguments for the script.
+function(_moe_add_consumer_build name cmake project fixture cache build_root)
+  add_test(NAME ${name}
+    COMMAND "${cmake}" -DSTEP=build_and_run "-DCONFIG=$<CONFIG>"
+      "-DSOURCE_DIR=${project}" "-DCONSUMER_BUILD=${build_root}/${name}" "-DCACHE=${cache}"
+      "-DGENERATOR=${CMAKE_GENERATOR}" ${ARGN}
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
+  set_tests_properties(${name} PROPERTIES LABELS cpu FIXTURES_REQUIRED ${fixture})
+endfunction()
+
 #[[ moe_add_consumer_test()
 
-Proves the installed package works for a stranger: consumer.install (a FIXTURES_SETUP
-test) installs this build into <build>/tests/consumer-prefix; consumer.find_package then
-configures tests/consumer/ from scratch against it with the same generator and compilers,
-builds it and runs its programs (which need no GPU). Label cpu.]]
+Proves, by building, each way a stranger consumes moe. Every consumer test configures a
+project under tests/consumer/ from scratch, with this build's generator and compilers, builds
+it and runs its programs, which need no GPU. Label cpu.
+
+  consumer.install                    `cmake --install` of this build (a fixture)
+  consumer.find_package               tests/consumer/: find_package(moe CONFIG REQUIRED)
+  consumer.find_package.without_nccl  the same with NCCL unfindable: moe::moe needs none, and
+                                      the nccl component fails cleanly
+  consumer.source_archive             this source tree packed as a release archive (fixture)
+  consumer.fetch_content              tests/consumer/fetch_content/: FetchContent of the
+                                      archive; moe adds no tests and no install rules
+  consumer.vcpkg_port                 ports/moe/portfile.cmake replayed with plain CMake
+                                      (cmake/scripts/vcpkg-replay.cmake), with the nccl
+                                      feature when this build found NCCL (fixture)
+  consumer.vcpkg                      tests/consumer/ against the tree vcpkg would install
+  consumer.conan_create               conan create (conanfile.py, test_package/) and conan
+                                      install tests/consumer, offline, in a fresh CONAN_HOME
+  consumer.conan                      tests/consumer/ with the toolchain file Conan wrote
+  consumer.<name>.cmake-<version>     find_package and fetch_content with MOE_CONSUMER_CMAKE
+
+Two cache variables, empty by default, add tests; scripts/test.sh installs pinned versions
+from PyPI into a virtual environment and sets both. MOE_CONSUMER_CMAKE is a second CMake,
+newer than the minimum: it repeats the find_package and FetchContent consumers and runs the
+vcpkg replay (vcpkg brings a recent CMake of its own) and Conan. MOE_CONAN is the conan
+program; its tests need CMake 3.25.2 or newer when CUDA is on, because on 3.25.0/3.25.1 the
+C++20 standard that Conan's toolchain file sets breaks CUDA's compiler checks in project(),
+before any package could help.]]
 function(moe_add_consumer_test)
-  if(NOT MOE_INSTALL)
-    message(STATUS "moe: consumer test off because MOE_INSTALL is off")
-    return()
-  endif()
-  set(prefix "${CMAKE_CURRENT_BINARY_DIR}/consumer-prefix")
-  set(consumer_build "${CMAKE_CURRENT_BINARY_DIR}/consumer-build")
+  set(MOE_CONSUMER_CMAKE "" CACHE FILEPATH
+    "A second (newer) CMake that the consumer tests also run with; empty for none")
+  set(MOE_CONAN "" CACHE FILEPATH "Conan 2, for the consumer.conan tests; empty for none")
+  set(dir "${CMAKE_CURRENT_BINARY_DIR}/consumers")
+  set(consumer_source "${PROJECT_SOURCE_DIR}/tests/consumer")
+  set(script "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
 
   # What the consumer's configure needs to know about this build (the same compilers, so
   # that the test checks the package and not a different toolchain), as an initial-cache
@@ -328,18 +363,109 @@ function(moe_add_consumer_test)
   endif()
   _moe_write_if_changed("${cache}" "${content}")
 
-  add_test(NAME consumer.install
-    COMMAND "${CMAKE_COMMAND}" -DSTEP=install "-DCONFIG=$<CONFIG>"
-      "-DBUILD_DIR=${PROJECT_BINARY_DIR}" "-DPREFIX=${prefix}"
-      -P "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
-  add_test(NAME consumer.find_package
-    COMMAND "${CMAKE_COMMAND}" -DSTEP=build_and_run "-DCONFIG=$<CONFIG>"
-      "-DPREFIX=${prefix}" "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}/tests/consumer"
-      "-DCONSUMER_BUILD=${consumer_build}" "-DCACHE=${cache}"
-      "-DGENERATOR=${CMAKE_GENERATOR}"
-      -P "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
-  set_tests_properties(consumer.install PROPERTIES
-    LABELS cpu FIXTURES_SETUP moe_consumer_prefix)
-  set_tests_properties(consumer.find_package PROPERTIES
-    LABELS cpu FIXTURES_REQUIRED moe_consumer_prefix)
+  # The CMakes to run the consumers with: this one, and MOE_CONSUMER_CMAKE as <suffix>.
+  set(cmakes "${CMAKE_COMMAND}")
+  set(suffixes "")
+  set(newest_cmake "${CMAKE_COMMAND}")
+  set(newest_version "${CMAKE_VERSION}")
+  if(MOE_CONSUMER_CMAKE)
+    execute_process(COMMAND "${MOE_CONSUMER_CMAKE}" --version
+      RESULT_VARIABLE result OUTPUT_VARIABLE output ERROR_QUIET)
+    if(NOT result EQUAL 0 OR NOT output MATCHES "cmake version ([0-9][0-9.]*)")
+      message(FATAL_ERROR "MOE_CONSUMER_CMAKE=${MOE_CONSUMER_CMAKE} is not a working CMake")
+    endif()
+    list(APPEND cmakes "${MOE_CONSUMER_CMAKE}")
+    list(APPEND suffixes ".cmake-${CMAKE_MATCH_1}")
+    if(CMAKE_MATCH_1 VERSION_GREATER CMAKE_VERSION)
+      set(newest_cmake "${MOE_CONSUMER_CMAKE}")
+      set(newest_version "${CMAKE_MATCH_1}")
+    endif()
+  endif()
+  set(suffixes "" ${suffixes})  # this CMake's tests have no suffix
+
+  # --- cmake --install of this build, then find_package ---
+  if(MOE_INSTALL)
+    set(prefix "${dir}/install-prefix")
+    add_test(NAME consumer.install
+      COMMAND "${CMAKE_COMMAND}" -DSTEP=install "-DCONFIG=$<CONFIG>"
+        "-DBUILD_DIR=${PROJECT_BINARY_DIR}" "-DPREFIX=${prefix}" -P "${script}")
+    set_tests_properties(consumer.install PROPERTIES
+      LABELS cpu FIXTURES_SETUP moe_consumer_prefix)
+    foreach(cmake suffix IN ZIP_LISTS cmakes suffixes)
+      _moe_add_consumer_build(consumer.find_package${suffix} "${cmake}" "${consumer_source}"
+        moe_consumer_prefix "${cache}" "${dir}" "-DPREFIX=${prefix}")
+    endforeach()
+    _moe_add_consumer_build(consumer.find_package.without_nccl "${CMAKE_COMMAND}"
+      "${consumer_source}" moe_consumer_prefix "${cache}" "${dir}" "-DPREFIX=${prefix}"
+      -DHIDE_NCCL=ON)
+  else()
+    message(STATUS "moe: consumer.install and consumer.find_package* off: MOE_INSTALL is off")
+  endif()
+
+  # --- FetchContent of a source archive ---
+  set(archive "${dir}/moe-${PROJECT_VERSION}.tar.gz")
+  add_test(NAME consumer.source_archive
+    COMMAND "${CMAKE_COMMAND}" -DSTEP=archive "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}"
+      "-DARCHIVE=${archive}" "-DVERSION=${PROJECT_VERSION}" -P "${script}")
+  set_tests_properties(consumer.source_archive PROPERTIES
+    LABELS cpu FIXTURES_SETUP moe_source_archive)
+  foreach(cmake suffix IN ZIP_LISTS cmakes suffixes)
+    _moe_add_consumer_build(consumer.fetch_content${suffix} "${cmake}"
+      "${consumer_source}/fetch_content" moe_source_archive "${cache}" "${dir}"
+      "-DARCHIVE=${archive}" -DEXPECT_NOTHING_INSTALLED=ON)
+  endforeach()
+
+  # --- vcpkg: the port replayed, then find_package against vcpkg's installed tree ---
+  if(CMAKE_HOST_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
+    set(triplet x64-linux)
+  else()
+    set(triplet arm64-linux)
+  endif()
+  set(features "")
+  if(TARGET moe::nccl)
+    set(features nccl)
+  endif()
+  add_test(NAME consumer.vcpkg_port
+    COMMAND "${newest_cmake}" "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}" "-DWORK_DIR=${dir}/vcpkg"
+      "-DTRIPLET=${triplet}" "-DPROJECT_VERSION=${PROJECT_VERSION}"
+      "-DGENERATOR=${CMAKE_GENERATOR}" "-DCACHE=${cache}" "-DFEATURES=${features}"
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/vcpkg-replay.cmake")
+  set_tests_properties(consumer.vcpkg_port PROPERTIES
+    LABELS cpu FIXTURES_SETUP moe_vcpkg_installed)
+  _moe_add_consumer_build(consumer.vcpkg "${CMAKE_COMMAND}" "${consumer_source}"
+    moe_vcpkg_installed "${cache}" "${dir}" "-DPREFIX=${dir}/vcpkg/installed/${triplet}")
+
+  # --- Conan: conan create, then the consumer through conanfile.txt ---
+  if(MOE_CONAN AND NOT CMAKE_CUDA_COMPILER_LOADED)
+    message(STATUS "moe: Conan tests off: test_package/ needs a CUDA compiler")
+  elseif(MOE_CONAN AND newest_version VERSION_LESS 3.25.2)
+    message(STATUS "moe: Conan tests off: they need CMake 3.25.2 or newer "
+      "(set MOE_CONSUMER_CMAKE to one)")
+  elseif(MOE_CONAN)
+    add_test(NAME consumer.conan_create
+      COMMAND "${CMAKE_COMMAND}" "-DCONAN=${MOE_CONAN}" "-DCONAN_HOME=${dir}/conan-home"
+        "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}" "-DWORK_DIR=${dir}/conan"
+        "-DCMAKE_PROGRAM=${newest_cmake}" "-DGENERATOR=${CMAKE_GENERATOR}"
+        "-DCUDA_COMPILER=${CMAKE_CUDA_COMPILER}" "-DCUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}"
+        -P "${MOE_CMAKE_SCRIPTS_DIR}/conan-test.cmake")
+    set_tests_properties(consumer.conan_create PROPERTIES
+      LABELS cpu FIXTURES_SETUP moe_conan_package)
+    _moe_add_consumer_build(consumer.conan "${newest_cmake}" "${consumer_source}"
+      moe_conan_package "${cache}" "${dir}"
+      "-DTOOLCHAIN=${dir}/conan/consumer/conan_toolchain.cmake")
+  endif()
+endfunction()
+
+#[[ moe_add_readme_test()
+
+ctest `readme.snippets` (label cpu): every region of the source tree between a line
+`// example-begin <name>` (`#` in CMake, Python and Conan files) and `// example-end` must
+appear verbatim in README.md (cmake/scripts/readme-snippets.cmake). The consumer tests build
+those regions, so the README shows code that CI builds.]]
+function(moe_add_readme_test)
+  find_program(MOE_GIT NAMES git DOC "git used by the `format` test to list tracked files")
+  add_test(NAME readme.snippets
+    COMMAND "${CMAKE_COMMAND}" "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}" "-DGIT=${MOE_GIT}"
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/readme-snippets.cmake")
+  set_tests_properties(readme.snippets PROPERTIES LABELS cpu)
 endfunction()

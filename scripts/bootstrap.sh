@@ -6,7 +6,8 @@
 # is not a Debian package here: it is checked, not installed.
 set -euo pipefail
 
-packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format)
+# python3-venv: scripts/packaging_tools.sh puts Conan and a newer CMake in a virtual environment.
+packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format python3-venv)
 
 if ! command -v dpkg >/dev/null 2>&1; then
   echo "bootstrap: not a Debian system; make sure these are installed: ${packages[*]}" >&2

@@ -3,10 +3,22 @@
 #
 # The whole check, from a fresh clone: dependencies, configure (preset `ci`, build-ci/),
 # build everything, run every test. gpu tests are skipped without a GPU (ctest says so).
+#
+# The packaging tests also need Conan and a second, newer CMake: pinned versions come from
+# PyPI into build-ci/tools. MOE_SKIP_PACKAGING_TOOLS=1 (for a machine without PyPI) leaves
+# them out, and with them the consumer.conan* and consumer.*.cmake-<version> tests.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/bootstrap.sh
-cmake --preset ci
+
+tools=$PWD/build-ci/tools
+tool_settings=(-DMOE_CONAN= -DMOE_CONSUMER_CMAKE=)
+if [[ ${MOE_SKIP_PACKAGING_TOOLS:-0} != 1 ]]; then
+  bash scripts/packaging_tools.sh "$tools"
+  tool_settings=(-DMOE_CONAN="$tools/bin/conan" -DMOE_CONSUMER_CMAKE="$tools/bin/cmake")
+fi
+
+cmake --preset ci "${tool_settings[@]}"
 cmake --build --preset ci --parallel "$(nproc)"
 ctest --preset ci

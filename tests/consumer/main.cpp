@@ -1,25 +1,30 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// The consumer test's program: it compiles against the installed headers and needs no GPU.
-#include <moe/core/config.hpp>
+// The consumer test's program: it includes every public host header from the installed tree,
+// composes the README's layer and checks its arguments. It needs no GPU.
+#include <moe/moe.hpp>
 #include <moe/version.hpp>
 
 #include <cstdio>
 #include <cstring>
 
-#ifdef MOE_CONSUMER_CUDA
-// Defined in kernel.cu: the __cplusplus that nvcc saw there.
-long moe_consumer_cuda_cplusplus();
-#endif
+// Defined in kernel.cu: the __cplusplus that nvcc (or, without nvcc, g++) saw there.
+long moe_consumer_kernel_cplusplus();
 
 int main() {
   static_assert(moe::version_major == MOE_VERSION_MAJOR);
   std::printf("moe %s (host C++ %ld)\n", moe::version_string, static_cast<long>(__cplusplus));
   if (std::strlen(MOE_VERSION) == 0) return 1;
-#ifdef MOE_CONSUMER_CUDA
-  long const cuda_cplusplus = moe_consumer_cuda_cplusplus();
-  std::printf("nvcc C++ %ld\n", cuda_cplusplus);
-  if (cuda_cplusplus < 202002L) return 1;
-#endif
-  return 0;
+
+  using layer_t = moe::layer<moe::gating::top_k<2>, moe::layout::capacity, moe::comm::single_rank,
+                             moe::expert::ffn<moe::act::gelu>>;
+  moe::layer_args const args{.tokens = 16, .hidden = 8, .ffn = 16, .experts = 4};
+  if (auto const s = layer_t::can_implement(args); !s) {
+    std::printf("can_implement: %s\n", s.message().c_str());
+    return 1;
+  }
+
+  long const kernel_cplusplus = moe_consumer_kernel_cplusplus();
+  std::printf("kernel.cu C++ %ld\n", kernel_cplusplus);
+  return kernel_cplusplus >= 202002L ? 0 : 1;
 }

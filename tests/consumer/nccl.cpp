@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// The consumer test's NCCL program: moe::nccl brings nccl.h and libnccl. ncclGetVersion
-// needs no GPU.
-#include <moe/core/config.hpp>
+// The consumer test's NCCL program: moe::nccl brings nccl.h and libnccl, enough for moe's
+// NCCL communicator. ncclGetVersion needs no GPU.
+#include <moe/comm/nccl_communicator.hpp>
 #include <moe/version.hpp>
 
 #include <nccl.h>
