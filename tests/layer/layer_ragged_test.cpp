@@ -4,6 +4,7 @@
 // it gives zero gradients to experts that received no token, and it checks its new knob,
 // expert_row_alignment.
 
+#include "../support/expect.hpp"
 #include "../support/ffn_layer.hpp"
 
 #include <doctest/doctest.h>
@@ -118,16 +119,7 @@ void favour(layer_args const& a, inputs& in, std::vector<index_t> const& favoure
     w[favoured[i]] = 2.0 - 0.5 * static_cast<double>(i);
 }
 
-template <class Call>
-void expect_rejected(Call&& call, std::string const& argument) {
-  try {
-    call();
-    FAIL("no exception; expected one naming '" << argument << "'");
-  } catch (moe::invalid_argument const& e) {
-    INFO(e.what());
-    CHECK(e.argument() == argument);
-  }
-}
+using moe::test::expect_rejected;
 
 }  // namespace
 

@@ -3,6 +3,7 @@
 // the destinations each algorithm's definition gives every rank, degenerate shapes, the
 // single crossover, calibration, and bad input naming the argument.
 
+#include "../support/expect.hpp"
 #include "../support/random.hpp"
 
 #include <doctest/doctest.h>
@@ -26,17 +27,7 @@ namespace {
 constexpr auto linear = all_to_all_algorithm::linear;
 constexpr auto two_dim = all_to_all_algorithm::two_dimensional_hierarchical;
 
-/// Expects `call` to throw invalid_argument naming `argument`.
-template <class Call>
-void expect_rejected(Call&& call, std::string const& argument) {
-  try {
-    call();
-    FAIL("no exception; expected one naming '" << argument << "'");
-  } catch (moe::invalid_argument const& e) {
-    INFO(e.what());
-    CHECK(e.argument() == argument);
-  }
-}
+using moe::test::expect_rejected;
 
 /// Round constants, so that the predictions below can be done by hand.
 constexpr tune::cost_model round_model{.nvlink = {.alpha = 1e-6, .beta = 1e9},
