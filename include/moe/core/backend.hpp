@@ -5,6 +5,7 @@
 
 #include <moe/core/config.hpp>
 
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 namespace moe {
@@ -17,8 +18,11 @@ inline constexpr host_backend host{};
 
 /// The CUDA backend: work is enqueued on `stream` (the caller's) over device memory.
 /// Nothing synchronises the device unless the entry point's documentation says why.
+/// `blas` is a borrowed cuBLAS handle for the entry points that run GEMMs (they say so);
+/// they set its stream to `stream` before each call.
 struct cuda_backend {
   cudaStream_t stream;
+  cublasHandle_t blas = nullptr;
 };
 
 }  // namespace moe

@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// The routing state of one call on the CUDA backend, in device memory: what the router
+// writes (gating/kernels/router.cuh), what slot assignment adds (gating/kernels/slots.cuh),
+// and what the layouts read (layout/kernels/). It mirrors `host_routing` (router.hpp) with
+// float router math. The scalars of a call stay on the device, so that routing never
+// synchronises; `read_summary` (router.cuh) copies them to the host, and says so.
+
+#include <moe/core/config.hpp>
+#include <moe/core/view.hpp>
+#include <moe/core/workspace.hpp>
+
+#include <cstdint>
+
+namespace moe::gating {
+
+/// The scalars of one routing call, as they lie in device memory.
+struct device_routing_scalars {
+  std::int64_t capacity;  ///< C of the call: resolved and aligned (computed on the device)
+  std::int64_t max_load;  ///< the largest per-expert load, before drops
+  std::int64_t dropped;   ///< assignments that found no slot
+  float aux_loss;         ///< gshard_aux, before its coefficient
+  float z_loss;           ///< z_loss, before its coefficient
+};
+
+/// The routing state of one call, in device memory. Shapes use the call's T.
+struct device_routing {
+  matrix_view<float> logits;                  // (tokens, experts)
+  matrix_view<float> scores;                  // (tokens, experts)
+  matrix_view<std::int32_t> expert;           // (tokens, k)  by descending score; ties: lower index
+  matrix_view<float> weight;                  // (tokens, k)  combine weights; 0 when dropped
+  matrix_view<std::int64_t> slot;             // (tokens, k)  position in the expert; kept iff < C
+  vector_view<std::int64_t> load;             // (experts)    assignments before drops
+  vector_view<float> mean_score;              // (experts)    me of the aux loss
+  vector_view<float> first_choice;            // (experts)    ce of the aux loss
+  device_routing_scalars* scalars = nullptr;  // one, device memory
+
+  [[nodiscard]] index_t tokens() const noexcept { return logits.extent(0); }
+  [[nodiscard]] index_t experts() const noexcept { return logits.extent(1); }
+  [[nodiscard]] int k() const noexcept { return static_cast<int>(expert.extent(1)); }
+};
+
+/// Lays out the routing state for up to `max_tokens` tokens and returns views of `tokens`.
+/// With a default-constructed carver, only counts the bytes (all pointers null).
+inline device_routing carve_device_routing(workspace_carver& carver, index_t max_tokens,
+                                           index_t tokens, index_t experts, int k) {
+  device_routing r;
+  r.logits = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
+  r.scores = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
+  r.expert = make_view(carver.take<std::int32_t>(max_tokens * k), tokens, k);
+  r.weight = make_view(carver.take<float>(max_tokens * k), tokens, k);
+  r.slot = make_view(carver.take<std::int64_t>(max_tokens * k), tokens, k);
+  r.load = make_view(carver.take<std::int64_t>(experts), experts);
+  r.mean_score = make_view(carver.take<float>(experts), experts);
+  r.first_choice = make_view(carver.take<float>(experts), experts);
+  r.scalars = carver.take<device_routing_scalars>(1);
+  return r;
+}
+
+}  // namespace moe::gating
