@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// Umbrella of moe/expert: expert concepts, activations and expert policies.
+// Umbrella of moe/expert: expert concepts, activations and expert policies (ffn, glu), with
+// their host backends. Their CUDA backends are in moe/expert/kernels/*.cuh (nvcc).
 
 #include <moe/expert/activation.hpp>
 #include <moe/expert/concepts.hpp>
+#include <moe/expert/device_state.hpp>
 #include <moe/expert/ffn.hpp>
+#include <moe/expert/glu.hpp>

@@ -6,6 +6,10 @@
 // (CUBLAS_COMPUTE_32F: no TF32 unless the caller's handle asks for it), check every status,
 // and run on the caller's stream. The handle is borrowed; `blas_handle` owns one for
 // callers that have none.
+//
+// CUDA graphs: before capturing, point the handle at the capturing stream (cublasSetStream)
+// and then give it a workspace (cublasSetWorkspace; 32 MiB on Hopper). The wrappers set the
+// stream only when it differs, because cublasSetStream drops that workspace.
 
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
@@ -74,6 +78,15 @@ inline cublasOperation_t blas_op(transpose t) noexcept {
   return t == transpose::yes ? CUBLAS_OP_T : CUBLAS_OP_N;
 }
 
+/// Points `handle` at `stream`, only when it is not there already: cublasSetStream also
+/// resets the workspace a caller gave the handle with cublasSetWorkspace, which CUDA-graph
+/// capture needs (so that cuBLAS does not allocate while captured).
+inline void bind_stream(cublasHandle_t handle, cudaStream_t stream) {
+  cudaStream_t current = nullptr;
+  MOE_CUBLAS_TRY(cublasGetStream(handle, &current));
+  if (current != stream) MOE_CUBLAS_TRY(cublasSetStream(handle, stream));
+}
+
 }  // namespace detail
 
 /// Row-major C = alpha · op(A) · op(B) + beta · C on `stream`, float accumulation. Row-major
@@ -88,7 +101,7 @@ void gemm(cublasHandle_t handle, cudaStream_t stream, gemm_shape const& s, float
                 "moe::gemm: cuBLAS multiplies operands of one type; convert one of them.");
   MOE_EXPECTS(handle != nullptr, "handle", "no cuBLAS handle: pass one (moe::blas_handle)");
   if (s.m == 0 || s.n == 0) return;
-  MOE_CUBLAS_TRY(cublasSetStream(handle, stream));
+  detail::bind_stream(handle, stream);
   MOE_CUBLAS_TRY(cublasGemmEx(
       handle, detail::blas_op(s.trans_b), detail::blas_op(s.trans_a), detail::blas_int(s.n, "n"),
       detail::blas_int(s.m, "m"), detail::blas_int(s.depth, "depth"), &alpha, b, cuda_data_type<B>,
@@ -106,7 +119,7 @@ void gemm_strided_batched(cublasHandle_t handle, cudaStream_t stream, gemm_shape
                 "moe::gemm_strided_batched: cuBLAS multiplies operands of one type.");
   MOE_EXPECTS(handle != nullptr, "handle", "no cuBLAS handle: pass one (moe::blas_handle)");
   if (s.m == 0 || s.n == 0 || batch == 0) return;
-  MOE_CUBLAS_TRY(cublasSetStream(handle, stream));
+  detail::bind_stream(handle, stream);
   MOE_CUBLAS_TRY(cublasGemmStridedBatchedEx(
       handle, detail::blas_op(s.trans_b), detail::blas_op(s.trans_a), detail::blas_int(s.n, "n"),
       detail::blas_int(s.m, "m"), detail::blas_int(s.depth, "depth"), &alpha, b, cuda_data_type<B>,

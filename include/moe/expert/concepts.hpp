@@ -6,6 +6,7 @@
 
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
@@ -75,6 +76,54 @@ struct row_segments {
   return {};
 }
 
+/// The capacity layout's expert batch on the CUDA backend: expert e owns rows [e·C, (e+1)·C)
+/// of an (E·C, hidden) batch, and every expert computes all C rows, so that the GEMMs have
+/// fixed shapes and nothing is read back to the host (CUDA-graph capturable).
+///
+/// `claimed`, when present, is device memory: expert e's assignments are its first
+/// min(max(claimed[e], 0), C) rows, and the rest are rows of no expert (zero output, zero
+/// input gradient, no part in any parameter gradient; their input and output gradient must
+/// be finite, as the capacity layout's zeros are). When absent, all C rows are the expert's;
+/// rows that no assignment claimed then contribute nothing to the gradients exactly when
+/// their input and output gradient are zero, which the capacity layout guarantees.
+struct uniform_segments {
+  index_t experts = 0;               ///< E
+  index_t capacity = 0;              ///< C
+  span<std::int64_t const> claimed;  ///< (experts) device memory, optional
+
+  [[nodiscard]] constexpr index_t total_rows() const noexcept { return experts * capacity; }
+};
+
+/// Checks that `segments` describes `experts` experts of a batch of `total_rows` rows
+/// (E·C == total_rows), with a `claimed` view of E elements or none. The values of
+/// `claimed` live on the device and are not read.
+[[nodiscard]] inline status check_segments(uniform_segments const& segments, index_t experts,
+                                           index_t total_rows, char const* argument) {
+  if (segments.experts != experts || segments.capacity < 0)
+    return status::failure(argument, "describes " + std::to_string(segments.experts) +
+                                         " experts of capacity " +
+                                         std::to_string(segments.capacity) + " for " +
+                                         std::to_string(experts) + " experts");
+  if (segments.total_rows() != total_rows)
+    return status::failure(argument, "gives " + std::to_string(segments.experts) + " · " +
+                                         std::to_string(segments.capacity) +
+                                         " rows for a batch of " + std::to_string(total_rows));
+  if (!segments.claimed.empty() && (static_cast<index_t>(segments.claimed.size()) != experts ||
+                                    segments.claimed.data() == nullptr))
+    return status::failure(argument, "claims rows for " + std::to_string(segments.claimed.size()) +
+                                         " experts, not " + std::to_string(experts));
+  return {};
+}
+
+/// The two descriptions of an expert batch that the CUDA backend takes: `uniform_segments`
+/// (capacity layout, sizes on the device) and `row_segments` in host memory (ragged).
+template <class S>
+concept segment_description = std::same_as<S, uniform_segments> || std::same_as<S, row_segments>;
+
+/// What a device state is laid out for: forward alone (inference), or forward and backward
+/// (training: backward's scratch too).
+enum class expert_pass : bool { training = false, forward_only = true };
+
 /// X runs on the host backend: it lays out its saved state in a workspace for a batch of up
 /// to `max_rows` rows, and computes the forward of every expert's segment of an (rows,
 /// hidden) batch.
@@ -110,5 +159,28 @@ concept expert =
 /// An expert that can also run backward.
 template <class X>
 concept trainable_expert = expert<X> && has_backward<X>;
+
+/// X models cuda_expert<T> if, with elements T (float, __half, __nv_bfloat16):
+/// 1. it models trainable_expert;
+/// 2. `X::device_state<T>` is its saved state on the device, laid out in a workspace by
+///    `X::carve_device_state<T>(carver, shape, max_rows, rows, pass)`;
+/// 3. it runs forward and backward on the CUDA backend over either kind of expert batch:
+///    `uniform_segments` (capacity layout) and `row_segments` in host memory (ragged).
+/// The declarations satisfy the concept; the definitions come with the expert's
+/// `moe/expert/kernels/<name>.cuh`, which the calling .cu file includes.
+template <class X, class T>
+concept cuda_expert = trainable_expert<X> && element<T> &&
+    requires(workspace_carver& carver, expert_shape const& shape, cuda_backend cuda,
+             typename X::template params<T const> const& p, typename X::template params<T> const& g,
+             typename X::template device_state<T> const& state, uniform_segments const& uniform,
+             row_segments const& ragged, matrix_view<T const> in, matrix_view<T> out) {
+  {
+    X::template carve_device_state<T>(carver, shape, index_t{}, index_t{}, expert_pass{})
+    } -> std::same_as<typename X::template device_state<T>>;
+  X::forward(cuda, shape, p, uniform, in, out, state);
+  X::forward(cuda, shape, p, ragged, in, out, state);
+  X::backward(cuda, shape, p, uniform, in, in, out, g, state);
+  X::backward(cuda, shape, p, ragged, in, in, out, g, state);
+};
 
 }  // namespace moe::expert

@@ -8,6 +8,11 @@
 // Host backend: forward and backward over the expert batch (expert::row_segments: each
 // expert's segment of an (rows, hidden) matrix), in float64. Experts that received no row
 // get zero gradients.
+//
+// CUDA backend (declared here, defined in kernels/ffn.cuh, which needs nvcc): the same over
+// device memory in float, __half or __nv_bfloat16 with float accumulation, through cuBLAS,
+// for a capacity batch (`uniform_segments`: batched GEMMs, no host synchronisation) or a
+// ragged one (`row_segments` in host memory: one GEMM per non-empty expert).
 
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
@@ -18,10 +23,13 @@
 #include <moe/detail/host_gemm.hpp>
 #include <moe/expert/activation.hpp>
 #include <moe/expert/concepts.hpp>
+#include <moe/expert/device_state.hpp>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace moe::expert {
 
@@ -71,6 +79,103 @@ struct ffn {
             make_view(carver.take<double>(n), rows, s.ffn)};
   }
 
+  // --- CUDA backend ---------------------------------------------------------------------
+
+  /// The device state of the CUDA backend (expert::device_state: F1 = ffn).
+  template <element T>
+  using device_state = expert::device_state<T>;
+
+  /// Lays out the CUDA backend's state for up to `max_rows` rows; views of `rows` rows.
+  /// `expert_pass::forward_only` leaves out backward's scratch.
+  template <element T>
+  static device_state<T> carve_device_state(workspace_carver& carver, expert_shape const& s,
+                                            index_t max_rows, index_t rows,
+                                            expert_pass pass = expert_pass::training) {
+    return detail::carve_two_layer_state<T>(carver, s, s.ffn, max_rows, rows, pass);
+  }
+
+  /// Bytes of device workspace that `carve_device_state<T>` takes for `max_rows` rows.
+  template <element T>
+  [[nodiscard]] static std::size_t device_workspace_bytes(
+      expert_shape const& s, index_t max_rows, expert_pass pass = expert_pass::training) {
+    return detail::two_layer_state_bytes<T>(s, s.ffn, max_rows, pass);
+  }
+
+  /// Whether a CUDA forward call can run with these arguments; reads nothing on the device.
+  template <element T, segment_description Segments>
+  [[nodiscard]] static status check_forward(cuda_backend const& cuda, expert_shape const& s,
+                                            ffn_params<T const> const& p, Segments const& segments,
+                                            matrix_view<std::type_identity_t<T> const> in,
+                                            matrix_view<std::type_identity_t<T>> out,
+                                            device_state<std::type_identity_t<T>> const& state) {
+    if (auto st = check(p, s, "params"); !st) return st;
+    index_t const rows = in.extent(0);
+    if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
+    if (auto st = check_extents(out, "out", {rows, s.hidden}); !st) return st;
+    return detail::check_device_batch(cuda, s, s.ffn, segments, rows, state,
+                                      expert_pass::forward_only);
+  }
+
+  /// Whether a CUDA backward call can run with these arguments; reads nothing on the device.
+  template <element T, class G, segment_description Segments>
+  [[nodiscard]] static status check_backward(cuda_backend const& cuda, expert_shape const& s,
+                                             ffn_params<T const> const& p, Segments const& segments,
+                                             matrix_view<std::type_identity_t<T> const> in,
+                                             matrix_view<std::type_identity_t<T> const> d_out,
+                                             matrix_view<std::type_identity_t<T>> d_in,
+                                             ffn_params<G> const& g,
+                                             device_state<std::type_identity_t<T>> const& state) {
+    if (auto st = check(p, s, "params"); !st) return st;
+    if (auto st = check(g, s, "gradients"); !st) return st;
+    index_t const rows = in.extent(0);
+    if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
+    if (auto st = check_extents(d_out, "d_out", {rows, s.hidden}); !st) return st;
+    if (auto st = check_extents(d_in, "d_in", {rows, s.hidden}); !st) return st;
+    return detail::check_device_batch(cuda, s, s.ffn, segments, rows, state, expert_pass::training);
+  }
+
+  /// Forward on the CUDA backend, enqueued on `cuda.stream` with the borrowed `cuda.blas`:
+  /// out = act(in · W1 + b1) · W2 + b2 on each expert's rows; rows of no expert are zero.
+  /// Checks every argument first and throws `moe::invalid_argument` before any device work.
+  /// A `uniform_segments` batch runs batched GEMMs over all E·C rows and never synchronises
+  /// (capturable in a CUDA graph; cuBLAS then needs a workspace set on the handle with
+  /// cublasSetWorkspace); a `row_segments` batch (host memory: the caller copied the counts
+  /// to the host once) runs one GEMM per non-empty expert. Defined in kernels/ffn.cuh.
+  /// @param[in]  p        parameters, device memory
+  /// @param[in]  segments `uniform_segments` (its `claimed` on the device) or `row_segments`
+  ///                      in host memory
+  /// @param[in]  in       (rows, hidden) device memory
+  /// @param[out] out      (rows, hidden) device memory
+  /// @param[out] state    carved for `rows` rows, device memory: what backward needs
+  template <element T, segment_description Segments>
+  static void forward(cuda_backend cuda, expert_shape const& s, ffn_params<T const> const& p,
+                      Segments const& segments, matrix_view<std::type_identity_t<T> const> in,
+                      matrix_view<std::type_identity_t<T>> out,
+                      device_state<std::type_identity_t<T>> const& state) {
+    check_forward(cuda, s, p, segments, in, out, state).throw_if_failed();
+    detail::cuda_backend_of<ffn>::forward(cuda, s, p, segments, in, out, state);
+  }
+
+  /// Backward on the CUDA backend, after `forward` with the same state and segments: d_in
+  /// (zero on rows of no expert) and every parameter gradient, overwritten; experts with no
+  /// rows get zero gradients. Bias gradients are column sums in a fixed order (no atomics):
+  /// the result is deterministic. Gradients are T or float. Defined in kernels/ffn.cuh.
+  /// @param[in]  in, d_out (rows, hidden) device memory
+  /// @param[out] d_in      (rows, hidden) device memory
+  /// @param[out] g         gradients, device memory
+  /// @param[in]  state     forward's state, carved for `expert_pass::training`
+  template <element T, class G, segment_description Segments>
+  requires(std::same_as<G, T> || std::same_as<G, float>) static void backward(
+      cuda_backend cuda, expert_shape const& s, ffn_params<T const> const& p,
+      Segments const& segments, matrix_view<std::type_identity_t<T> const> in,
+      matrix_view<std::type_identity_t<T> const> d_out, matrix_view<std::type_identity_t<T>> d_in,
+      ffn_params<G> const& g, device_state<std::type_identity_t<T>> const& state) {
+    check_backward(cuda, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
+    detail::cuda_backend_of<ffn>::backward(cuda, s, p, segments, in, d_out, d_in, g, state);
+  }
+
+  // --- host backend ---------------------------------------------------------------------
+
   /// Forward of every expert's segment of the batch; rows outside every segment of `out`
   /// are zero.
   /// @param[in]  segments expert e's rows are [begin[e], begin[e] + rows[e]), host memory
@@ -85,14 +190,14 @@ struct ffn {
     std::fill_n(out.data_handle(), element_count(out), 0.0);
     for (index_t e = 0; e < s.experts; ++e) {
       index_t const first = segments.begin[e], n = segments.rows[e];
-      detail::host_gemm(
+      moe::detail::host_gemm(
           n, s.ffn, s.hidden, [&](index_t c, index_t h) { return in(first + c, h); },
           [&](index_t h, index_t f) { return to_accumulate(p.w1(e, h, f)); },
           [&](index_t c, index_t f, double v) {
             state.pre_activation(first + c, f) =
                 v + (is_present(p.b1) ? to_accumulate(p.b1(e, f)) : 0);
           });
-      detail::host_gemm(
+      moe::detail::host_gemm(
           n, s.hidden, s.ffn,
           [&](index_t c, index_t f) { return Act::forward(state.pre_activation(first + c, f)); },
           [&](index_t f, index_t h) { return to_accumulate(p.w2(e, f, h)); },
@@ -127,17 +232,17 @@ struct ffn {
         return state.d_pre_activation(first + c, f);
       };
       // d_pre = (d_out · W2ᵀ) ⊙ act'(pre)
-      detail::host_gemm(
+      moe::detail::host_gemm(
           n, s.ffn, s.hidden, [&](index_t c, index_t h) { return d_out(first + c, h); },
           [&](index_t h, index_t f) { return to_accumulate(p.w2(e, f, h)); },
           [&](index_t c, index_t f, double v) { d_pre(c, f) = v * Act::derivative(pre(c, f)); });
       // dW2 = act(pre)ᵀ · d_out, dW1 = inᵀ · d_pre: sums over this expert's rows only, in
       // row order.
-      detail::host_gemm(
+      moe::detail::host_gemm(
           s.ffn, s.hidden, n, [&](index_t f, index_t c) { return Act::forward(pre(c, f)); },
           [&](index_t c, index_t h) { return d_out(first + c, h); },
           [&](index_t f, index_t h, double v) { store(g.w2(e, f, h), v); });
-      detail::host_gemm(
+      moe::detail::host_gemm(
           s.hidden, s.ffn, n, [&](index_t h, index_t c) { return in(first + c, h); },
           [&](index_t c, index_t f) { return d_pre(c, f); },
           [&](index_t h, index_t f, double v) { store(g.w1(e, h, f), v); });
@@ -154,7 +259,7 @@ struct ffn {
           store(g.b1(e, f), sum);
         }
       // d_in = d_pre · W1ᵀ
-      detail::host_gemm(
+      moe::detail::host_gemm(
           n, s.hidden, s.ffn, [&](index_t c, index_t f) { return d_pre(c, f); },
           [&](index_t f, index_t h) { return to_accumulate(p.w1(e, h, f)); },
           [&](index_t c, index_t h, double v) { d_in(first + c, h) = v; });
@@ -175,5 +280,7 @@ struct ffn {
 };
 static_assert(trainable_expert<ffn<act::relu>> && trainable_expert<ffn<act::gelu>> &&
               trainable_expert<ffn<act::silu>>);
+static_assert(cuda_expert<ffn<act::gelu>, float> && cuda_expert<ffn<act::gelu>, __half> &&
+              cuda_expert<ffn<act::silu>, __nv_bfloat16>);
 
 }  // namespace moe::expert
