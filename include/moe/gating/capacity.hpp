@@ -3,25 +3,88 @@
 // Expert capacity: how many slots each expert's buffer has in the capacity layout
 // [E, C, H]. The math is constexpr and host/device, shared by both backends.
 //
-// Tutel's rule (the default):
-//   f > 0:   C = k · ⌊f · ⌈T/E⌉⌋
-//   f == 0:  C = the largest per-expert load (all choices, before drops)
-//   f < 0:   C = min(largest load, k · ⌊|f| · ⌈T/E⌉⌋)
-// then rounded up to a multiple of `alignment`.
+// The tokens of a call may be split into G local groups of S = T/G tokens (GShard); each
+// group has its own capacity C_g, and the call's capacity is C = G · C_g (G = 1, S = T by
+// default). The rounding rule is a policy, applied to |f|:
+//
+//   tutel_capacity      k · ⌊f · ⌈S/E⌉⌋                              (the default; Tutel)
+//   gshard_capacity     ⌊S · f / E⌋, 0 → 4, rounded up to a multiple of 4  (f includes k)
+//   deepspeed_capacity  ⌈S/E · f · k⌉, at least min_capacity          (DeepSpeed)
+//   megatron_capacity   min(⌈S · k / E · f⌉, S): an expert receives each token at most once,
+//                       so C ≥ S drops nothing (Megatron-Core skips dropping then)
+//   switch_capacity     max(4, min(S, ⌊S · f / E⌋))                   (Switch Transformer)
+//   dropless            no capacity: C_g is the largest load, nothing is dropped
+//
+// and then, whatever the rule:
+//   f > 0:   C_g = the rule at f
+//   f == 0:  C_g = the largest per-(group, expert) load (all choices, before drops; with
+//            several ranks, the maximum over the ranks)
+//   f < 0:   C_g = min(largest load, the rule at |f|)
+// rounded up to a multiple of `alignment`. Every product is taken in double, f widened from
+// float, as the frameworks' Python does.
 
 #include <moe/core/config.hpp>
 #include <moe/core/view.hpp>
+#include <moe/gating/args.hpp>
+#include <moe/gating/concepts.hpp>
 
 namespace moe::gating {
 
 /// What capacity depends on, apart from the loads.
 struct capacity_args {
-  index_t tokens = 0;
+  index_t tokens = 0;  ///< T of the call, all groups together
   index_t experts = 0;
   int k = 0;
-  float factor = 1.0f;
+  float factor = 1.0f;  ///< f of the call (the training or the evaluation factor)
   index_t alignment = 1;
+  capacity_rounding rounding = capacity_rounding::tutel;
+  index_t min_capacity = 4;  ///< deepspeed_capacity only
+  index_t groups = 1;        ///< G local groups
 };
+
+/// Tutel's rule (the default).
+struct tutel_capacity {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = capacity_rounding::tutel;
+};
+static_assert(capacity_policy<tutel_capacity>);
+
+/// GShard's rule: f is the whole factor (2.0 for top-2 at capacity 1), slots in fours.
+struct gshard_capacity {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = capacity_rounding::gshard;
+};
+static_assert(capacity_policy<gshard_capacity>);
+
+/// DeepSpeed's rule: ⌈S/E · f · k⌉, at least gate_args::min_capacity.
+struct deepspeed_capacity {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = capacity_rounding::deepspeed;
+};
+static_assert(capacity_policy<deepspeed_capacity>);
+
+/// Megatron-Core's rule: get_capacity(T·k, E, f), no dropping once it reaches S.
+struct megatron_capacity {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = capacity_rounding::megatron;
+};
+static_assert(capacity_policy<megatron_capacity>);
+
+/// The Switch Transformer's rule (Mesh TensorFlow's expert capacity, at least 4).
+struct switch_capacity {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = capacity_rounding::switch_tf;
+};
+static_assert(capacity_policy<switch_capacity>);
+
+/// No capacity: every assignment is kept. Only a dropless layout (layout::ragged) can hold
+/// it; a layer with layout::capacity rejects it at compile time.
+struct dropless {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = capacity_rounding::dropless;
+};
+static_assert(capacity_policy<dropless>);
+static_assert(!capacity_policy<int> && !capacity_policy<capacity_args>);
 
 MOE_HOST_DEVICE constexpr index_t ceil_div(index_t a, index_t b) noexcept {
   return (a + b - 1) / b;
@@ -31,34 +94,103 @@ MOE_HOST_DEVICE constexpr index_t round_up(index_t value, index_t multiple) noex
   return multiple > 1 ? ceil_div(value, multiple) * multiple : value;
 }
 
-/// k · ⌊|f| · ⌈T/E⌉⌋: the capacity a factor of magnitude |f| gives. The product is taken in
-/// double, as Tutel's Python does.
+namespace detail {
+
+/// ⌊x⌋ and ⌈x⌉ of a non-negative double, as index_t.
+MOE_HOST_DEVICE constexpr index_t floor_index(double x) noexcept {
+  return static_cast<index_t>(x);
+}
+MOE_HOST_DEVICE constexpr index_t ceil_index(double x) noexcept {
+  index_t const i = static_cast<index_t>(x);
+  return static_cast<double>(i) < x ? i + 1 : i;
+}
+MOE_HOST_DEVICE constexpr index_t min_index(index_t a, index_t b) noexcept {
+  return a < b ? a : b;
+}
+MOE_HOST_DEVICE constexpr index_t max_index(index_t a, index_t b) noexcept {
+  return a < b ? b : a;
+}
+
+}  // namespace detail
+
+/// S: the tokens of one local group.
+MOE_HOST_DEVICE constexpr index_t group_tokens(capacity_args const& a) noexcept {
+  return a.groups > 1 ? a.tokens / a.groups : a.tokens;
+}
+
+/// The per-group capacity a factor of magnitude |f| gives under `a.rounding`, before the
+/// alignment (0 for dropless, which has none). Tutel's: k · ⌊|f| · ⌈S/E⌉⌋.
 MOE_HOST_DEVICE constexpr index_t factor_capacity(capacity_args const& a) noexcept {
   double const f = a.factor < 0 ? -static_cast<double>(a.factor) : static_cast<double>(a.factor);
-  return static_cast<index_t>(a.k) *
-         static_cast<index_t>(f * static_cast<double>(ceil_div(a.tokens, a.experts)));
+  index_t const s = group_tokens(a), e = a.experts > 0 ? a.experts : 1;
+  auto const k = static_cast<index_t>(a.k);
+  switch (a.rounding) {
+    case capacity_rounding::tutel:
+      return k * detail::floor_index(f * static_cast<double>(ceil_div(s, e)));
+    case capacity_rounding::gshard: {
+      index_t const c = detail::floor_index(static_cast<double>(s) * f / static_cast<double>(e));
+      return c == 0 ? 4 : round_up(c, 4);
+    }
+    case capacity_rounding::deepspeed:
+      return detail::max_index(detail::ceil_index(static_cast<double>(s) / static_cast<double>(e) *
+                                                  (f * static_cast<double>(k))),
+                               a.min_capacity);
+    case capacity_rounding::megatron:
+      return detail::min_index(
+          detail::ceil_index(static_cast<double>(s * k) / static_cast<double>(e) * f), s);
+    case capacity_rounding::switch_tf:
+      return detail::max_index(
+          4, detail::min_index(
+                 s, detail::floor_index(static_cast<double>(s) * f / static_cast<double>(e))));
+    case capacity_rounding::dropless:
+      return 0;
+  }
+  return 0;
 }
 
-/// True when capacity depends on the loads (f ≤ 0): it is known only after routing.
+/// True when capacity depends on the loads (f ≤ 0, or dropless): it is known only after
+/// routing.
 MOE_HOST_DEVICE constexpr bool is_dynamic_capacity(capacity_args const& a) noexcept {
-  return !(a.factor > 0);
+  return !(a.factor > 0) || a.rounding == capacity_rounding::dropless;
 }
 
-/// The capacity for the given largest per-expert load (ignored when f > 0).
-MOE_HOST_DEVICE constexpr index_t resolve_capacity(capacity_args const& a,
-                                                   index_t max_load) noexcept {
+/// C_g: one local group's capacity for the given largest per-(group, expert) load (ignored
+/// when the capacity is fixed), aligned.
+MOE_HOST_DEVICE constexpr index_t group_capacity(capacity_args const& a,
+                                                 index_t max_load) noexcept {
   index_t c = factor_capacity(a);
-  if (a.factor == 0)
+  if (a.rounding == capacity_rounding::dropless || a.factor == 0)
     c = max_load;
   else if (a.factor < 0)
     c = max_load < c ? max_load : c;
   return round_up(c, a.alignment);
 }
 
-/// An upper bound of the capacity over all routings, for sizing buffers: an expert receives
-/// each token at most once, so no load exceeds T.
+/// The call's capacity C = G · C_g for the given largest per-(group, expert) load.
+MOE_HOST_DEVICE constexpr index_t resolve_capacity(capacity_args const& a,
+                                                   index_t max_load) noexcept {
+  return (a.groups > 1 ? a.groups : 1) * group_capacity(a, max_load);
+}
+
+/// An upper bound of the capacity over all routings of up to `a.tokens` tokens, for sizing
+/// buffers: an expert receives each token at most once, so no group's load exceeds S.
 MOE_HOST_DEVICE constexpr index_t capacity_bound(capacity_args const& a) noexcept {
-  return is_dynamic_capacity(a) ? resolve_capacity(a, a.tokens) : resolve_capacity(a, 0);
+  return is_dynamic_capacity(a) ? resolve_capacity(a, group_tokens(a)) : resolve_capacity(a, 0);
+}
+
+/// The capacity arguments of a call of `tokens` tokens with gate arguments `args`, k experts
+/// per token and rounding `rounding`: the training or the evaluation factor, as `args` says.
+MOE_HOST_DEVICE constexpr capacity_args capacity_args_of(gate_args const& args, int k,
+                                                         capacity_rounding rounding,
+                                                         index_t tokens) noexcept {
+  return {.tokens = tokens,
+          .experts = args.experts,
+          .k = k,
+          .factor = args.training ? args.capacity_factor : args.eval_capacity_factor,
+          .alignment = args.capacity_alignment,
+          .rounding = rounding,
+          .min_capacity = args.min_capacity,
+          .groups = args.groups};
 }
 
 }  // namespace moe::gating

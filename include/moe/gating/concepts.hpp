@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The concepts of gating: score functions, priorities and gates. A policy opts in with one
-// member, `using moe_concept = moe::gating::<kind>_tag;`, and is checked right after its
-// definition with a namespace-scope static_assert.
+// The concepts of gating: score functions, priorities, the other policy axes (capacity,
+// expert selection, the 2nd-expert policy, the aux loss, renormalisation) and gates. A
+// policy opts in with one member, `using moe_concept = moe::gating::<kind>_tag;`, and is
+// checked right after its definition with a namespace-scope static_assert.
 
 #include <moe/core/config.hpp>
 #include <moe/gating/args.hpp>
 
 #include <concepts>
+#include <cstdint>
 #include <type_traits>
 
 namespace moe::gating {
@@ -15,6 +17,11 @@ namespace moe::gating {
 struct score_function_tag {};
 struct priority_tag {};
 struct gate_tag {};
+struct capacity_policy_tag {};
+struct selection_tag {};
+struct second_expert_tag {};
+struct aux_loss_tag {};
+struct renormalization_tag {};
 
 /// T opts in to the concept whose tag is Tag.
 template <class T, class Tag>
@@ -39,6 +46,46 @@ concept score_function = std::semiregular<S> && tagged_as<S, score_function_tag>
 template <class P>
 concept priority = std::semiregular<P> && tagged_as<P, priority_tag>;
 
+/// C models capacity_policy if it is a stateless policy tagged `capacity_policy_tag` whose
+/// `C::rounding` names its rule (capacity.hpp: tutel_capacity, gshard_capacity, …, dropless).
+template <class C>
+concept capacity_policy = std::semiregular<C> && tagged_as<C, capacity_policy_tag> && requires {
+  { C::rounding } -> std::convertible_to<capacity_rounding>;
+};
+
+/// S models selection_policy if it is a stateless policy tagged `selection_tag` whose host
+/// `S::select(selection_scores, experts)` picks one token's experts (groups.hpp:
+/// all_experts, group_limited).
+template <class S>
+concept selection_policy = std::semiregular<S> && tagged_as<S, selection_tag> &&
+    requires(span<double> scores, span<std::int32_t> experts) {
+  S::select(scores, experts);
+};
+
+/// P models second_expert_policy if it is a stateless policy tagged `second_expert_tag` that
+/// says with `P::random` whether the 2nd choice is kept at random (random_routing.hpp).
+template <class P>
+concept second_expert_policy = std::semiregular<P> && tagged_as<P, second_expert_tag> && requires {
+  { P::random } -> std::convertible_to<bool>;
+};
+
+/// A models aux_loss_policy if it is a stateless policy tagged `aux_loss_tag` that says which
+/// choices it counts (`A::first_choice_only`) and whether it averages over the local groups
+/// (`A::per_group`) (losses.hpp: gshard_aux, switch_aux, sequence_aux).
+template <class A>
+concept aux_loss_policy = std::semiregular<A> && tagged_as<A, aux_loss_tag> && requires {
+  { A::first_choice_only } -> std::convertible_to<bool>;
+  { A::per_group } -> std::convertible_to<bool>;
+};
+
+/// R models renormalization_policy if it is a stateless policy tagged `renormalization_tag`
+/// whose `R::resolve(args, k)` says how a call renormalises (weights.hpp).
+template <class R>
+concept renormalization_policy = std::semiregular<R> && tagged_as<R, renormalization_tag> &&
+    requires(gate_args const& args, int k) {
+  { R::resolve(args, k) } -> std::same_as<renormalize>;
+};
+
 /// G names its score function with `G::score_function`.
 template <class G>
 concept has_score_function = requires {
@@ -61,13 +108,57 @@ concept selects_k = requires(G const& g, gate_args const& args) {
   { g.can_implement(args) } -> std::same_as<status>;
 };
 
+// Whether G names each optional policy.
+template <class G>
+concept names_capacity = requires {
+  typename G::capacity;
+};
+template <class G>
+concept names_selection = requires {
+  typename G::selection;
+};
+template <class G>
+concept names_second_expert = requires {
+  typename G::second_expert;
+};
+template <class G>
+concept names_aux_loss = requires {
+  typename G::aux_loss;
+};
+template <class G>
+concept names_renormalization = requires {
+  typename G::renormalization;
+};
+
+// Each optional policy is either absent or models its concept.
+template <class G>
+concept valid_capacity = !names_capacity<G> || capacity_policy<typename G::capacity>;
+template <class G>
+concept valid_selection = !names_selection<G> || selection_policy<typename G::selection>;
+template <class G>
+concept valid_second_expert =
+    !names_second_expert<G> || second_expert_policy<typename G::second_expert>;
+template <class G>
+concept valid_aux_loss = !names_aux_loss<G> || aux_loss_policy<typename G::aux_loss>;
+template <class G>
+concept valid_renormalization =
+    !names_renormalization<G> || renormalization_policy<typename G::renormalization>;
+
+/// The policies a gate may name besides its score function and priority: each is optional
+/// (policies.hpp gives the defaults), but one that is named must model its concept.
+template <class G>
+concept has_valid_policies = valid_capacity<G> && valid_selection<G> && valid_second_expert<G> &&
+    valid_aux_loss<G> && valid_renormalization<G>;
+
 /// G models gate if:
 /// 1. it is a stateless policy (std::semiregular) tagged `gate_tag`;
 /// 2. it names a score function and a slot priority;
-/// 3. it selects k experts per token, k fixed at compile time or given at run time.
+/// 3. it selects k experts per token, k fixed at compile time or given at run time;
+/// 4. the optional policies it names (`capacity`, `selection`, `second_expert`, `aux_loss`,
+///    `renormalization`) model their concepts.
 template <class G>
 concept gate = std::semiregular<G> && tagged_as<G, gate_tag> && has_score_function<G> &&
-    has_priority<G> && selects_k<G>;
+    has_priority<G> && selects_k<G> && has_valid_policies<G>;
 
 /// A gate whose k is a compile-time constant `G::static_k`.
 template <class G>

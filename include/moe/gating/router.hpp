@@ -1,36 +1,65 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The host backend of a whole gate, forward and backward: router logits x · W_gate, scores,
-// top-k selection, combine weights, slot assignment under a priority, capacity, and the
-// load-balancing losses; then the gradient back through all of them into x and W_gate.
+// The host backend of a whole gate, forward and backward: router logits x · W_gate (with
+// training noise), scores, expert selection (bias, groups), combine weights
+// (renormalisation, scaling), GShard's random routing, slot assignment under a priority per
+// local group, capacity, and the load-balancing losses; then the gradient back through all
+// of them into x and W_gate.
+//
+// Forward, per call of T tokens, k choices, G local groups of S = T/G tokens:
+//   1. l = x' · W_gate, x' = x ⊙ jitter(t, h) when training with jitter on the input;
+//      when training: l ⊙= jitter(t, e) (jitter on the logits), then l += (gate_noise/E) ·
+//      normal(t, e). `logits` holds the l the scores see.
+//   2. s = Score(l); experts = Selection(s + expert_bias) (ties: lower index).
+//   3. weights before drops: s_j, divided by Σ_selected s when the call renormalises before
+//      drops; random routing (training, k = 2) then leaves out the 2nd choice unless
+//      2 · w_1 > u(t).
+//   4. each group orders its assignments by the priority; positions per (group, expert); the
+//      largest position count goes through `reduce_max_load`; C_g = the capacity policy's;
+//      kept iff position < C_g. Slots: a group's kept assignments of expert e follow those of
+//      the groups before it (slot = kept so far), dropped ones get C + (dropped so far), so
+//      that kept ⇔ slot < C = G · C_g and the capacity layout's [E, C, H] holds every group.
+//      With G = 1 the slot is the position.
+//   5. final weights α · s_j / D (weights.hpp), 0 when not kept; the aux loss (losses.hpp) and
+//      the z-loss over the noisy logits.
 
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
+#include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/detail/host_gemm.hpp>
 #include <moe/gating/args.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
+#include <moe/gating/groups.hpp>
 #include <moe/gating/losses.hpp>
+#include <moe/gating/philox.hpp>
+#include <moe/gating/policies.hpp>
 #include <moe/gating/priority.hpp>
+#include <moe/gating/random_routing.hpp>
 #include <moe/gating/scores.hpp>
 #include <moe/gating/top_k.hpp>
+#include <moe/gating/weights.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace moe::gating {
 
 /// The scalars of one routing call.
 struct routing_summary {
   index_t tokens = 0;    ///< T of the call
-  index_t capacity = 0;  ///< C of the call (resolved, aligned)
+  index_t capacity = 0;  ///< C of the call (resolved, aligned; G · C_g with local groups)
   index_t dropped = 0;   ///< assignments that found no slot
-  double aux_loss = 0;   ///< gshard_aux, before its coefficient
+  double aux_loss = 0;   ///< the gate's aux loss (gshard_aux by default), before its coefficient
   double z_loss = 0;     ///< z_loss, before its coefficient
+  index_t unrouted = 0;  ///< 2nd choices random routing left out (not counted in `dropped`)
+  index_t max_load = 0;  ///< the largest per-(group, expert) load after `reduce_max_load`
 };
 
 /// The routing state of one call, in host memory. Shapes use the call's T.
@@ -41,9 +70,14 @@ struct host_routing {
   matrix_view<double> weight;        // (tokens, k)  combine weights; 0 when dropped
   matrix_view<std::int64_t> slot;    // (tokens, k)  position in the expert; kept iff < capacity
   vector_view<std::int64_t> load;    // (experts)    assignments before drops
-  span<double> mean_score;           // (experts)    me of the aux loss
-  span<double> first_choice;         // (experts)    ce of the aux loss
+  span<double> mean_score;           // (experts)    me over the call (mean probability)
+  span<double> first_choice;         // (experts)    ce over the call (1st-choice fraction)
   span<double> d_scores;             // (experts)    backward scratch of one token
+  // Scratch of the router (carve_host_routing lays it out):
+  span<std::int64_t> order;   // (tokens · k)      each group's assignments in priority order
+  span<double> key;           // (2 · tokens · k)  each assignment's priority key
+  span<std::int64_t> counts;  // (2 · experts)     per-expert counters
+  span<double> scratch;       // (3 · experts)     one token's or one group's rows
   index_t capacity = 0;
 
   [[nodiscard]] bool kept(index_t t, index_t j) const noexcept { return slot(t, j) < capacity; }
@@ -52,46 +86,135 @@ struct host_routing {
   [[nodiscard]] int k() const noexcept { return static_cast<int>(expert.extent(1)); }
 };
 
-/// Lays out the routing state for up to `max_tokens` tokens and returns views of `tokens`.
-inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tokens, index_t tokens,
-                                       index_t experts, int k) {
+/// Lays out the routing state for up to `max_tokens` tokens and up to `max_k` choices, and
+/// returns views of `tokens` tokens and `k` choices: the layout does not depend on `tokens`
+/// and `k`, so that a workspace sized once serves calls whose T and k vary (top_any).
+inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tokens, int max_k,
+                                       index_t tokens, index_t experts, int k) {
+  auto const doubles = [&](index_t n) {
+    return span<double>(carver.take<double>(n), static_cast<std::size_t>(n));
+  };
+  MOE_EXPECTS(k >= 0 && k <= max_k && tokens <= max_tokens, "k",
+              "views of " + std::to_string(tokens) + " tokens and k = " + std::to_string(k) +
+                  " do not fit a layout for " + std::to_string(max_tokens) +
+                  " tokens and k = " + std::to_string(max_k));
   host_routing r;
   r.logits = make_view(carver.take<double>(max_tokens * experts), tokens, experts);
   r.scores = make_view(carver.take<double>(max_tokens * experts), tokens, experts);
-  r.expert = make_view(carver.take<std::int32_t>(max_tokens * k), tokens, k);
-  r.weight = make_view(carver.take<double>(max_tokens * k), tokens, k);
-  r.slot = make_view(carver.take<std::int64_t>(max_tokens * k), tokens, k);
+  r.expert = make_view(carver.take<std::int32_t>(max_tokens * max_k), tokens, k);
+  r.weight = make_view(carver.take<double>(max_tokens * max_k), tokens, k);
+  r.slot = make_view(carver.take<std::int64_t>(max_tokens * max_k), tokens, k);
   r.load = make_view(carver.take<std::int64_t>(experts), experts);
-  r.mean_score = {carver.take<double>(experts), static_cast<std::size_t>(experts)};
-  r.first_choice = {carver.take<double>(experts), static_cast<std::size_t>(experts)};
-  r.d_scores = {carver.take<double>(experts), static_cast<std::size_t>(experts)};
+  r.mean_score = doubles(experts);
+  r.first_choice = doubles(experts);
+  r.d_scores = doubles(experts);
+  r.order = {carver.take<std::int64_t>(max_tokens * max_k), static_cast<std::size_t>(tokens * k)};
+  r.key = {carver.take<double>(2 * max_tokens * max_k), static_cast<std::size_t>(2 * tokens * k)};
+  r.counts = {carver.take<std::int64_t>(2 * experts), static_cast<std::size_t>(2 * experts)};
+  r.scratch = doubles(3 * experts);
   return r;
 }
 
-namespace detail {
-
-/// Divides the weights of one token by the sum of its scores over the selected (or only the
-/// kept) assignments, as `normalize` says.
-inline void renormalize_row(host_routing& r, index_t t, renormalize normalize) {
-  if (normalize == renormalize::none) return;
-  double sum = 0;
-  for (int j = 0; j < r.k(); ++j)
-    if (normalize == renormalize::before_drops || r.kept(t, j)) sum += r.scores(t, r.expert(t, j));
-  if (sum > 0)
-    for (int j = 0; j < r.k(); ++j) r.weight(t, j) /= sum;
+/// The same for calls that all select k experts.
+inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tokens, index_t tokens,
+                                       index_t experts, int k) {
+  return carve_host_routing(carver, max_tokens, k, tokens, experts, k);
 }
+
+namespace detail {
 
 inline span<double const> row_of(matrix_view<double> m, index_t t) {
   return {&m(t, 0), static_cast<std::size_t>(m.extent(1))};
 }
 
+inline span<double> mutable_row_of(matrix_view<double> m, index_t t) {
+  return {&m(t, 0), static_cast<std::size_t>(m.extent(1))};
+}
+
+/// Whether `r` was carved for T tokens, E experts and k choices, scratch included.
+inline status check_routing_state(host_routing const& r, index_t tokens, index_t experts, int k) {
+  if (r.tokens() != tokens || r.experts() != experts || r.k() != k ||
+      r.scores.extent(0) != tokens || r.weight.extent(0) != tokens || r.slot.extent(1) != k ||
+      r.load.extent(0) != experts)
+    return status::failure("r", "was carved for " + std::to_string(r.tokens()) + " tokens, " +
+                                    std::to_string(r.experts()) +
+                                    " experts and k = " + std::to_string(r.k()) +
+                                    "; the call has " + std::to_string(tokens) + ", " +
+                                    std::to_string(experts) + " and k = " + std::to_string(k));
+  auto const n = static_cast<std::size_t>(tokens * k), e = static_cast<std::size_t>(experts);
+  if (r.order.size() < n || r.key.size() < 2 * n || r.counts.size() < 2 * e ||
+      r.scratch.size() < 3 * e || r.d_scores.size() < e || r.mean_score.size() < e ||
+      r.first_choice.size() < e)
+    return status::failure("r", "lacks the router's scratch; lay it out with carve_host_routing");
+  return {};
+}
+
+/// Everything route checks before any work.
+template <gate G, class T>
+status check_route(G const& gate, gate_args const& args, matrix_view<T const> x,
+                   matrix_view<T const> w_gate, host_routing const& r) {
+  if (auto s = check_gate(gate, args); !s) return s;
+  index_t const tokens = x.extent(0), experts = w_gate.extent(1);
+  if (w_gate.extent(0) != x.extent(1) || experts != args.experts)
+    return status::failure("w_gate",
+                           "is " + moe::detail::format_extents(moe::detail::extents_of(w_gate)) +
+                               "; expected (" + std::to_string(x.extent(1)) + ", " +
+                               std::to_string(args.experts) + ")");
+  for (float b : args.expert_bias)  // host memory on the host backend
+    if (!std::isfinite(b)) return status::failure("expert_bias", "holds a non-finite value");
+  if (tokens < 1) return status::failure("x", "has no tokens");
+  if (tokens % args.groups != 0)
+    return status::failure("x", "has " + std::to_string(tokens) +
+                                    " tokens, not a multiple of the " +
+                                    std::to_string(args.groups) + " local groups");
+  return check_routing_state(r, tokens, experts, gate.k(args));
+}
+
+/// The aux loss of routing `r` and, when `d_scores_of` is given, its gradient: for each
+/// token t, `d_scores_of(t, g)` receives g = ∂loss/∂p_{t,·} (experts) to map into the
+/// scores. Groups of the loss: G local groups when Aux averages per group, else one.
+template <class Score, class Aux, class DScores>
+double aux_loss(host_routing const& r, index_t local_groups, DScores&& d_scores_of) {
+  index_t const tokens = r.tokens(), experts = r.experts();
+  int const k = r.k();
+  index_t const groups = Aux::per_group ? local_groups : 1, size = tokens / groups;
+  int const counted = Aux::first_choice_only ? 1 : k;
+  auto const e_count = static_cast<std::size_t>(experts);
+  span<double> const mean = r.scratch.first(e_count);
+  span<double> const fraction = r.scratch.subspan(e_count, e_count);
+  span<double> const p = r.scratch.subspan(2 * e_count, e_count);
+  double loss = 0;
+  for (index_t g = 0; g < groups; ++g) {
+    for (std::size_t e = 0; e < e_count; ++e) mean[e] = fraction[e] = 0;
+    for (index_t t = g * size; t < (g + 1) * size; ++t) {
+      (void)aux_probabilities<Score>(row_of(r.scores, t), p);
+      for (std::size_t e = 0; e < e_count; ++e) mean[e] += p[e];
+      for (int j = 0; j < counted; ++j) fraction[static_cast<std::size_t>(r.expert(t, j))] += 1;
+    }
+    for (std::size_t e = 0; e < e_count; ++e) {
+      mean[e] /= static_cast<double>(size);
+      fraction[e] /= static_cast<double>(counted * size);
+    }
+    loss += gshard_aux_loss(mean, fraction);
+    // ∂/∂p_{t,e} = E · f_e / (G · S), the same for every token of the group.
+    if constexpr (!std::is_same_v<std::remove_cvref_t<DScores>, std::nullptr_t>) {
+      for (std::size_t e = 0; e < e_count; ++e)
+        p[e] = static_cast<double>(experts) * fraction[e] /
+               (static_cast<double>(groups) * static_cast<double>(size));
+      for (index_t t = g * size; t < (g + 1) * size; ++t) d_scores_of(t, span<double const>(p));
+    }
+  }
+  return loss / static_cast<double>(groups);
+}
+
 }  // namespace detail
 
-/// Forward of gate G on the host: fills `r` and returns the call's scalars.
+/// Forward of gate G on the host: fills `r` and returns the call's scalars. Throws
+/// `invalid_argument` before any work when the arguments or shapes do not suit G.
 /// @param[in]  x      (tokens, hidden)  host memory
 /// @param[in]  w_gate (hidden, experts) host memory
-/// @param[out] r      routing state, carved for x's T
-/// @param reduce_max_load maps this call's largest per-expert load to the one dynamic
+/// @param[out] r      routing state, carved for x's T and the gate's k (carve_host_routing)
+/// @param reduce_max_load maps this call's largest per-(group, expert) load to the one dynamic
 ///        capacity uses: the identity on one rank, the maximum over the ranks with several
 ///        (Tutel all-reduces it). Called once, on every call.
 template <gate G, element T, class ReduceMaxLoad = std::identity>
@@ -99,103 +222,274 @@ routing_summary route(host_backend, G const& gate, gate_args const& args, matrix
                       matrix_view<T const> w_gate, host_routing& r,
                       ReduceMaxLoad reduce_max_load = {}) {
   using Score = typename G::score_function;
+  using Priority = typename G::priority;
+  using Selection = selection_of<G>;
+  detail::check_route(gate, args, x, w_gate, r).throw_if_failed();
+
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = w_gate.extent(1);
   int const k = gate.k(args);
+  index_t const groups = args.groups, group_size = tokens / groups;
+  auto const e_count = static_cast<std::size_t>(experts);
+  renormalize const normalize = effective_renormalize<Score, renormalization_of<G>>(args, k);
+  double const scale = static_cast<double>(args.scaling_factor);
+  bool const jitter_x = args.training && args.jitter > 0 && args.jitter_on == jitter_target::input;
+  bool const jitter_l = args.training && args.jitter > 0 && args.jitter_on == jitter_target::logits;
+  double const noise_std =
+      args.training ? static_cast<double>(args.gate_noise) / static_cast<double>(experts) : 0;
 
+  // 1. Logits, with the training noise.
   moe::detail::host_gemm(
-      tokens, experts, hidden, [&](index_t t, index_t h) { return to_accumulate(x(t, h)); },
+      tokens, experts, hidden,
+      [&](index_t t, index_t h) {
+        double const v = static_cast<double>(to_accumulate(x(t, h)));
+        return jitter_x ? v * jitter_factor(args.jitter, args.seed, t,
+                                            static_cast<std::uint32_t>(h), rng_stream::jitter_input)
+                        : v;
+      },
       [&](index_t h, index_t e) { return to_accumulate(w_gate(h, e)); },
       [&](index_t t, index_t e, double v) { r.logits(t, e) = v; });
 
   routing_summary summary{.tokens = tokens};
+  span<double> const selection = r.scratch.first(e_count);
   for (index_t t = 0; t < tokens; ++t) {
-    span<double> scores{&r.scores(t, 0), static_cast<std::size_t>(experts)};
+    for (index_t e = 0; e < experts; ++e) {
+      auto const column = static_cast<std::uint32_t>(e);
+      if (jitter_l)
+        r.logits(t, e) *=
+            jitter_factor(args.jitter, args.seed, t, column, rng_stream::jitter_logits);
+      if (noise_std > 0)
+        r.logits(t, e) += noise_std * rng_normal(args.seed, t, column, rng_stream::logit_noise);
+    }
+    // 2. Scores and selection.
+    span<double> const scores = detail::mutable_row_of(r.scores, t);
     Score::apply(detail::row_of(r.logits, t), scores);
-    select_top_k(scores, {&r.expert(t, 0), static_cast<std::size_t>(k)});
+    for (std::size_t e = 0; e < e_count; ++e)
+      selection[e] = scores[e] + (args.expert_bias.empty() ? 0.0 : args.expert_bias[e]);
+    Selection::select(selection, {&r.expert(t, 0), static_cast<std::size_t>(k)});
     summary.z_loss += z_loss_term(detail::row_of(r.logits, t), 0, {}) / static_cast<double>(tokens);
+
+    // 3. Weights before drops, and random routing of the 2nd choice.
+    double sum = 0;
+    for (int j = 0; j < k; ++j) sum += scores[static_cast<std::size_t>(r.expert(t, j))];
+    for (int j = 0; j < k; ++j) {
+      double const s = scores[static_cast<std::size_t>(r.expert(t, j))];
+      r.weight(t, j) = normalize == renormalize::before_drops && sum > 0 ? s / sum : s;
+      r.slot(t, j) = 0;
+    }
+    if constexpr (second_expert_of<G>::random)
+      if (args.training && !keeps_second_expert(r.weight(t, 1), args.seed, t)) {
+        r.slot(t, 1) = no_slot;
+        ++summary.unrouted;
+      }
   }
 
-  assign_slots(typename G::priority{}, as_const(r.expert), r.slot, r.load);
-  index_t const max_load = static_cast<index_t>(
-      reduce_max_load(*std::max_element(r.load.data_handle(), r.load.data_handle() + experts)));
-  capacity_args const cap{.tokens = tokens,
-                          .experts = experts,
-                          .k = k,
-                          .factor = args.capacity_factor,
-                          .alignment = args.capacity_alignment};
-  r.capacity = summary.capacity = resolve_capacity(cap, max_load);
-
-  for (index_t t = 0; t < tokens; ++t) {
-    for (int j = 0; j < k; ++j) {
-      r.weight(t, j) = r.scores(t, r.expert(t, j));
-      if (!r.kept(t, j)) ++summary.dropped;
+  // 4. Priority order and positions per local group.
+  span<std::int64_t> const group_load = r.counts.first(e_count);
+  for (index_t e = 0; e < experts; ++e) r.load(e) = 0;
+  index_t max_load = 0;
+  index_t const per_group = group_size * k;
+  for (index_t g = 0; g < groups; ++g) {
+    std::int64_t* const order = r.order.data() + g * per_group;
+    if constexpr (keyed_priority<Priority>) {
+      for (index_t i = 0; i < per_group; ++i) {
+        index_t const a = g * per_group + i, t = a / k;
+        int const j = static_cast<int>(a % k);
+        priority_key const key = Priority::key({.token = t,
+                                                .choice = j,
+                                                .weight = r.weight(t, j) * scale,
+                                                .first_score = r.scores(t, r.expert(t, 0)),
+                                                .seed = args.seed});
+        r.key[static_cast<std::size_t>(2 * a)] = key.primary;
+        r.key[static_cast<std::size_t>(2 * a + 1)] = key.secondary;
+        order[i] = a;
+      }
+      std::sort(order, order + per_group, [&](std::int64_t a, std::int64_t b) {
+        auto const key_of = [&](std::int64_t i) {
+          return priority_key{r.key[static_cast<std::size_t>(2 * i)],
+                              r.key[static_cast<std::size_t>(2 * i + 1)]};
+        };
+        return precedes(key_of(a), a / k, static_cast<int>(a % k), key_of(b), b / k,
+                        static_cast<int>(b % k));
+      });
+    } else {
+      index_t n = 0;
+      Priority::for_each_in_order(
+          group_size, k, [&](index_t t, int j) { order[n++] = (g * group_size + t) * k + j; });
     }
-    detail::renormalize_row(r, t, args.normalize);
-    for (int j = 0; j < k; ++j)
-      if (!r.kept(t, j)) r.weight(t, j) = 0;
+    for (std::size_t e = 0; e < e_count; ++e) group_load[e] = 0;
+    for (index_t i = 0; i < per_group; ++i) {
+      index_t const t = order[i] / k;
+      int const j = static_cast<int>(order[i] % k);
+      if (r.slot(t, j) == no_slot) continue;
+      r.slot(t, j) = group_load[static_cast<std::size_t>(r.expert(t, j))]++;
+    }
+    for (std::size_t e = 0; e < e_count; ++e) {
+      r.load(static_cast<index_t>(e)) += group_load[e];
+      max_load = std::max<index_t>(max_load, group_load[e]);
+    }
+  }
+
+  // Capacity, then slots: kept ones packed after the earlier groups', dropped ones past C.
+  capacity_args const cap = capacity_args_of(args, k, capacity_of<G>::rounding, tokens);
+  summary.max_load = static_cast<index_t>(reduce_max_load(max_load));
+  index_t const group_cap = group_capacity(cap, summary.max_load);
+  r.capacity = summary.capacity = resolve_capacity(cap, summary.max_load);
+  span<std::int64_t> const kept = r.counts.first(e_count);
+  span<std::int64_t> const dropped = r.counts.subspan(e_count, e_count);
+  for (std::size_t e = 0; e < e_count; ++e) kept[e] = dropped[e] = 0;
+  for (index_t i = 0; i < tokens * k; ++i) {
+    index_t const t = r.order[static_cast<std::size_t>(i)] / k;
+    int const j = static_cast<int>(r.order[static_cast<std::size_t>(i)] % k);
+    if (r.slot(t, j) == no_slot) continue;
+    auto const e = static_cast<std::size_t>(r.expert(t, j));
+    if (r.slot(t, j) < group_cap) {
+      r.slot(t, j) = kept[e]++;
+    } else {
+      r.slot(t, j) = summary.capacity + dropped[e]++;
+      ++summary.dropped;
+    }
+  }
+
+  // 5. Final weights.
+  for (index_t t = 0; t < tokens; ++t) {
+    double kept_sum = 0;
+    if (normalize == renormalize::after_drops)
+      for (int j = 0; j < k; ++j)
+        if (r.kept(t, j)) kept_sum += r.scores(t, r.expert(t, j));
+    for (int j = 0; j < k; ++j) {
+      if (!r.kept(t, j)) {
+        r.weight(t, j) = 0;
+        continue;
+      }
+      double const w = normalize == renormalize::after_drops && kept_sum > 0
+                           ? r.scores(t, r.expert(t, j)) / kept_sum
+                           : r.weight(t, j);
+      r.weight(t, j) = w * scale;
+    }
   }
 
   gshard_aux_terms(as_const(r.scores), as_const(r.expert), r.mean_score, r.first_choice);
-  summary.aux_loss = gshard_aux_loss(r.mean_score, r.first_choice);
+  if constexpr (!score_sums_to_one<Score>) {
+    span<double> const p = r.scratch.first(e_count);
+    for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] = 0;
+    for (index_t t = 0; t < tokens; ++t) {
+      (void)aux_probabilities<Score>(detail::row_of(r.scores, t), p);
+      for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] += p[e];
+    }
+    for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] /= static_cast<double>(tokens);
+  }
+  summary.aux_loss = detail::aux_loss<Score, aux_loss_of<G>>(r, groups, nullptr);
   return summary;
 }
 
 /// Backward of gate G on the host, for the objective ⟨d_weight, weight⟩ + aux_loss_coef ·
-/// gshard_aux + z_loss_coef · z_loss. Dropped assignments receive no gradient.
+/// aux_loss + z_loss_coef · z_loss. Dropped and left-out assignments receive no gradient
+/// through their weight; the expert bias, the selection and the noise receive none. Call it
+/// with the forward's arguments and state.
 /// @param[in]    d_weight (tokens, k)       gradient of the combine weights
 /// @param[in]    x        (tokens, hidden)  the forward's input
 /// @param[inout] d_logits (tokens, experts) scratch, overwritten
 /// @param[inout] dx       (tokens, hidden)  accumulated into
 /// @param[out]   d_w_gate (hidden, experts) overwritten
 template <gate G, element T>
-void route_backward(host_backend, G const&, gate_args const& args, host_routing const& r,
+void route_backward(host_backend, G const& gate, gate_args const& args, host_routing const& r,
                     matrix_view<double const> d_weight, matrix_view<double const> x,
                     matrix_view<T const> w_gate, matrix_view<double> d_logits,
                     matrix_view<double> dx, matrix_view<T> d_w_gate) {
   using Score = typename G::score_function;
   index_t const tokens = r.tokens(), experts = r.experts(), hidden = x.extent(1);
   int const k = r.k();
+  auto const e_count = static_cast<std::size_t>(experts);
+  {
+    if (auto s = check_gate(gate, args); !s) s.throw_if_failed();
+    if (auto s = detail::check_routing_state(r, tokens, experts, gate.k(args)); !s)
+      s.throw_if_failed();
+    auto const expect = [](auto const& v, char const* name, index_t rows, index_t cols) {
+      if (auto s = check_extents(v, name, {rows, cols}); !s) s.throw_if_failed();
+    };
+    expect(d_weight, "d_weight", tokens, k);
+    expect(x, "x", tokens, hidden);
+    expect(w_gate, "w_gate", hidden, experts);
+    expect(d_logits, "d_logits", tokens, experts);
+    expect(dx, "dx", tokens, hidden);
+    expect(d_w_gate, "d_w_gate", hidden, experts);
+  }
+  renormalize const normalize = effective_renormalize<Score, renormalization_of<G>>(args, k);
+  double const scale = static_cast<double>(args.scaling_factor);
+  bool const jitter_x = args.training && args.jitter > 0 && args.jitter_on == jitter_target::input;
+  bool const jitter_l = args.training && args.jitter > 0 && args.jitter_on == jitter_target::logits;
+
+  // The aux loss's gradient, ∂/∂p, into d_scores through p = s / Σ s where needed.
+  std::fill_n(d_logits.data_handle(), element_count(d_logits), 0.0);
+  if (args.aux_loss_coef != 0) {
+    double const coef = static_cast<double>(args.aux_loss_coef);
+    (void)detail::aux_loss<Score, aux_loss_of<G>>(
+        r, args.groups, [&](index_t t, span<double const> d_p) {
+          // d_logits holds ∂/∂s until the score backward below.
+          span<double const> const s = detail::row_of(r.scores, t);
+          if constexpr (score_sums_to_one<Score>) {
+            for (std::size_t e = 0; e < e_count; ++e) d_logits(t, e) += coef * d_p[e];
+          } else {
+            double sum = 0, dot = 0;
+            for (std::size_t e = 0; e < e_count; ++e) sum += s[e];
+            if (sum > 0) {
+              for (std::size_t e = 0; e < e_count; ++e) dot += d_p[e] * s[e] / sum;
+              for (std::size_t e = 0; e < e_count; ++e)
+                d_logits(t, e) += coef * (d_p[e] - dot) / sum;
+            }
+          }
+        });
+  }
 
   for (index_t t = 0; t < tokens; ++t) {
     span<double> const d_scores = r.d_scores;
-    for (index_t e = 0; e < experts; ++e)
-      d_scores[e] =
-          args.aux_loss_coef * gshard_aux_score_gradient(r.first_choice[e], experts, tokens);
+    for (std::size_t e = 0; e < e_count; ++e) d_scores[e] = d_logits(t, e);
 
-    // Through the renormalisation w_j = s_j / Σ_{i∈S} s_i, S the selected or kept set.
+    // Through w_j = α · s_j / D, D the sum over the selected or the kept set.
     double sum = 0, weighted = 0;
     for (int j = 0; j < k; ++j) {
-      bool const in_set = args.normalize == renormalize::before_drops ||
-                          (args.normalize == renormalize::after_drops && r.kept(t, j));
-      if (!in_set) continue;
-      double const s = r.scores(t, r.expert(t, j));
-      sum += s;
-      weighted += d_weight(t, j) * s;
+      bool const in_set = normalize == renormalize::before_drops ||
+                          (normalize == renormalize::after_drops && r.kept(t, j));
+      if (in_set) sum += r.scores(t, r.expert(t, j));
+      if (r.kept(t, j)) weighted += scale * d_weight(t, j) * r.scores(t, r.expert(t, j));
     }
+    bool const divided = normalize != renormalize::none && sum > 0;
     for (int j = 0; j < k; ++j) {
       if (!r.kept(t, j)) continue;
-      d_scores[r.expert(t, j)] +=
-          args.normalize == renormalize::none || sum == 0 ? d_weight(t, j) : d_weight(t, j) / sum;
+      double const d = scale * d_weight(t, j);
+      d_scores[static_cast<std::size_t>(r.expert(t, j))] += divided ? d / sum : d;
     }
-    if (args.normalize != renormalize::none && sum > 0)
+    if (divided)
       for (int j = 0; j < k; ++j) {
-        bool const in_set = args.normalize == renormalize::before_drops || r.kept(t, j);
-        if (in_set) d_scores[r.expert(t, j)] -= weighted / (sum * sum);
+        bool const in_set = normalize == renormalize::before_drops || r.kept(t, j);
+        if (in_set) d_scores[static_cast<std::size_t>(r.expert(t, j))] -= weighted / (sum * sum);
       }
 
-    span<double> const d_logits_row{&d_logits(t, 0), static_cast<std::size_t>(experts)};
+    span<double> const d_logits_row = detail::mutable_row_of(d_logits, t);
     Score::backward(detail::row_of(r.scores, t), d_scores, d_logits_row);
     if (args.z_loss_coef != 0)
-      (void)z_loss_term(detail::row_of(r.logits, t), args.z_loss_coef / static_cast<double>(tokens),
+      (void)z_loss_term(detail::row_of(r.logits, t),
+                        static_cast<double>(args.z_loss_coef) / static_cast<double>(tokens),
                         d_logits_row);
+    // The additive noise passes the gradient through; the jitter of the logits scales it.
+    if (jitter_l)
+      for (index_t e = 0; e < experts; ++e)
+        d_logits_row[static_cast<std::size_t>(e)] *= jitter_factor(
+            args.jitter, args.seed, t, static_cast<std::uint32_t>(e), rng_stream::jitter_logits);
   }
 
+  auto const jitter_of = [&](index_t t, index_t h) {
+    return jitter_x ? jitter_factor(args.jitter, args.seed, t, static_cast<std::uint32_t>(h),
+                                    rng_stream::jitter_input)
+                    : 1.0;
+  };
   moe::detail::host_gemm(
       tokens, hidden, experts, [&](index_t t, index_t e) { return d_logits(t, e); },
       [&](index_t e, index_t h) { return to_accumulate(w_gate(h, e)); },
-      [&](index_t t, index_t h, double v) { dx(t, h) += v; });
+      [&](index_t t, index_t h, double v) { dx(t, h) += jitter_x ? v * jitter_of(t, h) : v; });
   moe::detail::host_gemm(
-      hidden, experts, tokens, [&](index_t h, index_t t) { return x(t, h); },
+      hidden, experts, tokens,
+      [&](index_t h, index_t t) { return jitter_x ? x(t, h) * jitter_of(t, h) : x(t, h); },
       [&](index_t t, index_t e) { return d_logits(t, e); },
       [&](index_t h, index_t e, double v) {
         d_w_gate(h, e) = from_accumulate<T>(static_cast<accumulate_t<T>>(v));

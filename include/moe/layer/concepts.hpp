@@ -6,6 +6,7 @@
 #include <moe/comm/concepts.hpp>
 #include <moe/expert/concepts.hpp>
 #include <moe/gating/concepts.hpp>
+#include <moe/gating/policies.hpp>
 #include <moe/layout/concepts.hpp>
 
 namespace moe {
@@ -14,5 +15,12 @@ namespace moe {
 template <class Gate, class Layout, class Collective, class Expert>
 concept layer_policies = gating::gate<Gate> && layout::dispatch_layout<Layout> &&
     comm::collective<Collective> && expert::expert<Expert>;
+
+/// A gate fits a layout unless the gate is dropless (capacity policy gating::dropless) and
+/// the layout drops assignments past a capacity (layout::capacity): a dropless gate needs a
+/// dropless layout (layout::ragged).
+template <class Gate, class Layout>
+concept gate_capacity_fits_layout = gating::gate<Gate> && layout::dispatch_layout<Layout> &&
+    !(gating::is_dropless<Gate> && Layout::drops_tokens);
 
 }  // namespace moe

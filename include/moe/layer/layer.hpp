@@ -44,9 +44,10 @@
 namespace moe {
 
 /// The run-time arguments of a layer. A dropless layout (`layout::ragged`) has no capacity:
-/// the values of `capacity_factor` and `capacity_alignment` do not matter to it (they are
-/// still checked to be finite and at least 1), and it never rejects a factor for giving
-/// capacity 0.
+/// the values of `capacity_factor`, `eval_capacity_factor` and `capacity_alignment` do not
+/// matter to it (they are still checked to be finite and at least 1), and it never rejects a
+/// factor for giving capacity 0. The gating knobs are gate_args's (gating/args.hpp), which
+/// says what each does.
 struct layer_args {
   index_t tokens = 0;              ///< T: most tokens one call routes (workspace is sized for it)
   index_t hidden = 0;              ///< H
@@ -59,8 +60,20 @@ struct layer_args {
   /// tiles). A layout that drops tokens sizes its rows by the capacity and takes only 1.
   index_t expert_row_alignment = 1;
   gating::renormalize normalize = gating::renormalize::none;
-  float aux_loss_coef = 0.0f;  ///< the layer's objective adds aux_loss_coef · gshard_aux
+  float aux_loss_coef = 0.0f;  ///< the layer's objective adds aux_loss_coef · the gate's aux loss
   float z_loss_coef = 0.0f;    ///< … and z_loss_coef · z_loss
+
+  // --- gating knobs (gate_args) -------------------------------------------------------
+  bool training = true;               ///< noise and random routing only in training
+  float eval_capacity_factor = 1.0f;  ///< f while !training
+  index_t min_capacity = 4;           ///< gating::deepspeed_capacity's lower bound
+  index_t groups = 1;                 ///< local groups: T (every call's) a multiple of it
+  float scaling_factor = 1.0f;        ///< combine weights times this, after renormalisation
+  float jitter = 0.0f;                ///< ε of the jitter U[1−ε, 1+ε], training only
+  gating::jitter_target jitter_on = gating::jitter_target::input;
+  float gate_noise = 0.0f;          ///< Gaussian logit noise of std gate_noise / E, training only
+  std::uint64_t seed = 0;           ///< key of the routing RNG; fold the step and rank into it
+  span<float const> expert_bias{};  ///< (experts) selection bias, host memory; empty for none
 };
 
 /// Views of a layer's parameters (T const) or of their gradients (T).
@@ -84,6 +97,19 @@ struct layer_stats {
   /// forward call overwrites it.
   span<std::int64_t const> load;
 };
+
+namespace detail {
+
+/// The CUDA backend of a layer. It is defined in <moe/layer/kernels/layer.cuh>, which
+/// needs nvcc; the primary template only says where to find it.
+template <class Layer>
+struct cuda_layer {
+  static_assert(sizeof(Layer) == 0,
+                "moe::layer: the CUDA backend of the layer is defined in "
+                "<moe/layer/kernels/layer.cuh>; include it in a .cu file compiled by nvcc.");
+};
+
+}  // namespace detail
 
 /// An MoE layer.
 /// @tparam Gate       a gating policy (moe::gating::top_k<2>, moe::gating::top_any<>, …)
@@ -211,9 +237,41 @@ class layer {
   /// @param[in]  p  parameters, host memory
   /// @param[out] y  (tokens, hidden) host memory
   /// @param[in,out] ws host workspace of `workspace_bytes(host)` bytes; keeps what backward needs
-  template <element T>
+  template <class T>
   void forward(host_backend, matrix_view<std::type_identity_t<T> const> x, params<T> const& p,
                matrix_view<T> y, workspace ws) const {
+    static_assert(element<T>,
+                  "moe::layer: the elements of x, y and the parameters must be float, __half or "
+                  "__nv_bfloat16 (double on the host backend). Convert them, or instantiate "
+                  "with one of those.");
+    if constexpr (element<T>) forward_on_host(x, p, y, ws);
+  }
+
+  /// Backward on the host, of the objective ⟨dy, y⟩ + the layer's losses: writes dx and
+  /// every gradient (zero for experts that received no token). Call it after `forward`
+  /// with the same workspace.
+  /// @param[in]  dy (tokens, hidden) host memory, the same tokens as the forward call
+  /// @param[out] dx (tokens, hidden) host memory
+  /// @param[out] g  gradients, host memory, overwritten
+  template <class T>
+  void backward(host_backend, matrix_view<std::type_identity_t<T> const> dy, params<T> const& p,
+                matrix_view<T> dx, gradients<T> const& g, workspace ws) const {
+    static_assert(element<T>,
+                  "moe::layer: the elements of x, y and the parameters must be float, __half or "
+                  "__nv_bfloat16 (double on the host backend). Convert them, or instantiate "
+                  "with one of those.");
+    static_assert(expert::trainable_expert<Expert>,
+                  "moe::layer::backward: Expert has no backward (it is not a "
+                  "moe::expert::trainable_expert). Give it backward(...) as expert/ffn.hpp "
+                  "does, or use the layer for inference only.");
+    if constexpr (element<T> && expert::trainable_expert<Expert>)
+      backward_on_host(dy, p, dx, g, ws);
+  }
+
+ private:
+  template <element T>
+  void forward_on_host(matrix_view<T const> x, params<T> const& p, matrix_view<T> y,
+                       workspace ws) const {
     can_implement(x, p, y, ws).throw_if_failed();
     index_t const tokens = x.extent(0);
     workspace_carver carver(ws);
@@ -237,22 +295,17 @@ class layer {
                     state.expert_out, state.expert);
     to_ranks(state, as_const(state.expert_out), state.local_out);
     layout::combine(host, state.routing, row_of, as_const(state.local_out), y);
-    *state.header = {.forward_tokens = tokens,
-                     .local_rows = local_rows,
-                     .expert_rows = expert_rows,
-                     .summary = summary};
+    // The type is named: nvcc 13.0 ignores the designators of a braced list assigned to an
+    // object of a dependent type, and fills the fields in order.
+    *state.header = forward_header{.forward_tokens = tokens,
+                                   .local_rows = local_rows,
+                                   .expert_rows = expert_rows,
+                                   .summary = summary};
   }
 
-  /// Backward on the host, of the objective ⟨dy, y⟩ + the layer's losses: writes dx and
-  /// every gradient (zero for experts that received no token). Call it after `forward`
-  /// with the same workspace.
-  /// @param[in]  dy (tokens, hidden) host memory, the same tokens as the forward call
-  /// @param[out] dx (tokens, hidden) host memory
-  /// @param[out] g  gradients, host memory, overwritten
   template <element T>
-  void backward(host_backend, matrix_view<std::type_identity_t<T> const> dy, params<T> const& p,
-                matrix_view<T> dx, gradients<T> const& g,
-                workspace ws) const requires expert::trainable_expert<Expert> {
+  void backward_on_host(matrix_view<T const> dy, params<T> const& p, matrix_view<T> dx,
+                        gradients<T> const& g, workspace ws) const {
     check_backward(dy, p, dx, g, ws).throw_if_failed();
     index_t const tokens = dy.extent(0);
     forward_header const header = header_of(ws);
@@ -276,6 +329,61 @@ class layer {
         dx(t, h) = from_accumulate<T>(static_cast<accumulate_t<T>>(state.dx(t, h)));
   }
 
+ public:
+  // --- CUDA backend (defined in layer/kernels/layer.cuh) ------------------------------
+
+  /// Bytes of device workspace that forward and backward with elements T need on the CUDA
+  /// backend (it queries the device: CUB sizes its sort for the architecture).
+  template <element T>
+  [[nodiscard]] std::size_t workspace_bytes(cuda_backend cuda) const {
+    return detail::cuda_layer<layer>::template workspace_bytes<T>(*this, cuda);
+  }
+
+  /// Forward on the CUDA backend, enqueued on `cuda.stream` with `cuda.blas` for the GEMMs.
+  /// The capacity layout with a fixed capacity factor never synchronises (a CUDA graph can
+  /// capture it); dynamic capacity and the ragged layout read the expert batch's size on the
+  /// host once (one stream synchronisation each), because the expert GEMMs need it there.
+  /// @param[in]  x  (tokens, hidden) device memory, 1 ≤ tokens ≤ args().tokens
+  /// @param[in]  p  parameters, device memory
+  /// @param[out] y  (tokens, hidden) device memory
+  /// @param[in,out] ws device workspace of `workspace_bytes<T>(cuda)` bytes; keeps what
+  ///                backward needs (a copy of x among it)
+  template <class T>
+  void forward(cuda_backend cuda, matrix_view<std::type_identity_t<T> const> x, params<T> const& p,
+               matrix_view<T> y, workspace ws) const {
+    static_assert(element<T>,
+                  "moe::layer: the elements of x, y and the parameters must be float, __half or "
+                  "__nv_bfloat16 (double on the host backend). Convert them, or instantiate "
+                  "with one of those.");
+    if constexpr (element<T>) detail::cuda_layer<layer>::forward(*this, cuda, x, p, y, ws);
+  }
+
+  /// Backward on the CUDA backend, after `forward` on the same stream and workspace: writes
+  /// dx and every gradient (zero for experts that received no token). Synchronises as the
+  /// forward did (dynamic capacity and ragged read the batch's size again). dy must have the
+  /// forward call's tokens: the device workspace keeps no header the host could check
+  /// without synchronising.
+  template <class T>
+  void backward(cuda_backend cuda, matrix_view<std::type_identity_t<T> const> dy,
+                params<T> const& p, matrix_view<T> dx, gradients<T> const& g, workspace ws) const {
+    static_assert(element<T>,
+                  "moe::layer: the elements of x, y and the parameters must be float, __half or "
+                  "__nv_bfloat16 (double on the host backend). Convert them, or instantiate "
+                  "with one of those.");
+    static_assert(expert::trainable_expert<Expert>,
+                  "moe::layer::backward: Expert has no backward (it is not a "
+                  "moe::expert::trainable_expert). Give it backward(...) as expert/ffn.hpp "
+                  "does, or use the layer for inference only.");
+    if constexpr (element<T> && expert::trainable_expert<Expert>)
+      detail::cuda_layer<layer>::backward(*this, cuda, dy, p, dx, g, ws);
+  }
+
+  /// What the last forward call in `ws` decided (CUDA backend). Synchronises `cuda.stream`
+  /// to read the call's scalars; `load` is a view of device memory.
+  [[nodiscard]] layer_stats stats(cuda_backend cuda, workspace ws, index_t tokens) const {
+    return detail::cuda_layer<layer>::stats(*this, cuda, ws, tokens);
+  }
+
   /// What the last forward call in `ws` decided (host backend).
   [[nodiscard]] layer_stats stats(host_backend, workspace ws) const {
     if (auto s = check_workspace(ws); !s) s.throw_if_failed();
@@ -294,6 +402,8 @@ class layer {
   }
 
  private:
+  friend struct detail::cuda_layer<layer>;
+
   /// The first bytes of the workspace: what forward tells backward.
   struct forward_header {
     static constexpr std::uint64_t forward_done = 0x6d6f652d66776421;  // "moe-fwd!"
@@ -334,9 +444,14 @@ class layer {
     span<std::int64_t> gathered, gather_send;  // (ranks) each an all-gather's
   };
 
-  /// The gate's arguments. A dropless layout routes with dynamic capacity (f = 0, no
-  /// alignment): the capacity is then the largest load, and no assignment is dropped.
+  /// The gate's arguments. A dropless layout routes with dynamic capacity (f = 0 in training
+  /// and evaluation, no alignment): the capacity is then the largest load, and no assignment
+  /// is dropped. A dropless gate (capacity policy gating::dropless) needs a dropless layout.
   static gating::gate_args gate_args_of(layer_args const& a) noexcept {
+    static_assert(gate_capacity_fits_layout<Gate, Layout>,
+                  "moe::layer: the gate is dropless (capacity policy gating::dropless) but "
+                  "layout::capacity drops assignments past its capacity. Use layout::ragged, or "
+                  "a gate with a capacity policy such as gating::tutel_capacity.");
     return {.tokens = a.tokens,
             .experts = a.experts,
             .k = a.top_k,
@@ -344,16 +459,23 @@ class layer {
             .capacity_alignment = Layout::drops_tokens ? a.capacity_alignment : 1,
             .normalize = a.normalize,
             .aux_loss_coef = a.aux_loss_coef,
-            .z_loss_coef = a.z_loss_coef};
+            .z_loss_coef = a.z_loss_coef,
+            .training = a.training,
+            .eval_capacity_factor = Layout::drops_tokens ? a.eval_capacity_factor : 0.0f,
+            .min_capacity = a.min_capacity,
+            .groups = a.groups,
+            .scaling_factor = a.scaling_factor,
+            .jitter = a.jitter,
+            .jitter_on = a.jitter_on,
+            .gate_noise = a.gate_noise,
+            .seed = a.seed,
+            .expert_bias = a.expert_bias};
   }
 
+  /// The capacity arguments of a call of `tokens` tokens (gating/capacity.hpp).
   static gating::capacity_args capacity_args_of(layer_args const& a, index_t tokens) noexcept {
     gating::gate_args const g = gate_args_of(a);
-    return {.tokens = tokens,
-            .experts = a.experts,
-            .k = Gate{}.k(g),
-            .factor = g.capacity_factor,
-            .alignment = g.capacity_alignment};
+    return gating::capacity_args_of(g, Gate{}.k(g), gating::capacity_of<Gate>::rounding, tokens);
   }
 
   [[nodiscard]] index_t max_capacity() const noexcept {

@@ -1,0 +1,806 @@
+// SPDX-License-Identifier: Apache-2.0
+// The layer's CUDA backend (layer/kernels/layer.cuh) against its host backend (layer.hpp),
+// forward and backward, on fresh random inputs with every output, gradient and the
+// workspace poisoned first; a CUDA graph of forward and backward against eager runs; and
+// rejected calls. Skipped (exit 77) without a CUDA device.
+//
+// Routing is discontinuous, so x and W_gate lie on dyadic grids (x = ±i/8, i = 1..8;
+// W_gate = ±m/2^(6+s), m = 1..64, s growing with H as in gating/router_gpu_test.cu): every
+// logit is then exact in float, from float and bfloat16 operands alike, and both backends
+// select, slot and drop the same assignments. Expert weights and dy are continuous. The
+// host layer runs in double on the same (rounded) values. Tolerances: float 1e-5, bfloat16
+// 1e-2, relative to |reference| + the tensor's RMS; routing statistics exactly, losses to
+// 1e-5. The float bound needs cuBLAS without TF32 (the default math mode;
+// NVIDIA_TF32_OVERRIDE=1 would break it).
+
+#include "../support/expect.hpp"
+#include "../support/random.hpp"
+
+#include <doctest/doctest.h>
+
+#include <moe/core/blas.hpp>
+#include <moe/expert/kernels/ffn.cuh>
+#include <moe/expert/kernels/glu.cuh>
+#include <moe/layer/kernels/layer.cuh>
+#include <moe/moe.hpp>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using namespace moe;
+
+/// A non-blocking stream of its own, destroyed at scope exit.
+struct test_stream {
+  cudaStream_t stream = nullptr;
+  test_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
+  test_stream(test_stream const&) = delete;
+  test_stream& operator=(test_stream const&) = delete;
+  ~test_stream() {
+    MOE_CUDA_TRY_LOG(cudaStreamSynchronize(stream));
+    MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream));
+  }
+};
+
+/// `count` elements of T in device memory, freed at scope exit. Copies are ordered on the
+/// stream they are given and waited for.
+template <class T>
+class device_array {
+ public:
+  explicit device_array(std::size_t n) : count_(n) {
+    if (n > 0) MOE_CUDA_TRY(cudaMalloc(&data_, n * sizeof(T)));
+  }
+  device_array(device_array&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+  device_array(device_array const&) = delete;
+  device_array& operator=(device_array const&) = delete;
+  device_array& operator=(device_array&&) = delete;
+  ~device_array() {
+    if (data_ != nullptr) MOE_CUDA_TRY_LOG(cudaFree(data_));
+  }
+
+  [[nodiscard]] T* data() const noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return count_; }
+
+  void upload(std::vector<T> const& host, cudaStream_t stream) {
+    REQUIRE(host.size() == count_);
+    if (count_ == 0) return;
+    MOE_CUDA_TRY(
+        cudaMemcpyAsync(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice, stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
+  }
+  [[nodiscard]] std::vector<T> download(cudaStream_t stream) const {
+    std::vector<T> host(count_);
+    if (count_ > 0)
+      MOE_CUDA_TRY(
+          cudaMemcpyAsync(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
+    return host;
+  }
+  void poison(cudaStream_t stream) {
+    if (count_ > 0) MOE_CUDA_TRY(cudaMemsetAsync(data_, 0xff, count_ * sizeof(T), stream));
+  }
+
+ private:
+  T* data_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+template <class T>
+std::vector<double> widen(std::vector<T> const& v) {
+  std::vector<double> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(to_accumulate(v[i]));
+  return out;
+}
+
+template <class T>
+bool same_bits(std::vector<T> const& a, std::vector<T> const& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <class T>
+bool all_poisoned(std::vector<T> const& v) {
+  auto const* bytes = reinterpret_cast<unsigned char const*>(v.data());
+  return std::all_of(bytes, bytes + v.size() * sizeof(T),
+                     [](unsigned char c) { return c == 0xff; });
+}
+
+template <class T>
+bool all_finite(std::vector<T> const& v) {
+  return std::all_of(v.begin(), v.end(), [](T e) { return std::isfinite(to_accumulate(e)); });
+}
+
+/// Every element within tolerance · (|reference| + RMS(reference)); NaN (poison) never is.
+void expect_close(std::vector<double> const& reference, std::vector<double> const& got,
+                  double tolerance, std::string const& what) {
+  REQUIRE(reference.size() == got.size());
+  double squares = 0;
+  for (double v : reference) squares += v * v;
+  double const rms =
+      reference.empty() ? 0 : std::sqrt(squares / static_cast<double>(reference.size()));
+  std::size_t bad = 0, first_bad = 0;
+  for (std::size_t i = 0; i < reference.size(); ++i)
+    if (!(std::abs(got[i] - reference[i]) <= tolerance * (std::abs(reference[i]) + rms))) {
+      if (bad++ == 0) first_bad = i;
+    }
+  INFO(what << ": " << bad << " of " << reference.size() << " elements off (tolerance " << tolerance
+            << ", rms " << rms << "); first at " << first_bad << ": got "
+            << (bad ? got[first_bad] : 0.0) << ", expected " << (bad ? reference[first_bad] : 0.0));
+  CHECK(bad == 0);
+}
+
+/// A scalar within `tolerance` relative (and 1e-12 absolute).
+void expect_close(double reference, double got, double tolerance, char const* what) {
+  INFO(what << ": got " << got << ", expected " << reference);
+  CHECK(std::abs(got - reference) <= tolerance * std::abs(reference) + 1e-12);
+}
+
+// --- parameters --------------------------------------------------------------------------
+
+/// The shapes of a layer's parameters: W_gate (H, E), then the expert's W1 (E, H, F1),
+/// b1 (E, F1), W2 (E, F, H), b2 (E, H), F1 = F (ffn) or 2·F (glu, [gate | up]).
+struct param_shapes {
+  index_t hidden, ffn, experts, width;
+  bool biases;
+
+  [[nodiscard]] std::array<std::size_t, 5> counts() const {
+    auto n = [](index_t v) { return static_cast<std::size_t>(v); };
+    return {n(hidden * experts), n(experts * hidden * width), n(biases ? experts * width : 0),
+            n(experts * ffn * hidden), n(biases ? experts * hidden : 0)};
+  }
+};
+
+template <class Expert>
+constexpr index_t width_factor =
+    std::is_same_v<typename Expert::template params<float>, expert::glu_params<float>> ? 2 : 1;
+
+template <class Expert>
+param_shapes shapes_of(layer_args const& a, bool biases) {
+  return {a.hidden, a.ffn, a.experts, width_factor<Expert> * a.ffn, biases};
+}
+
+char const* const param_names[5] = {"d gate_weight", "d w1", "d b1", "d w2", "d b2"};
+
+/// Layer parameter (or gradient) views over five arrays laid out as `param_shapes` says;
+/// absent biases are empty views.
+template <class Expert, class U>
+layer_params<U, Expert> layer_views(param_shapes const& s, std::array<U*, 5> const& p) {
+  auto bias = [&](U* data, index_t width) {
+    return s.biases ? make_view(data, s.experts, width) : matrix_view<U>{};
+  };
+  return {make_view(p[0], s.hidden, s.experts),
+          {make_view(p[1], s.experts, s.hidden, s.width), bias(p[2], s.width),
+           make_view(p[3], s.experts, s.ffn, s.hidden), bias(p[4], s.hidden)}};
+}
+
+/// Host copies of the five tensors.
+template <class T>
+using host_params = std::array<std::vector<T>, 5>;
+
+template <class Expert, class U, class T>
+layer_params<U, Expert> host_views(param_shapes const& s, host_params<T>& p) {
+  return layer_views<Expert, U>(
+      s, {static_cast<U*>(p[0].data()), static_cast<U*>(p[1].data()), static_cast<U*>(p[2].data()),
+          static_cast<U*>(p[3].data()), static_cast<U*>(p[4].data())});
+}
+
+/// The five tensors in device memory.
+template <class T>
+struct device_params {
+  param_shapes shapes;
+  std::vector<device_array<T>> arrays;
+
+  explicit device_params(param_shapes const& s) : shapes(s) {
+    for (std::size_t n : s.counts()) arrays.emplace_back(n);
+  }
+  template <class Expert, class U>
+  layer_params<U, Expert> views() const {
+    return layer_views<Expert, U>(
+        shapes, {static_cast<U*>(arrays[0].data()), static_cast<U*>(arrays[1].data()),
+                 static_cast<U*>(arrays[2].data()), static_cast<U*>(arrays[3].data()),
+                 static_cast<U*>(arrays[4].data())});
+  }
+  void upload(host_params<T> const& host, cudaStream_t stream) {
+    for (std::size_t n = 0; n < arrays.size(); ++n) arrays[n].upload(host[n], stream);
+  }
+  [[nodiscard]] host_params<T> download(cudaStream_t stream) const {
+    host_params<T> out;
+    for (std::size_t n = 0; n < arrays.size(); ++n) out[n] = arrays[n].download(stream);
+    return out;
+  }
+  void poison(cudaStream_t stream) {
+    for (auto& a : arrays) a.poison(stream);
+  }
+};
+
+// --- inputs ------------------------------------------------------------------------------
+
+/// ±i/8, i = 1..8: exact in every element type.
+template <class T>
+void fill_x(std::vector<T>& x, std::mt19937_64& rng) {
+  std::uniform_int_distribution<int> i(1, 8), sign(0, 1);
+  for (auto& v : x) v = from_accumulate<T>(static_cast<float>(sign(rng) ? i(rng) : -i(rng)) / 8);
+}
+
+/// ±m/2^(6+s), m = 1..64, s = max(0, ⌊log2(H)/2⌋ − 1): the logits stay O(1), and every
+/// product x·w and every partial sum of H of them is exact in float.
+template <class T>
+void fill_gate(std::vector<T>& w, index_t hidden, std::mt19937_64& rng) {
+  int const s =
+      std::max(0, static_cast<int>(std::bit_width(static_cast<std::uint64_t>(hidden)) - 1) / 2 - 1);
+  float const unit = std::ldexp(1.0f, -(6 + s));
+  std::uniform_int_distribution<int> m(1, 64), sign(0, 1);
+  for (auto& v : w) v = from_accumulate<T>(static_cast<float>(sign(rng) ? m(rng) : -m(rng)) * unit);
+}
+
+/// Makes the last expert lose every selection (with k < E): feature 0 of every token is 1,
+/// its gate weight +1/4 to every other expert and −1/4 to the last, and the other features'
+/// gate weights (m/2^14, m ≤ 64) move a logit by less than 63/256 < 1/4. Still exact.
+template <class T>
+void starve_last_expert(std::vector<T>& x, std::vector<T>& w, index_t tokens, index_t hidden,
+                        index_t experts, std::mt19937_64& rng) {
+  for (index_t t = 0; t < tokens; ++t)
+    x[static_cast<std::size_t>(t * hidden)] = from_accumulate<T>(1);
+  std::uniform_int_distribution<int> m(1, 64), sign(0, 1);
+  for (index_t h = 0; h < hidden; ++h)
+    for (index_t e = 0; e < experts; ++e) {
+      float v = static_cast<float>(sign(rng) ? m(rng) : -m(rng)) * std::ldexp(1.0f, -14);
+      if (h == 0) v = e + 1 < experts ? 0.25f : -0.25f;
+      w[static_cast<std::size_t>(h * experts + e)] = from_accumulate<T>(v);
+    }
+}
+
+/// Continuous values in [−scale, scale], never near zero, rounded to T.
+template <class T>
+void fill_continuous(std::vector<T>& v, std::mt19937_64& rng, double scale) {
+  test::host_tensor<T> t(static_cast<index_t>(v.size()));
+  t.randomize(rng, scale);
+  v = std::move(t.data);
+}
+
+/// Everything one layer call reads: parameters, x and dy, in T.
+template <class T>
+struct layer_inputs {
+  param_shapes shapes;
+  index_t tokens;
+  host_params<T> params;
+  std::vector<T> x, dy;
+
+  layer_inputs(param_shapes const& s, index_t call_tokens, bool starve, std::mt19937_64& rng)
+      : shapes(s), tokens(call_tokens) {
+    auto const counts = s.counts();
+    for (std::size_t n = 0; n < 5; ++n) params[n].resize(counts[n]);
+    for (std::size_t n = 1; n < 5; ++n) fill_continuous(params[n], rng, 0.5);
+    fill_gate(params[0], s.hidden, rng);
+    x.resize(static_cast<std::size_t>(tokens * s.hidden));
+    dy.resize(x.size());
+    fill_x(x, rng);
+    fill_continuous(dy, rng, 1.0);
+    if (starve) starve_last_expert(x, params[0], tokens, s.hidden, s.experts, rng);
+  }
+};
+
+// --- one pass on each backend ------------------------------------------------------------
+
+/// What one forward and backward gave, as doubles, with the routing statistics.
+struct pass_results {
+  std::vector<double> y, dx;
+  host_params<double> grads;
+  layer_stats stats;
+  std::vector<std::int64_t> load;
+};
+
+/// The reference: the host layer in double on the inputs' values.
+template <class Layer, class T>
+pass_results run_on_host(layer_args const& args, layer_inputs<T> const& in) {
+  using Expert = typename Layer::expert_type;
+  Layer const layer(args);
+  param_shapes const& s = in.shapes;
+  index_t const tokens = in.tokens, h = s.hidden;
+  host_params<double> params;
+  for (std::size_t n = 0; n < 5; ++n) params[n] = widen(in.params[n]);
+  std::vector<double> const x = widen(in.x), dy = widen(in.dy);
+
+  pass_results r;
+  r.y.assign(x.size(), std::nan(""));
+  r.dx.assign(x.size(), std::nan(""));
+  auto const counts = s.counts();
+  for (std::size_t n = 0; n < 5; ++n) r.grads[n].assign(counts[n], std::nan(""));
+  host_buffer ws(layer.workspace_bytes(host));
+  auto const p = host_views<Expert, double const>(s, params);
+  layer.forward(host, make_view(x.data(), tokens, h), p, make_view(r.y.data(), tokens, h),
+                ws.view());
+  layer.backward(host, make_view(dy.data(), tokens, h), p, make_view(r.dx.data(), tokens, h),
+                 host_views<Expert, double>(s, r.grads), ws.view());
+  r.stats = layer.stats(host, ws.view());
+  r.load.assign(r.stats.load.begin(), r.stats.load.end());
+  r.stats.load = {};  // it viewed the workspace, freed on return
+  return r;
+}
+
+/// What the device gave, in T.
+template <class T>
+struct device_results {
+  std::vector<T> y, dx;
+  host_params<T> grads;
+  layer_stats stats;
+  std::vector<std::int64_t> load;
+};
+
+/// One CUDA forward and backward; outputs, gradients and the workspace poisoned first.
+template <class Layer, class T>
+device_results<T> run_on_device(Layer const& layer, cuda_backend cuda, layer_inputs<T> const& in,
+                                device_params<T> const& params) {
+  using Expert = typename Layer::expert_type;
+  param_shapes const& s = in.shapes;
+  index_t const tokens = in.tokens, h = s.hidden;
+  cudaStream_t const stream = cuda.stream;
+  device_array<T> x(in.x.size()), dy(in.dy.size()), y(in.x.size()), dx(in.x.size());
+  x.upload(in.x, stream);
+  dy.upload(in.dy, stream);
+  device_params<T> grads(s);
+  device_array<std::byte> ws(layer.template workspace_bytes<T>(cuda));
+  y.poison(stream);
+  dx.poison(stream);
+  grads.poison(stream);
+  ws.poison(stream);
+
+  auto const p = params.template views<Expert, T const>();
+  layer.forward(cuda, make_view(static_cast<T const*>(x.data()), tokens, h), p,
+                make_view(y.data(), tokens, h), workspace{ws.data(), ws.size()});
+  layer.backward(cuda, make_view(static_cast<T const*>(dy.data()), tokens, h), p,
+                 make_view(dx.data(), tokens, h), grads.template views<Expert, T>(),
+                 workspace{ws.data(), ws.size()});
+  device_results<T> r;
+  r.stats = layer.stats(cuda, workspace{ws.data(), ws.size()}, tokens);  // synchronises
+  REQUIRE(r.stats.load.size() == static_cast<std::size_t>(s.experts));
+  r.load.resize(r.stats.load.size());
+  MOE_CUDA_TRY(cudaMemcpyAsync(r.load.data(), r.stats.load.data(),
+                               r.load.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost,
+                               stream));
+  r.y = y.download(stream);
+  r.dx = dx.download(stream);
+  r.grads = grads.download(stream);
+  r.stats.load = {};  // it viewed the workspace, freed on return
+  return r;
+}
+
+/// One configuration of a comparison.
+struct case_config {
+  layer_args args;
+  index_t call_tokens;  // ≤ args.tokens
+  bool starve = false;  // the last expert receives no token
+  bool expect_drops = false;
+  bool biases = true;
+};
+
+/// The testbed: Layer on the CUDA backend in T against the host layer in double.
+template <class Layer, class T>
+void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t blas) {
+  using Expert = typename Layer::expert_type;
+  auto const seed = test::fresh_seed();
+  double const tolerance = std::is_same_v<T, float> ? 1e-5 : 1e-2;
+  layer_args const& a = c.args;
+  INFO("seed " << seed << ", " << dtype_traits<T>::name << ", T " << c.call_tokens << " of "
+               << a.tokens << ", H " << a.hidden << ", F " << a.ffn << ", E " << a.experts << ", k "
+               << a.top_k << ", f " << a.capacity_factor << ", capacity alignment "
+               << a.capacity_alignment << ", row alignment " << a.expert_row_alignment
+               << (c.starve ? ", last expert starved" : "")
+               << (c.biases ? ", biases" : ", no biases"));
+  std::mt19937_64 rng(seed);
+  param_shapes const shapes = shapes_of<Expert>(a, c.biases);
+  layer_inputs<T> const in(shapes, c.call_tokens, c.starve, rng);
+
+  pass_results const ref = run_on_host<Layer>(a, in);
+  if (c.expect_drops) CHECK(ref.stats.dropped > 0);
+  if (c.starve) CHECK(ref.load.back() == 0);
+
+  Layer const layer(a);
+  cuda_backend const cuda{stream, blas};
+  device_params<T> params(shapes);
+  params.upload(in.params, stream);
+  device_results<T> const got = run_on_device(layer, cuda, in, params);
+
+  expect_close(ref.y, widen(got.y), tolerance, "y");
+  expect_close(ref.dx, widen(got.dx), tolerance, "dx");
+  for (std::size_t n = 0; n < 5; ++n)
+    expect_close(ref.grads[n], widen(got.grads[n]), tolerance, param_names[n]);
+  if (c.starve) {  // zero, not garbage, for the expert that received nothing
+    index_t const e = a.experts - 1, w = shapes.width;
+    auto zero = [](std::vector<T> const& v, index_t from, index_t n) {
+      return std::all_of(v.begin() + from, v.begin() + from + n,
+                         [](T value) { return to_accumulate(value) == 0.0f; });
+    };
+    CHECK(zero(got.grads[1], e * a.hidden * w, a.hidden * w));
+    CHECK(zero(got.grads[3], e * a.ffn * a.hidden, a.ffn * a.hidden));
+    if (c.biases) {
+      CHECK(zero(got.grads[2], e * w, w));
+      CHECK(zero(got.grads[4], e * a.hidden, a.hidden));
+    }
+  }
+
+  CHECK(got.stats.tokens == ref.stats.tokens);
+  CHECK(got.stats.capacity == ref.stats.capacity);
+  CHECK(got.stats.expert_rows == ref.stats.expert_rows);
+  CHECK(got.stats.dropped == ref.stats.dropped);
+  CHECK(got.load == ref.load);
+  expect_close(ref.stats.aux_loss, got.stats.aux_loss, 1e-5, "aux_loss");
+  expect_close(ref.stats.z_loss, got.stats.z_loss, 1e-5, "z_loss");
+  expect_close(ref.stats.loss, got.stats.loss, 1e-5, "loss");
+
+  // The same call again gives the same bits (DESIGN §3: deterministic by default).
+  device_results<T> const again = run_on_device(layer, cuda, in, params);
+  CHECK(same_bits(got.y, again.y));
+  CHECK(same_bits(got.dx, again.dx));
+  for (std::size_t n = 0; n < 5; ++n) CHECK(same_bits(got.grads[n], again.grads[n]));
+}
+
+template <class Layer>
+void compare_in_float_and_bfloat16(case_config const& c, cudaStream_t stream, cublasHandle_t blas) {
+  compare_with_host<Layer, float>(c, stream, blas);
+  compare_with_host<Layer, __nv_bfloat16>(c, stream, blas);
+}
+
+// H ≤ 64, F ≤ 128, T ≤ 96, E ≤ 8: the host reference stays cheap.
+layer_args const capacity_args{.tokens = 96,
+                               .hidden = 64,
+                               .ffn = 128,
+                               .experts = 8,
+                               .capacity_factor = 1.0f,
+                               .aux_loss_coef = 0.01f,
+                               .z_loss_coef = 0.001f};
+
+layer_args const ragged_args{.tokens = 96,
+                             .hidden = 64,
+                             .ffn = 64,
+                             .experts = 8,
+                             .capacity_factor = 1.0f,  // ignored by a dropless layout
+                             .aux_loss_coef = 0.01f,
+                             .z_loss_coef = 0.001f};
+
+template <class Change>
+layer_args with(layer_args a, Change change) {
+  change(a);
+  return a;
+}
+
+using capacity_layer =
+    layer<gating::top_k<2>, layout::capacity, comm::single_rank, expert::ffn<act::gelu>>;
+using ragged_layer =
+    layer<gating::top_k<2>, layout::ragged, comm::single_rank, expert::glu<act::silu>>;
+using ragged_any_layer =
+    layer<gating::top_any<>, layout::ragged, comm::single_rank, expert::glu<act::silu>>;
+
+}  // namespace
+
+TEST_CASE("the capacity layer (top-2, ffn<gelu>) on the CUDA backend matches the host layer") {
+  test_stream s;
+  blas_handle blas;
+  SUBCASE("fixed factor 1 with k = 2: C = 2·⌈T/E⌉ drops assignments") {
+    compare_in_float_and_bfloat16<capacity_layer>(
+        {.args = capacity_args, .call_tokens = 96, .expect_drops = true}, s.stream, blas.get());
+  }
+  SUBCASE("fewer tokens than the layer was sized for: C of the call's T") {
+    compare_in_float_and_bfloat16<capacity_layer>({.args = capacity_args, .call_tokens = 61},
+                                                  s.stream, blas.get());
+  }
+  SUBCASE("dynamic capacity (factor 0): C is the largest load, nothing dropped") {
+    compare_in_float_and_bfloat16<capacity_layer>(
+        {.args = with(capacity_args, [](auto& a) { a.capacity_factor = 0; }), .call_tokens = 80},
+        s.stream, blas.get());
+  }
+  SUBCASE("capped dynamic capacity (factor −1) and a capacity alignment") {
+    compare_in_float_and_bfloat16<capacity_layer>({.args = with(capacity_args,
+                                                                [](auto& a) {
+                                                                  a.capacity_factor = -1.0f;
+                                                                  a.capacity_alignment = 8;
+                                                                }),
+                                                   .call_tokens = 96},
+                                                  s.stream, blas.get());
+  }
+  SUBCASE("renormalised weights after drops, no biases, an expert with no token") {
+    compare_in_float_and_bfloat16<capacity_layer>(
+        {.args = with(capacity_args,
+                      [](auto& a) {
+                        a.capacity_factor = 1.25f;
+                        a.normalize = gating::renormalize::after_drops;
+                      }),
+         .call_tokens = 96,
+         .starve = true,
+         .biases = false},
+        s.stream, blas.get());
+  }
+}
+
+TEST_CASE("the ragged layer (glu<silu>) on the CUDA backend matches the host layer") {
+  test_stream s;
+  blas_handle blas;
+  SUBCASE("top-2, no padding") {
+    compare_in_float_and_bfloat16<ragged_layer>({.args = ragged_args, .call_tokens = 96}, s.stream,
+                                                blas.get());
+  }
+  SUBCASE("top-2, rows padded to 16, fewer tokens, an expert with no token") {
+    compare_in_float_and_bfloat16<ragged_layer>(
+        {.args = with(ragged_args, [](auto& a) { a.expert_row_alignment = 16; }),
+         .call_tokens = 50,
+         .starve = true},
+        s.stream, blas.get());
+  }
+  SUBCASE("top-any, k = 3, rows padded to 16") {
+    compare_in_float_and_bfloat16<ragged_any_layer>({.args = with(ragged_args,
+                                                                  [](auto& a) {
+                                                                    a.top_k = 3;
+                                                                    a.expert_row_alignment = 16;
+                                                                  }),
+                                                     .call_tokens = 96},
+                                                    s.stream, blas.get());
+  }
+  SUBCASE("top-any, k = 1, no padding, no biases") {
+    compare_in_float_and_bfloat16<ragged_any_layer>(
+        {.args = with(ragged_args, [](auto& a) { a.top_k = 1; }),
+         .call_tokens = 77,
+         .biases = false},
+        s.stream, blas.get());
+  }
+}
+
+namespace {
+
+/// Capture forward + backward of the capacity layer (fixed factor) into a graph, then for two
+/// fresh inputs written into the same buffers, replay it and compare with an eager run on
+/// the same stream and handle, bit for bit.
+template <class T>
+void check_graph_replay() {
+  using Layer = capacity_layer;
+  using Expert = Layer::expert_type;
+  test_stream s;
+  // cuBLAS must not allocate while captured: point the handle at the stream, then give it a
+  // workspace (in that order: cublasSetStream drops the workspace; moe::gemm leaves a
+  // handle that is already on the stream alone). The workspace outlives the handle.
+  device_array<std::byte> blas_workspace(std::size_t{32} << 20);
+  blas_handle blas;
+  MOE_CUBLAS_TRY(cublasSetStream(blas.get(), s.stream));
+  MOE_CUBLAS_TRY(cublasSetWorkspace(blas.get(), blas_workspace.data(), blas_workspace.size()));
+  cuda_backend const cuda{s.stream, blas.get()};
+
+  auto const seed = test::fresh_seed();
+  INFO("seed " << seed << ", " << dtype_traits<T>::name);
+  std::mt19937_64 rng(seed);
+  layer_args const args = capacity_args;
+  Layer const layer(args);
+  index_t const tokens = args.tokens, h = args.hidden;
+  param_shapes const shapes = shapes_of<Expert>(args, true);
+  layer_inputs<T> first(shapes, tokens, false, rng);
+  device_params<T> params(shapes), grads(shapes);
+  params.upload(first.params, s.stream);
+  device_array<T> x(first.x.size()), dy(first.x.size()), y(first.x.size()), dx(first.x.size());
+  device_array<std::byte> ws(layer.workspace_bytes<T>(cuda));
+  ws.poison(s.stream);
+
+  auto const p = params.template views<Expert, T const>();
+  auto step = [&] {
+    layer.forward(cuda, make_view(static_cast<T const*>(x.data()), tokens, h), p,
+                  make_view(y.data(), tokens, h), workspace{ws.data(), ws.size()});
+    layer.backward(cuda, make_view(static_cast<T const*>(dy.data()), tokens, h), p,
+                   make_view(dx.data(), tokens, h), grads.template views<Expert, T>(),
+                   workspace{ws.data(), ws.size()});
+  };
+  auto poison = [&] {
+    y.poison(s.stream);
+    dx.poison(s.stream);
+    grads.poison(s.stream);
+  };
+  auto snapshot = [&] {
+    std::vector<std::vector<T>> all{y.download(s.stream), dx.download(s.stream)};
+    for (auto& g : grads.download(s.stream)) all.push_back(std::move(g));
+    return all;
+  };
+
+  // An eager run first: lazy module loading and library set-up happen outside the capture.
+  x.upload(first.x, s.stream);
+  dy.upload(first.dy, s.stream);
+  step();
+  MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+
+  poison();
+  MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+  cudaGraph_t graph = nullptr;
+  // Global mode: any synchronising or otherwise unsafe call while capturing fails.
+  MOE_CUDA_TRY(cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeGlobal));
+  try {
+    step();
+  } catch (...) {
+    (void)cudaStreamEndCapture(s.stream, &graph);
+    if (graph != nullptr) (void)cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    FAIL("forward or backward threw while captured");
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  MOE_CUDA_TRY(cudaStreamIsCapturing(s.stream, &capture));
+  CHECK(capture == cudaStreamCaptureStatusActive);  // invalidated by a synchronisation
+  cudaError_t const ended = cudaStreamEndCapture(s.stream, &graph);
+  (void)cudaGetLastError();
+  REQUIRE_MESSAGE(ended == cudaSuccess, "capture failed: " << cudaGetErrorString(ended));
+  REQUIRE(graph != nullptr);
+
+  // Nothing in the graph reads back to the host: no host nodes, no copies into host memory.
+  std::size_t count = 0;
+  MOE_CUDA_TRY(cudaGraphGetNodes(graph, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  MOE_CUDA_TRY(cudaGraphGetNodes(graph, nodes.data(), &count));
+  CHECK(count > 0);
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    MOE_CUDA_TRY(cudaGraphNodeGetType(node, &type));
+    CHECK(type != cudaGraphNodeTypeHost);
+    if (type == cudaGraphNodeTypeMemcpy) {
+      cudaMemcpy3DParms copy{};
+      MOE_CUDA_TRY(cudaGraphMemcpyNodeGetParams(node, &copy));
+      cudaPointerAttributes where{};
+      MOE_CUDA_TRY(cudaPointerGetAttributes(&where, copy.dstPtr.ptr));
+      CHECK(where.type == cudaMemoryTypeDevice);
+    }
+  }
+  cudaGraphExec_t exec = nullptr;
+  MOE_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (int round = 0; round < 2; ++round) {
+    INFO("input " << round);
+    layer_inputs<T> const fresh(shapes, tokens, false, rng);
+    x.upload(fresh.x, s.stream);
+    dy.upload(fresh.dy, s.stream);
+    poison();
+    step();
+    auto const eager = snapshot();
+    poison();
+    MOE_CUDA_TRY(cudaGraphLaunch(exec, s.stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+    auto const replayed = snapshot();
+    REQUIRE(eager.size() == replayed.size());
+    for (std::size_t i = 0; i < eager.size(); ++i) {
+      INFO((i == 0 ? "y" : i == 1 ? "dx" : param_names[i - 2]));
+      CHECK(all_finite(eager[i]));  // written, so equal bits are no accident of the poison
+      CHECK(same_bits(eager[i], replayed[i]));
+    }
+  }
+  MOE_CUDA_TRY(cudaGraphExecDestroy(exec));
+  MOE_CUDA_TRY(cudaGraphDestroy(graph));
+}
+
+}  // namespace
+
+TEST_CASE("forward and backward of the capacity layer replay from a CUDA graph, bit for bit") {
+  check_graph_replay<float>();
+  check_graph_replay<__nv_bfloat16>();
+}
+
+TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output untouched") {
+  using Layer = capacity_layer;
+  using Expert = Layer::expert_type;
+  using T = float;
+  test_stream s;
+  blas_handle blas;
+  cuda_backend const cuda{s.stream, blas.get()};
+  cuda_backend const no_blas{s.stream, nullptr};
+  auto const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  layer_args const args = capacity_args;
+  Layer const layer(args);
+  index_t const tokens = args.tokens, h = args.hidden, e = args.experts;
+  param_shapes const shapes = shapes_of<Expert>(args, true);
+  layer_inputs<T> const in(shapes, tokens, false, rng);
+  device_params<T> params(shapes), grads(shapes);
+  params.upload(in.params, s.stream);
+  // Room for (T + 1, H + 1): the wrong shapes below view it.
+  std::size_t const room = static_cast<std::size_t>((tokens + 1) * (h + 1));
+  device_array<T> x(room), dy(room), y(room), dx(room);
+  std::vector<T> padded_x(room), padded_dy(room);
+  std::copy(in.x.begin(), in.x.end(), padded_x.begin());
+  std::copy(in.dy.begin(), in.dy.end(), padded_dy.begin());
+  x.upload(padded_x, s.stream);
+  dy.upload(padded_dy, s.stream);
+  std::size_t const bytes = layer.workspace_bytes<T>(cuda);
+  device_array<std::byte> ws(bytes);
+  workspace const good_ws{ws.data(), bytes};
+
+  auto cx = [&](index_t t, index_t c) { return make_view(static_cast<T const*>(x.data()), t, c); };
+  auto cdy = [&](index_t t, index_t c) {
+    return make_view(static_cast<T const*>(dy.data()), t, c);
+  };
+  auto const p = params.views<Expert, T const>();
+  auto const g = grads.views<Expert, T>();
+
+  // A good forward first: its state must survive every rejected call below.
+  layer.forward(cuda, cx(tokens, h), p, make_view(y.data(), tokens, h), good_ws);
+  auto const before = layer.stats(cuda, good_ws, tokens);
+  y.poison(s.stream);
+  dx.poison(s.stream);
+  grads.poison(s.stream);
+
+  SUBCASE("forward") {
+    auto forward = [&](cuda_backend c, auto xv, auto pv, index_t y_tokens, index_t y_cols,
+                       workspace w) {
+      return
+          [=, &layer, &y] { layer.forward(c, xv, pv, make_view(y.data(), y_tokens, y_cols), w); };
+    };
+    test::expect_rejected(forward(cuda, cx(tokens, h + 1), p, tokens, h, good_ws), "x");
+    test::expect_rejected(forward(cuda, cx(tokens + 1, h), p, tokens + 1, h, good_ws), "x");
+    test::expect_rejected(forward(cuda, cx(tokens, h), p, tokens - 1, h, good_ws), "y");
+    test::expect_rejected(forward(cuda, cx(tokens, h), p, tokens, h + 1, good_ws), "y");
+    auto bad_gate = p;
+    bad_gate.gate_weight = make_view(p.gate_weight.data_handle(), h, e - 1);
+    test::expect_rejected(forward(cuda, cx(tokens, h), bad_gate, tokens, h, good_ws),
+                          "params.gate_weight");
+    auto bad_w1 = p;
+    bad_w1.expert.w1 = make_view(p.expert.w1.data_handle(), e, args.ffn, h);
+    test::expect_rejected(forward(cuda, cx(tokens, h), bad_w1, tokens, h, good_ws),
+                          "params.expert.w1");
+    test::expect_rejected(forward(cuda, cx(tokens, h), p, tokens, h, good_ws.first(bytes - 1)),
+                          "ws");
+    test::expect_rejected(forward(cuda, cx(tokens, h), p, tokens, h, workspace{}), "ws");
+    test::expect_rejected(forward(no_blas, cx(tokens, h), p, tokens, h, good_ws), "cuda.blas");
+    CHECK(all_poisoned(y.download(s.stream)));
+  }
+
+  SUBCASE("backward") {
+    auto backward = [&](cuda_backend c, auto dyv, auto pv, auto gv, index_t dx_tokens,
+                        index_t dx_cols, workspace w) {
+      return [=, &layer, &dx] {
+        layer.backward(c, dyv, pv, make_view(dx.data(), dx_tokens, dx_cols), gv, w);
+      };
+    };
+    test::expect_rejected(backward(cuda, cdy(tokens, h + 1), p, g, tokens, h, good_ws), "dy");
+    test::expect_rejected(backward(cuda, cdy(tokens + 1, h), p, g, tokens + 1, h, good_ws), "dy");
+    test::expect_rejected(backward(cuda, cdy(tokens, h), p, g, tokens - 1, h, good_ws), "dx");
+    test::expect_rejected(backward(cuda, cdy(tokens, h), p, g, tokens, h - 1, good_ws), "dx");
+    auto bad_gate = p;
+    bad_gate.gate_weight = make_view(p.gate_weight.data_handle(), h + 1, e);
+    test::expect_rejected(backward(cuda, cdy(tokens, h), bad_gate, g, tokens, h, good_ws),
+                          "params.gate_weight");
+    auto bad_w2 = g;
+    bad_w2.expert.w2 = make_view(g.expert.w2.data_handle(), e, h, args.ffn);
+    test::expect_rejected(backward(cuda, cdy(tokens, h), p, bad_w2, tokens, h, good_ws),
+                          "gradients.expert.w2");
+    auto bad_b1 = g;
+    bad_b1.expert.b1 = make_view(g.expert.b1.data_handle(), e, args.ffn - 1);
+    test::expect_rejected(backward(cuda, cdy(tokens, h), p, bad_b1, tokens, h, good_ws),
+                          "gradients.expert.b1");
+    test::expect_rejected(backward(cuda, cdy(tokens, h), p, g, tokens, h, good_ws.first(bytes - 1)),
+                          "ws");
+    test::expect_rejected(backward(no_blas, cdy(tokens, h), p, g, tokens, h, good_ws), "cuda.blas");
+    CHECK(all_poisoned(dx.download(s.stream)));
+    for (auto const& t : grads.download(s.stream)) CHECK(all_poisoned(t));
+  }
+
+  SUBCASE("stats") {
+    test::expect_rejected([&] { (void)layer.stats(cuda, good_ws, 0); }, "tokens");
+    test::expect_rejected([&] { (void)layer.stats(cuda, good_ws, tokens + 1); }, "tokens");
+    test::expect_rejected([&] { (void)layer.stats(cuda, workspace{}, tokens); }, "ws");
+    test::expect_rejected([&] { (void)layer.stats(cuda, good_ws.first(64), tokens); }, "ws");
+  }
+
+  // Nothing was lost: the earlier forward's state still drives stats and backward.
+  auto const after = layer.stats(cuda, good_ws, tokens);
+  CHECK(after.capacity == before.capacity);
+  CHECK(after.dropped == before.dropped);
+  CHECK(after.aux_loss == before.aux_loss);
+  CHECK(after.z_loss == before.z_loss);
+  layer.backward(cuda, cdy(tokens, h), p, make_view(dx.data(), tokens, h), g, good_ws);
+  auto written = dx.download(s.stream);
+  written.resize(static_cast<std::size_t>(tokens * h));
+  CHECK(all_finite(written));
+}
