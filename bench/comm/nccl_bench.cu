@@ -12,13 +12,13 @@
 // family's time minus that copy's), both means per iteration. Exits 0 with a message when
 // there is no CUDA device.
 
+#include "../support/device.hpp"
 #include "../support/fixture.hpp"
 
 #include <moe/comm/all_to_all.hpp>
 #include <moe/comm/nccl_bootstrap.hpp>
 #include <moe/comm/nccl_communicator.hpp>
 #include <moe/core/backend.hpp>
-#include <moe/core/device.hpp>
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 
@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <span>
 #include <string>
 #include <utility>
@@ -55,69 +54,31 @@ std::vector<size_config> sizes() {
 /// Everything the benchmarks share: a one-rank world on the current device, its stream,
 /// and send/receive buffers of the largest size holding random bytes.
 struct one_rank_world {
-  cudaStream_t stream = nullptr;
+  moe::bench::owned_stream stream_owner;
+  cudaStream_t stream = stream_owner.stream;
   moe::comm::nccl_comm owned;
   moe::comm::nccl_communicator comm;
-  std::byte* send = nullptr;
-  std::byte* recv = nullptr;
+  moe::bench::device_array<std::byte> send{largest}, recv{largest};
 
   explicit one_rank_world(int device)
       : owned(std::move(moe::comm::make_nccl_comms(std::vector{device}).front())),
         comm(owned.get()) {
-    MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    MOE_CUDA_TRY(cudaMalloc(&send, largest));
-    MOE_CUDA_TRY(cudaMalloc(&recv, largest));
     // Random bytes, never all zeros: a 16 MiB random block repeated over the buffer.
     std::vector<std::uint64_t> block((std::size_t{16} << 20) / sizeof(std::uint64_t));
     moe::bench::fill_random(std::span(block), 0x6e63636c);
     std::size_t const block_bytes = block.size() * sizeof(std::uint64_t);
     for (std::size_t at = 0; at < largest; at += block_bytes)
-      MOE_CUDA_TRY(cudaMemcpy(send + at, block.data(), std::min(block_bytes, largest - at),
+      MOE_CUDA_TRY(cudaMemcpy(send.data() + at, block.data(), std::min(block_bytes, largest - at),
                               cudaMemcpyHostToDevice));
-    MOE_CUDA_TRY(cudaMemset(recv, 0xff, largest));
+    MOE_CUDA_TRY(cudaMemset(recv.data(), 0xff, largest));
   }
   one_rank_world(one_rank_world const&) = delete;
   one_rank_world& operator=(one_rank_world const&) = delete;
-  ~one_rank_world() {
-    MOE_CUDA_TRY_LOG(cudaFree(send));
-    MOE_CUDA_TRY_LOG(cudaFree(recv));
-    MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream));
-  }
 
   void copy(std::size_t bytes) const {
-    MOE_CUDA_TRY(cudaMemcpyAsync(recv, send, bytes, cudaMemcpyDeviceToDevice, stream));
+    MOE_CUDA_TRY(
+        cudaMemcpyAsync(recv.data(), send.data(), bytes, cudaMemcpyDeviceToDevice, stream));
   }
-};
-
-/// Times work on a stream with a pair of events without reporting to Google Benchmark: the
-/// baseline copy measured beside the timed family.
-class baseline_timer {
- public:
-  baseline_timer() {
-    MOE_CUDA_TRY(cudaEventCreate(&start_));
-    MOE_CUDA_TRY(cudaEventCreate(&stop_));
-  }
-  baseline_timer(baseline_timer const&) = delete;
-  baseline_timer& operator=(baseline_timer const&) = delete;
-  ~baseline_timer() {
-    MOE_CUDA_TRY_LOG(cudaEventDestroy(start_));
-    MOE_CUDA_TRY_LOG(cudaEventDestroy(stop_));
-  }
-
-  template <class Work>
-  double seconds(cudaStream_t stream, Work&& work) {
-    MOE_CUDA_TRY(cudaEventRecord(start_, stream));
-    work();
-    MOE_CUDA_TRY(cudaEventRecord(stop_, stream));
-    MOE_CUDA_TRY(cudaEventSynchronize(stop_));
-    float milliseconds = 0;
-    MOE_CUDA_TRY(cudaEventElapsedTime(&milliseconds, start_, stop_));
-    return static_cast<double>(milliseconds) * 1e-3;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr;
-  cudaEvent_t stop_ = nullptr;
 };
 
 /// The cudaMemcpyAsync baseline.
@@ -136,20 +97,9 @@ template <class Work>
 void against_copy(benchmark::State& state, size_config const& config, one_rank_world& world,
                   Work work) {
   auto const bytes = static_cast<std::size_t>(config.bytes);
-  moe::bench::cuda_event_timer timer(world.stream);
-  moe::bench::l2_flush l2;
-  baseline_timer baseline;
-  double copy_seconds = 0, overhead_seconds = 0;
-  for (auto _ : state) {
-    l2.flush(world.stream);
-    double const copy = baseline.seconds(world.stream, [&] { world.copy(bytes); });
-    l2.flush(world.stream);
-    timer.start();
-    work(bytes);
-    double const measured = timer.stop(state);
-    copy_seconds += copy;
-    overhead_seconds += measured - copy;
-  }
+  auto const [copy_seconds, measured_seconds] = moe::bench::timed_loop_against(
+      state, world.stream, [&] { world.copy(bytes); }, [&] { work(bytes); });
+  double const overhead_seconds = measured_seconds - copy_seconds;
   world.comm.check_async_error();
   moe::bench::set_bytes_and_flops(state, static_cast<double>(bytes), 0);
   using counter = benchmark::Counter;
@@ -160,8 +110,8 @@ void against_copy(benchmark::State& state, size_config const& config, one_rank_w
 void nccl_self_sendrecv(benchmark::State& state, size_config const& config, one_rank_world& world) {
   against_copy(state, config, world, [&](std::size_t bytes) {
     world.comm.group_start();
-    world.comm.send(world.send, bytes, 0, world.stream);
-    world.comm.recv(world.recv, bytes, 0, world.stream);
+    world.comm.send(world.send.data(), bytes, 0, world.stream);
+    world.comm.recv(world.recv.data(), bytes, 0, world.stream);
     world.comm.group_end();
   });
 }
@@ -169,21 +119,15 @@ void nccl_self_sendrecv(benchmark::State& state, size_config const& config, one_
 void linear_all_to_all(benchmark::State& state, size_config const& config, one_rank_world& world) {
   against_copy(state, config, world, [&](std::size_t bytes) {
     moe::comm::linear_all_to_all::run(moe::cuda_backend{world.stream}, world.comm,
-                                      moe::span<std::byte const>(world.send, bytes),
-                                      moe::span<std::byte>(world.recv, bytes));
+                                      moe::span<std::byte const>(world.send.data(), bytes),
+                                      moe::span<std::byte>(world.recv.data(), bytes));
   });
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  if (moe::cuda_device_count() == 0) {
-    std::printf("comm_nccl_bench: skipped, no CUDA device\n");
-    return 0;
-  }
-  try {
+  return moe::bench::cuda_benchmark_main(argc, argv, "comm_nccl_bench", [] {
     int device = 0;
     MOE_CUDA_TRY(cudaGetDevice(&device));
     int version = 0;
@@ -201,11 +145,5 @@ int main(int argc, char** argv) {
     moe::bench::register_grid("nccl_self_sendrecv", configs, with_world(nccl_self_sendrecv));
     moe::bench::register_grid("linear_all_to_all_1rank", configs, with_world(linear_all_to_all));
     benchmark::RunSpecifiedBenchmarks();
-  } catch (moe::error const& e) {
-    std::fprintf(stderr, "comm_nccl_bench: %s\n", e.what());
-    benchmark::Shutdown();
-    return 1;
-  }
-  benchmark::Shutdown();
-  return 0;
+  });
 }

@@ -14,11 +14,11 @@
 // gradients and the batch, read or written once), rows and useful_rows. The L2 is flushed
 // before every iteration. Exits 0 with a message when there is no CUDA device.
 
+#include "../support/device.hpp"
 #include "../support/fixture.hpp"
 
 #include <moe/core/backend.hpp>
 #include <moe/core/blas.hpp>
-#include <moe/core/device.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
@@ -34,9 +34,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <random>
-#include <span>
 #include <string>
 #include <vector>
 
@@ -69,43 +67,8 @@ struct expert_config {
   }
 };
 
-/// `count` elements of T in device memory, freed at scope exit.
-template <class T>
-class device_array {
- public:
-  explicit device_array(std::size_t count) : count_(count) {
-    if (count > 0) MOE_CUDA_TRY(cudaMalloc(&data_, count * sizeof(T)));
-  }
-  device_array(device_array const&) = delete;
-  device_array& operator=(device_array const&) = delete;
-  ~device_array() {
-    if (data_ != nullptr) MOE_CUDA_TRY_LOG(cudaFree(data_));
-  }
-  [[nodiscard]] T* data() const noexcept { return data_; }
-  [[nodiscard]] std::size_t size() const noexcept { return count_; }
-
- private:
-  T* data_ = nullptr;
-  std::size_t count_ = 0;
-};
-
-/// Random bf16 values, never zero: a 16 MiB random block, uploaded once, copied over the
-/// array on the device (filling tens of GB from the host would dominate the setup).
-void fill_random(device_array<element_t>& out, std::uint64_t seed, cudaStream_t stream) {
-  std::size_t const block = std::min<std::size_t>(out.size(), (std::size_t{16} << 20) / 2);
-  if (block == 0) return;
-  std::vector<float> values(block);
-  moe::bench::fill_random(std::span(values), seed, 0.05);
-  std::vector<element_t> host(block);
-  for (std::size_t i = 0; i < block; ++i) host[i] = moe::from_accumulate<element_t>(values[i]);
-  MOE_CUDA_TRY(cudaMemcpyAsync(out.data(), host.data(), block * sizeof(element_t),
-                               cudaMemcpyHostToDevice, stream));
-  for (std::size_t at = block; at < out.size(); at += block)
-    MOE_CUDA_TRY(cudaMemcpyAsync(out.data() + at, out.data(),
-                                 std::min(block, out.size() - at) * sizeof(element_t),
-                                 cudaMemcpyDeviceToDevice, stream));
-  MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-}
+using moe::bench::device_array;
+using bench_context = moe::bench::blas_context;
 
 /// Per-expert loads of T·k assignments routed uniformly at random (k distinct experts per
 /// token), seeded.
@@ -124,70 +87,15 @@ std::vector<std::int64_t> random_loads(index_t tokens, model const& m, std::uint
   return load;
 }
 
-/// A stream of its own, destroyed at scope exit.
-struct owned_stream {
-  cudaStream_t stream = nullptr;
-  owned_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  owned_stream(owned_stream const&) = delete;
-  owned_stream& operator=(owned_stream const&) = delete;
-  ~owned_stream() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream)); }
-};
-
-/// Everything one benchmark shares: the device's stream and cuBLAS handle, and the ceiling.
-struct bench_context {
-  cudaStream_t stream = nullptr;
-  cublasHandle_t blas = nullptr;
-  double gemm_flops_per_second = 0;
-};
-
-/// A large cuBLAS bf16 GEMM (8192³, float accumulation, bf16 output): the ceiling.
-struct ceiling_gemm {
-  static constexpr index_t n = 8192;
-  device_array<element_t> a{n * n}, b{n * n}, c{n * n};
-
-  explicit ceiling_gemm(cudaStream_t stream) {
-    fill_random(a, 1, stream);
-    fill_random(b, 2, stream);
-  }
-  void run(bench_context const& ctx) {
-    moe::gemm(ctx.blas, ctx.stream, {.m = n, .n = n, .depth = n, .lda = n, .ldb = n, .ldc = n},
-              1.0f, a.data(), b.data(), 0.0f, c.data());
-  }
-  static double flops() { return 2.0 * n * n * n; }
-};
-
-/// Seconds per GEMM, the best of a few timed batches after a warm-up.
-double measure_ceiling(bench_context const& ctx) {
-  ceiling_gemm g(ctx.stream);
-  for (int i = 0; i < 3; ++i) g.run(ctx);
-  cudaEvent_t start = nullptr, stop = nullptr;
-  MOE_CUDA_TRY(cudaEventCreate(&start));
-  MOE_CUDA_TRY(cudaEventCreate(&stop));
-  float best = 0;
-  constexpr int reps = 10;
-  for (int batch = 0; batch < 5; ++batch) {
-    MOE_CUDA_TRY(cudaEventRecord(start, ctx.stream));
-    for (int i = 0; i < reps; ++i) g.run(ctx);
-    MOE_CUDA_TRY(cudaEventRecord(stop, ctx.stream));
-    MOE_CUDA_TRY(cudaEventSynchronize(stop));
-    float ms = 0;
-    MOE_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
-    if (batch == 0 || ms < best) best = ms;
-  }
-  MOE_CUDA_TRY(cudaEventDestroy(start));
-  MOE_CUDA_TRY(cudaEventDestroy(stop));
-  return ceiling_gemm::flops() * reps / (static_cast<double>(best) * 1e-3);
-}
-
 /// The ceiling itself, as a benchmark, so that the report holds it beside the experts.
 void ceiling_benchmark(benchmark::State& state, bench_context const& ctx) {
+  using moe::bench::ceiling_gemm;
   ceiling_gemm g(ctx.stream);
   moe::bench::cuda_event_timer timer(ctx.stream);
   moe::bench::l2_flush l2;
   moe::bench::timed_loop(
-      state, timer, [&] { l2.flush(ctx.stream); }, [&] { g.run(ctx); });
-  moe::bench::set_bytes_and_flops(state, 3.0 * ceiling_gemm::n * ceiling_gemm::n * 2,
-                                  ceiling_gemm::flops());
+      state, timer, [&] { l2.flush(ctx.stream); }, [&] { g.run(ctx.blas, ctx.stream); });
+  moe::bench::set_bytes_and_flops(state, ceiling_gemm::bytes(), ceiling_gemm::flops());
 }
 
 /// Tutel's capacity at f = 1.25: C = k · ⌊1.25 · ⌈T/E⌉⌋, at least 1.
@@ -224,10 +132,10 @@ void expert_benchmark(benchmark::State& state, expert_config const& c, bench_con
   auto const pass =
       backward ? moe::expert::expert_pass::training : moe::expert::expert_pass::forward_only;
   device_array<std::byte> ws(X::template device_workspace_bytes<T>(s, rows, pass));
-  fill_random(w1, 11, ctx.stream);
-  fill_random(w2, 12, ctx.stream);
-  fill_random(in, 13, ctx.stream);
-  if (backward) fill_random(d_out, 14, ctx.stream);
+  moe::bench::fill_random(w1, 11, 0.05, ctx.stream);
+  moe::bench::fill_random(w2, 12, 0.05, ctx.stream);
+  moe::bench::fill_random(in, 13, 0.05, ctx.stream);
+  if (backward) moe::bench::fill_random(d_out, 14, 0.05, ctx.stream);
   if (!ragged)
     MOE_CUDA_TRY(cudaMemcpy(claimed.data(), counts.data(), counts.size() * sizeof(std::int64_t),
                             cudaMemcpyHostToDevice));
@@ -274,7 +182,7 @@ void expert_benchmark(benchmark::State& state, expert_config const& c, bench_con
   moe::bench::set_bytes_and_flops(state, bytes, flops);
   using counter = benchmark::Counter;
   state.counters["fraction_of_gemm"] =
-      counter(flops / ctx.gemm_flops_per_second, counter::kIsIterationInvariantRate);
+      counter(flops / ctx.ceiling.gemm_flops_per_second, counter::kIsIterationInvariantRate);
   state.counters["rows"] = static_cast<double>(rows);
   state.counters["useful_rows"] = static_cast<double>(useful_rows);
 }
@@ -291,22 +199,9 @@ benchmark::IterationCount iterations_for(expert_config const& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  if (moe::cuda_device_count() == 0) {
-    std::printf("expert_bench: skipped, no CUDA device\n");
-    return 0;
-  }
-  int status = 0;
-  try {
-    owned_stream stream;  // outlives the handle, which is bound to it
-    moe::blas_handle blas;
-    bench_context ctx{.stream = stream.stream, .blas = blas.get()};
-    ctx.gemm_flops_per_second = measure_ceiling(ctx);
-    std::printf("expert_bench: cuBLAS bf16 GEMM 8192^3 ceiling %.1f TFLOP/s\n",
-                ctx.gemm_flops_per_second * 1e-12);
-    benchmark::AddCustomContext("bf16_gemm_tflops",
-                                std::to_string(ctx.gemm_flops_per_second * 1e-12));
+  return moe::bench::cuda_benchmark_main(argc, argv, "expert_bench", [] {
+    moe::bench::blas_session const session("expert_bench", false);
+    bench_context const& ctx = session.context;
 
     for (auto* b :
          moe::bench::register_grid("ceiling_bf16_gemm", std::vector<expert_config>{{0, 0, 0, 0}},
@@ -328,10 +223,5 @@ int main(int argc, char** argv) {
         b->Iterations(iterations_for(c));
     }
     benchmark::RunSpecifiedBenchmarks();
-  } catch (moe::error const& e) {
-    std::fprintf(stderr, "expert_bench: %s\n", e.what());
-    status = 1;
-  }
-  benchmark::Shutdown();
-  return status;
+  });
 }

@@ -14,6 +14,7 @@
 // sort's buffers is not counted), and flops (2·T·H·E of the router GEMM). Exits 0 with a
 // message when there is no CUDA device.
 
+#include "../support/device.hpp"
 #include "../support/fixture.hpp"
 
 #include <moe/core.hpp>
@@ -28,9 +29,7 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <memory>
-#include <span>
 #include <string>
 #include <vector>
 
@@ -60,13 +59,10 @@ std::vector<router_config> configs() {
 
 /// The stream and cuBLAS handle every benchmark borrows.
 struct cuda_context {
-  cudaStream_t stream = nullptr;
+  moe::bench::owned_stream owned;  // outlives the handle, which is bound to it
+  cudaStream_t stream = owned.stream;
   moe::blas_handle blas;
 
-  cuda_context() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  cuda_context(cuda_context const&) = delete;
-  cuda_context& operator=(cuda_context const&) = delete;
-  ~cuda_context() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream)); }
   [[nodiscard]] moe::cuda_backend backend() const { return {stream, blas.get()}; }
 };
 
@@ -80,13 +76,8 @@ struct problem {
 
   /// Fills `d` with random bfloat16 values, never zeros.
   static void fill_random(moe::device_buffer<>& d, std::uint64_t seed, cudaStream_t stream) {
-    std::vector<float> values(d.size() / sizeof(element));
-    moe::bench::fill_random(std::span(values), seed);
-    std::vector<element> host(values.size());
-    for (std::size_t i = 0; i < values.size(); ++i) host[i] = __float2bfloat16_rn(values[i]);
-    MOE_CUDA_TRY(cudaMemcpyAsync(d.view().data(), host.data(), host.size() * sizeof(element),
-                                 cudaMemcpyHostToDevice, stream));
-    MOE_CUDA_TRY(cudaStreamSynchronize(stream));  // `host` dies here
+    moe::bench::fill_random(reinterpret_cast<element*>(d.view().data()), d.size() / sizeof(element),
+                            seed, 1.0, stream);
   }
 
   static std::size_t routing_bytes(router_config const& c) {
@@ -204,13 +195,7 @@ void route(benchmark::State& state, router_config const& c, cuda_context const& 
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  if (moe::cuda_device_count() == 0) {
-    std::printf("gating_bench: skipped, no CUDA device\n");
-    return 0;
-  }
-  try {
+  return moe::bench::cuda_benchmark_main(argc, argv, "gating_bench", [] {
     auto const cuda = std::make_unique<cuda_context>();
     auto with_context = [&cuda](auto family) {
       return [&cuda, family](benchmark::State& state, router_config const& config) {
@@ -222,11 +207,5 @@ int main(int argc, char** argv) {
     moe::bench::register_grid("assign_slots", all, with_context(assign_slots));
     moe::bench::register_grid("route", all, with_context(route));
     benchmark::RunSpecifiedBenchmarks();
-  } catch (moe::error const& e) {
-    std::fprintf(stderr, "gating_bench: %s\n", e.what());
-    benchmark::Shutdown();
-    return 1;
-  }
-  benchmark::Shutdown();
-  return 0;
+  });
 }

@@ -31,11 +31,11 @@
 // Configurations that would need more than 100 GB of device memory, or more than is free,
 // are skipped with a message. Exits 0 with a message when there is no CUDA device.
 
+#include "../support/device.hpp"
 #include "../support/fixture.hpp"
 
 #include <moe/core/backend.hpp>
 #include <moe/core/blas.hpp>
-#include <moe/core/device.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
@@ -50,9 +50,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <iterator>
-#include <span>
 #include <string>
 #include <vector>
 
@@ -89,111 +87,8 @@ struct layer_config {
   }
 };
 
-/// `count` elements of T in device memory, freed at scope exit.
-template <class T>
-class device_array {
- public:
-  explicit device_array(std::size_t count) : count_(count) {
-    if (count > 0) MOE_CUDA_TRY(cudaMalloc(&data_, count * sizeof(T)));
-  }
-  device_array(device_array const&) = delete;
-  device_array& operator=(device_array const&) = delete;
-  ~device_array() {
-    if (data_ != nullptr) MOE_CUDA_TRY_LOG(cudaFree(data_));
-  }
-  [[nodiscard]] T* data() const noexcept { return data_; }
-  [[nodiscard]] std::size_t size() const noexcept { return count_; }
-
- private:
-  T* data_ = nullptr;
-  std::size_t count_ = 0;
-};
-
-/// Random bf16 values, never zero: a 16 MiB random block, uploaded once, copied over the
-/// array on the device (filling tens of GB from the host would dominate the setup).
-void fill_random(device_array<element_t>& out, std::uint64_t seed, double scale,
-                 cudaStream_t stream) {
-  std::size_t const block = std::min<std::size_t>(out.size(), (std::size_t{16} << 20) / 2);
-  if (block == 0) return;
-  std::vector<float> values(block);
-  moe::bench::fill_random(std::span(values), seed, scale);
-  std::vector<element_t> host(block);
-  for (std::size_t i = 0; i < block; ++i) host[i] = moe::from_accumulate<element_t>(values[i]);
-  MOE_CUDA_TRY(cudaMemcpyAsync(out.data(), host.data(), block * sizeof(element_t),
-                               cudaMemcpyHostToDevice, stream));
-  for (std::size_t at = block; at < out.size(); at += block)
-    MOE_CUDA_TRY(cudaMemcpyAsync(out.data() + at, out.data(),
-                                 std::min(block, out.size() - at) * sizeof(element_t),
-                                 cudaMemcpyDeviceToDevice, stream));
-  MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-}
-
-/// A stream of its own, destroyed at scope exit.
-struct owned_stream {
-  cudaStream_t stream = nullptr;
-  owned_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  owned_stream(owned_stream const&) = delete;
-  owned_stream& operator=(owned_stream const&) = delete;
-  ~owned_stream() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream)); }
-};
-
-/// Everything one benchmark shares: the stream, the cuBLAS handle and the two ceilings.
-struct bench_context {
-  cudaStream_t stream = nullptr;
-  cublasHandle_t blas = nullptr;
-  double gemm_flops_per_second = 0;  // a large cuBLAS bf16 GEMM
-  double copy_bytes_per_second = 0;  // bytes read plus bytes written by a device copy
-};
-
-/// The best of a few timed batches of `reps` calls of `work` on `stream`, after a warm-up:
-/// seconds per call.
-template <class Work>
-double best_seconds(cudaStream_t stream, int reps, Work work) {
-  for (int i = 0; i < 3; ++i) work();
-  cudaEvent_t start = nullptr, stop = nullptr;
-  MOE_CUDA_TRY(cudaEventCreate(&start));
-  MOE_CUDA_TRY(cudaEventCreate(&stop));
-  float best = 0;
-  for (int batch = 0; batch < 5; ++batch) {
-    MOE_CUDA_TRY(cudaEventRecord(start, stream));
-    for (int i = 0; i < reps; ++i) work();
-    MOE_CUDA_TRY(cudaEventRecord(stop, stream));
-    MOE_CUDA_TRY(cudaEventSynchronize(stop));
-    float ms = 0;
-    MOE_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
-    if (batch == 0 || ms < best) best = ms;
-  }
-  MOE_CUDA_TRY(cudaEventDestroy(start));
-  MOE_CUDA_TRY(cudaEventDestroy(stop));
-  return static_cast<double>(best) * 1e-3 / reps;
-}
-
-/// FLOP/s of a bf16 GEMM of 8192³ (float accumulation, bf16 output): what an expert GEMM
-/// can reach on this device.
-double measure_gemm_ceiling(bench_context const& ctx) {
-  constexpr index_t n = 8192;
-  device_array<element_t> a(n * n), b(n * n), c(n * n);
-  fill_random(a, 1, 0.05, ctx.stream);
-  fill_random(b, 2, 0.05, ctx.stream);
-  double const seconds = best_seconds(ctx.stream, 10, [&] {
-    moe::gemm(ctx.blas, ctx.stream, {.m = n, .n = n, .depth = n, .lda = n, .ldb = n, .ldc = n},
-              1.0f, a.data(), b.data(), 0.0f, c.data());
-  });
-  return 2.0 * n * n * n / seconds;
-}
-
-/// Bytes per second (read plus written) of a 1 GiB device-to-device copy: what reading
-/// weights from HBM can reach.
-double measure_copy_ceiling(bench_context const& ctx) {
-  constexpr std::size_t bytes = std::size_t{1} << 30;
-  device_array<std::byte> from(bytes), to(bytes);
-  MOE_CUDA_TRY(cudaMemsetAsync(from.data(), 1, bytes, ctx.stream));
-  double const seconds = best_seconds(ctx.stream, 5, [&] {
-    MOE_CUDA_TRY(
-        cudaMemcpyAsync(to.data(), from.data(), bytes, cudaMemcpyDeviceToDevice, ctx.stream));
-  });
-  return 2.0 * static_cast<double>(bytes) / seconds;
-}
+using moe::bench::device_array;
+using bench_context = moe::bench::blas_context;
 
 template <int K, class Layout>
 void layer_benchmark(benchmark::State& state, layer_config const& c, bench_context const& ctx) {
@@ -245,11 +140,11 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
       d_w2(backward ? w2_size : 0);
   device_array<T> x(io_size), y(io_size), dy(backward ? io_size : 0), dx(dy.size());
   device_array<std::byte> ws(ws_bytes);
-  fill_random(gate, 11, 0.05, ctx.stream);
-  fill_random(w13, 12, 0.05, ctx.stream);
-  fill_random(w2, 13, 0.05, ctx.stream);
-  fill_random(x, 14, 1.0, ctx.stream);
-  if (backward) fill_random(dy, 15, 0.05, ctx.stream);
+  moe::bench::fill_random(gate, 11, 0.05, ctx.stream);
+  moe::bench::fill_random(w13, 12, 0.05, ctx.stream);
+  moe::bench::fill_random(w2, 13, 0.05, ctx.stream);
+  moe::bench::fill_random(x, 14, 1.0, ctx.stream);
+  if (backward) moe::bench::fill_random(dy, 15, 0.05, ctx.stream);
 
   typename layer_type::template params<T> const p{
       moe::make_view(static_cast<T const*>(gate.data()), h, e),
@@ -304,10 +199,10 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
   moe::bench::set_bytes_and_flops(state, bytes, flops);
   using counter = benchmark::Counter;
   state.counters["fraction_of_gemm"] =
-      counter(flops / ctx.gemm_flops_per_second, counter::kIsIterationInvariantRate);
+      counter(flops / ctx.ceiling.gemm_flops_per_second, counter::kIsIterationInvariantRate);
   if (tokens <= decode_tokens)
-    state.counters["fraction_of_weight_read"] =
-        counter(active_bytes / ctx.copy_bytes_per_second, counter::kIsIterationInvariantRate);
+    state.counters["fraction_of_weight_read"] = counter(
+        active_bytes / ctx.ceiling.copy_bytes_per_second, counter::kIsIterationInvariantRate);
   state.counters["rows"] = static_cast<double>(stats.expert_rows);
   state.counters["active_experts"] = static_cast<double>(active);
   state.counters["dropped"] = static_cast<double>(stats.dropped);
@@ -349,26 +244,9 @@ benchmark::IterationCount iterations_for(layer_config const& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  if (moe::cuda_device_count() == 0) {
-    std::printf("layer_bench: skipped, no CUDA device\n");
-    return 0;
-  }
-  int status = 0;
-  try {
-    owned_stream stream;  // outlives the handle, which is bound to it
-    moe::blas_handle blas;
-    bench_context ctx{.stream = stream.stream, .blas = blas.get()};
-    ctx.gemm_flops_per_second = measure_gemm_ceiling(ctx);
-    ctx.copy_bytes_per_second = measure_copy_ceiling(ctx);
-    std::printf(
-        "layer_bench: ceilings: cuBLAS bf16 GEMM 8192^3 %.1f TFLOP/s, device copy %.2f "
-        "TB/s (read + written)\n",
-        ctx.gemm_flops_per_second * 1e-12, ctx.copy_bytes_per_second * 1e-12);
-    benchmark::AddCustomContext("bf16_gemm_tflops",
-                                std::to_string(ctx.gemm_flops_per_second * 1e-12));
-    benchmark::AddCustomContext("copy_tb_per_s", std::to_string(ctx.copy_bytes_per_second * 1e-12));
+  return moe::bench::cuda_benchmark_main(argc, argv, "layer_bench", [] {
+    moe::bench::blas_session const session("layer_bench", true);
+    bench_context const& ctx = session.context;
 
     // The capacity-layout runs first: a reader of the JSON that keys on the first four parts
     // of a name then finds the dropless run, reported later, under the peers' name.
@@ -388,10 +266,5 @@ int main(int argc, char** argv) {
         b->Iterations(iterations_for(c));
     }
     benchmark::RunSpecifiedBenchmarks();
-  } catch (moe::error const& e) {
-    std::fprintf(stderr, "layer_bench: %s\n", e.what());
-    status = 1;
-  }
-  benchmark::Shutdown();
-  return status;
+  });
 }

@@ -25,10 +25,10 @@
 //                    as a plain copy of the same traffic
 // Exits 0 with a message when there is no CUDA device.
 
+#include "../support/device.hpp"
 #include "../support/fixture.hpp"
 
 #include <moe/core/backend.hpp>
-#include <moe/core/device.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
@@ -48,10 +48,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <memory>
 #include <random>
-#include <span>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -99,35 +97,15 @@ class device_memory {
   [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
   [[nodiscard]] moe::workspace view() const noexcept { return {as<std::byte>(), bytes_}; }
 
-  void upload(void const* host, std::size_t bytes, std::size_t at = 0) {
-    MOE_CUDA_TRY(cudaMemcpy(as<std::byte>() + at, host, bytes, cudaMemcpyHostToDevice));
-  }
-
  private:
   void* data_ = nullptr;
   std::size_t bytes_;
 };
 
-/// Fills `memory` with random bfloat16 values, never zero: a 8 MiB random block repeated.
-void fill_random_bf16(device_memory& memory, std::uint64_t seed) {
-  std::vector<float> values(std::size_t{1} << 22);
-  moe::bench::fill_random(std::span(values), seed);
-  std::vector<bf16> block(values.size());
-  std::transform(values.begin(), values.end(), block.begin(),
-                 [](float v) { return __float2bfloat16_rn(v); });
-  std::size_t const block_bytes = block.size() * sizeof(bf16);
-  for (std::size_t at = 0; at < memory.bytes(); at += block_bytes)
-    memory.upload(block.data(), std::min(block_bytes, memory.bytes() - at), at);
+/// Fills `memory` with random bfloat16 values, never zero.
+void fill_random_bf16(device_memory& memory, std::uint64_t seed, cudaStream_t stream) {
+  moe::bench::fill_random(memory.as<bf16>(), memory.bytes() / sizeof(bf16), seed, 1.0, stream);
 }
-
-/// A stream of its own for the measured work, destroyed with its owner.
-struct owned_stream {
-  cudaStream_t stream = nullptr;
-  owned_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  owned_stream(owned_stream const&) = delete;
-  owned_stream& operator=(owned_stream const&) = delete;
-  ~owned_stream() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream)); }
-};
 
 /// One layout's expert batch on the device: its offsets, buffers and scratch.
 struct layout_batch {
@@ -158,7 +136,7 @@ struct layout_batch {
 struct world {
   config c;
   index_t tokens, hidden, experts, k, capacity;
-  owned_stream owned;
+  moe::bench::owned_stream owned;
   cudaStream_t stream = owned.stream;
   device_memory routing_memory;
   moe::gating::device_routing r;
@@ -251,16 +229,16 @@ struct world {
                          span_of(ragged_batch->row_count), nullptr);
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
 
-    fill_random_bf16(x, 1);
-    fill_random_bf16(capacity_batch->expert_out, 2);
-    fill_random_bf16(ragged_batch->expert_out, 3);
+    fill_random_bf16(x, 1, stream);
+    fill_random_bf16(capacity_batch->expert_out, 2, stream);
+    fill_random_bf16(ragged_batch->expert_out, 3, stream);
     std::size_t copy_bytes = 0;
     for (layout_batch const* b : {capacity_batch.get(), ragged_batch.get()})
       copy_bytes = std::max(
           {copy_bytes, copy_bytes_of(dispatch_bytes(*b)), copy_bytes_of(combine_bytes(*b))});
     copy_from = std::make_unique<device_memory>(copy_bytes);
     copy_to = std::make_unique<device_memory>(copy_bytes);
-    fill_random_bf16(*copy_from, 4);
+    fill_random_bf16(*copy_from, 4, stream);
   }
   world(world const&) = delete;
   world& operator=(world const&) = delete;
@@ -299,53 +277,12 @@ world& world_for(config const& c) {
   return *current;
 }
 
-/// Times a stream's work with a pair of events without reporting it: the copy beside the
-/// measured call.
-class baseline_timer {
- public:
-  baseline_timer() {
-    MOE_CUDA_TRY(cudaEventCreate(&start_));
-    MOE_CUDA_TRY(cudaEventCreate(&stop_));
-  }
-  baseline_timer(baseline_timer const&) = delete;
-  baseline_timer& operator=(baseline_timer const&) = delete;
-  ~baseline_timer() {
-    MOE_CUDA_TRY_LOG(cudaEventDestroy(start_));
-    MOE_CUDA_TRY_LOG(cudaEventDestroy(stop_));
-  }
-
-  template <class Work>
-  double seconds(cudaStream_t stream, Work&& work) {
-    MOE_CUDA_TRY(cudaEventRecord(start_, stream));
-    work();
-    MOE_CUDA_TRY(cudaEventRecord(stop_, stream));
-    MOE_CUDA_TRY(cudaEventSynchronize(stop_));
-    float milliseconds = 0;
-    MOE_CUDA_TRY(cudaEventElapsedTime(&milliseconds, start_, stop_));
-    return static_cast<double>(milliseconds) * 1e-3;
-  }
-
- private:
-  cudaEvent_t start_ = nullptr;
-  cudaEvent_t stop_ = nullptr;
-};
-
 /// `work()` timed per iteration, with the copy of the same traffic timed before it in the
 /// same iteration; both start from a flushed L2.
 template <class Work>
 void against_copy(benchmark::State& state, world& w, double bytes, Work work) {
-  moe::bench::cuda_event_timer timer(w.stream);
-  moe::bench::l2_flush l2;
-  baseline_timer baseline;
-  double copy_seconds = 0, measured_seconds = 0;
-  for (auto _ : state) {
-    l2.flush(w.stream);
-    copy_seconds += baseline.seconds(w.stream, [&] { w.copy(bytes); });
-    l2.flush(w.stream);
-    timer.start();
-    work();
-    measured_seconds += timer.stop(state);
-  }
+  auto const [copy_seconds, measured_seconds] = moe::bench::timed_loop_against(
+      state, w.stream, [&] { w.copy(bytes); }, work);
   moe::bench::set_bytes_and_flops(state, bytes, 0);
   using counter = benchmark::Counter;
   state.counters["copy_us"] = counter(copy_seconds * 1e6, counter::kAvgIterations);
@@ -404,22 +341,16 @@ void ragged_combine(benchmark::State& state, config const& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  if (moe::cuda_device_count() == 0) {
-    std::printf("layout_bench: skipped, no CUDA device\n");
-    return 0;
-  }
-  // One configuration's four families together, so that they share its world.
-  for (config const& c : configs()) {
-    std::vector<config> const one{c};
-    moe::bench::register_grid("capacity_dispatch", one, capacity_dispatch);
-    moe::bench::register_grid("capacity_combine", one, capacity_combine);
-    moe::bench::register_grid("ragged_dispatch", one, ragged_dispatch);
-    moe::bench::register_grid("ragged_combine", one, ragged_combine);
-  }
-  benchmark::RunSpecifiedBenchmarks();
-  current_world().reset();
-  benchmark::Shutdown();
-  return 0;
+  return moe::bench::cuda_benchmark_main(argc, argv, "layout_bench", [] {
+    // One configuration's four families together, so that they share its world.
+    for (config const& c : configs()) {
+      std::vector<config> const one{c};
+      moe::bench::register_grid("capacity_dispatch", one, capacity_dispatch);
+      moe::bench::register_grid("capacity_combine", one, capacity_combine);
+      moe::bench::register_grid("ragged_dispatch", one, ragged_dispatch);
+      moe::bench::register_grid("ragged_combine", one, ragged_combine);
+    }
+    benchmark::RunSpecifiedBenchmarks();
+    current_world().reset();
+  });
 }

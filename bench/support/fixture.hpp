@@ -81,13 +81,19 @@ class cuda_event_timer {
 
   void start() { MOE_CUDA_TRY(cudaEventRecord(start_, stream_)); }
 
-  /// Ends the region; waits for it, returns its seconds and reports them to `state`.
-  double stop(benchmark::State& state) {
+  /// Ends the region; waits for it and returns its seconds, reporting them to no one (a
+  /// baseline measured beside the timed region, a ceiling).
+  double stop() {
     MOE_CUDA_TRY(cudaEventRecord(stop_, stream_));
     MOE_CUDA_TRY(cudaEventSynchronize(stop_));
     float milliseconds = 0;
     MOE_CUDA_TRY(cudaEventElapsedTime(&milliseconds, start_, stop_));
-    double const seconds = static_cast<double>(milliseconds) * 1e-3;
+    return static_cast<double>(milliseconds) * 1e-3;
+  }
+
+  /// Ends the region; waits for it, returns its seconds and reports them to `state`.
+  double stop(benchmark::State& state) {
+    double const seconds = stop();
     state.SetIterationTime(seconds);
     return seconds;
   }

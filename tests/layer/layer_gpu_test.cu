@@ -9,10 +9,11 @@
 // logit is then exact in float, from float and bfloat16 operands alike, and both backends
 // select, slot and drop the same assignments. Expert weights and dy are continuous. The
 // host layer runs in double on the same (rounded) values. Tolerances: float 1e-5, bfloat16
-// 1e-2, relative to |reference| + the tensor's RMS; routing statistics exactly, losses to
-// 1e-5. The float bound needs cuBLAS without TF32 (the default math mode;
-// NVIDIA_TF32_OVERRIDE=1 would break it).
+// 5e-2 (the device rounds intermediates to bfloat16), relative to |reference| + the tensor's RMS;
+// routing statistics exactly, losses to 1e-5. The float bound needs cuBLAS without TF32 (the
+// default math mode; NVIDIA_TF32_OVERRIDE=1 would break it).
 
+#include "../support/device.hpp"
 #include "../support/expect.hpp"
 #include "../support/random.hpp"
 
@@ -32,7 +33,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -43,103 +43,15 @@ namespace {
 
 using namespace moe;
 
-/// A non-blocking stream of its own, destroyed at scope exit.
-struct test_stream {
-  cudaStream_t stream = nullptr;
-  test_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  test_stream(test_stream const&) = delete;
-  test_stream& operator=(test_stream const&) = delete;
-  ~test_stream() {
-    MOE_CUDA_TRY_LOG(cudaStreamSynchronize(stream));
-    MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream));
-  }
-};
-
-/// `count` elements of T in device memory, freed at scope exit. Copies are ordered on the
-/// stream they are given and waited for.
-template <class T>
-class device_array {
- public:
-  explicit device_array(std::size_t n) : count_(n) {
-    if (n > 0) MOE_CUDA_TRY(cudaMalloc(&data_, n * sizeof(T)));
-  }
-  device_array(device_array&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), count_(std::exchange(other.count_, 0)) {}
-  device_array(device_array const&) = delete;
-  device_array& operator=(device_array const&) = delete;
-  device_array& operator=(device_array&&) = delete;
-  ~device_array() {
-    if (data_ != nullptr) MOE_CUDA_TRY_LOG(cudaFree(data_));
-  }
-
-  [[nodiscard]] T* data() const noexcept { return data_; }
-  [[nodiscard]] std::size_t size() const noexcept { return count_; }
-
-  void upload(std::vector<T> const& host, cudaStream_t stream) {
-    REQUIRE(host.size() == count_);
-    if (count_ == 0) return;
-    MOE_CUDA_TRY(
-        cudaMemcpyAsync(data_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice, stream));
-    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-  }
-  [[nodiscard]] std::vector<T> download(cudaStream_t stream) const {
-    std::vector<T> host(count_);
-    if (count_ > 0)
-      MOE_CUDA_TRY(
-          cudaMemcpyAsync(host.data(), data_, count_ * sizeof(T), cudaMemcpyDeviceToHost, stream));
-    MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    return host;
-  }
-  void poison(cudaStream_t stream) {
-    if (count_ > 0) MOE_CUDA_TRY(cudaMemsetAsync(data_, 0xff, count_ * sizeof(T), stream));
-  }
-
- private:
-  T* data_ = nullptr;
-  std::size_t count_ = 0;
-};
-
-template <class T>
-std::vector<double> widen(std::vector<T> const& v) {
-  std::vector<double> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(to_accumulate(v[i]));
-  return out;
-}
-
-template <class T>
-bool same_bits(std::vector<T> const& a, std::vector<T> const& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-template <class T>
-bool all_poisoned(std::vector<T> const& v) {
-  auto const* bytes = reinterpret_cast<unsigned char const*>(v.data());
-  return std::all_of(bytes, bytes + v.size() * sizeof(T),
-                     [](unsigned char c) { return c == 0xff; });
-}
+using test::all_poisoned;
+using test::device_array;
+using test::expect_close;
+using test::same_bits;
+using test::widen;
 
 template <class T>
 bool all_finite(std::vector<T> const& v) {
   return std::all_of(v.begin(), v.end(), [](T e) { return std::isfinite(to_accumulate(e)); });
-}
-
-/// Every element within tolerance · (|reference| + RMS(reference)); NaN (poison) never is.
-void expect_close(std::vector<double> const& reference, std::vector<double> const& got,
-                  double tolerance, std::string const& what) {
-  REQUIRE(reference.size() == got.size());
-  double squares = 0;
-  for (double v : reference) squares += v * v;
-  double const rms =
-      reference.empty() ? 0 : std::sqrt(squares / static_cast<double>(reference.size()));
-  std::size_t bad = 0, first_bad = 0;
-  for (std::size_t i = 0; i < reference.size(); ++i)
-    if (!(std::abs(got[i] - reference[i]) <= tolerance * (std::abs(reference[i]) + rms))) {
-      if (bad++ == 0) first_bad = i;
-    }
-  INFO(what << ": " << bad << " of " << reference.size() << " elements off (tolerance " << tolerance
-            << ", rms " << rms << "); first at " << first_bad << ": got "
-            << (bad ? got[first_bad] : 0.0) << ", expected " << (bad ? reference[first_bad] : 0.0));
-  CHECK(bad == 0);
 }
 
 /// A scalar within `tolerance` relative (and 1e-12 absolute).
@@ -392,11 +304,15 @@ template <class Layer, class T>
 void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t blas) {
   using Expert = typename Layer::expert_type;
   auto const seed = test::fresh_seed();
-  double const tolerance = std::is_same_v<T, float> ? 1e-5 : 1e-2;
+  // bfloat16 keeps 3 fewer mantissa bits than half, and the device rounds its
+  // intermediates (activations, d_pre) to T where the host reference keeps double.
+  double const tolerance = std::is_same_v<T, float>    ? 1e-5
+                           : std::is_same_v<T, __half> ? 1e-2
+                                                       : 5e-2;
   layer_args const& a = c.args;
-  INFO("seed " << seed << ", " << dtype_traits<T>::name << ", T " << c.call_tokens << " of "
-               << a.tokens << ", H " << a.hidden << ", F " << a.ffn << ", E " << a.experts << ", k "
-               << a.top_k << ", f " << a.capacity_factor << ", capacity alignment "
+  INFO("seed " << seed << ", " << std::string(dtype_traits<T>::name) << ", T " << c.call_tokens
+               << " of " << a.tokens << ", H " << a.hidden << ", F " << a.ffn << ", E " << a.experts
+               << ", k " << a.top_k << ", f " << a.capacity_factor << ", capacity alignment "
                << a.capacity_alignment << ", row alignment " << a.expert_row_alignment
                << (c.starve ? ", last expert starved" : "")
                << (c.biases ? ", biases" : ", no biases"));
@@ -487,7 +403,7 @@ using ragged_any_layer =
 }  // namespace
 
 TEST_CASE("the capacity layer (top-2, ffn<gelu>) on the CUDA backend matches the host layer") {
-  test_stream s;
+  test::owned_stream s;
   blas_handle blas;
   SUBCASE("fixed factor 1 with k = 2: C = 2·⌈T/E⌉ drops assignments") {
     compare_in_float_and_bfloat16<capacity_layer>(
@@ -526,7 +442,7 @@ TEST_CASE("the capacity layer (top-2, ffn<gelu>) on the CUDA backend matches the
 }
 
 TEST_CASE("the ragged layer (glu<silu>) on the CUDA backend matches the host layer") {
-  test_stream s;
+  test::owned_stream s;
   blas_handle blas;
   SUBCASE("top-2, no padding") {
     compare_in_float_and_bfloat16<ragged_layer>({.args = ragged_args, .call_tokens = 96}, s.stream,
@@ -566,7 +482,7 @@ template <class T>
 void check_graph_replay() {
   using Layer = capacity_layer;
   using Expert = Layer::expert_type;
-  test_stream s;
+  test::owned_stream s;
   // cuBLAS must not allocate while captured: point the handle at the stream, then give it a
   // workspace (in that order: cublasSetStream drops the workspace; moe::gemm leaves a
   // handle that is already on the stream alone). The workspace outlives the handle.
@@ -577,7 +493,7 @@ void check_graph_replay() {
   cuda_backend const cuda{s.stream, blas.get()};
 
   auto const seed = test::fresh_seed();
-  INFO("seed " << seed << ", " << dtype_traits<T>::name);
+  INFO("seed " << seed << ", " << std::string(dtype_traits<T>::name));
   std::mt19937_64 rng(seed);
   layer_args const args = capacity_args;
   Layer const layer(args);
@@ -671,7 +587,7 @@ void check_graph_replay() {
     auto const replayed = snapshot();
     REQUIRE(eager.size() == replayed.size());
     for (std::size_t i = 0; i < eager.size(); ++i) {
-      INFO((i == 0 ? "y" : i == 1 ? "dx" : param_names[i - 2]));
+      INFO(std::string(i == 0 ? "y" : i == 1 ? "dx" : param_names[i - 2]));
       CHECK(all_finite(eager[i]));  // written, so equal bits are no accident of the poison
       CHECK(same_bits(eager[i], replayed[i]));
     }
@@ -691,7 +607,7 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
   using Layer = capacity_layer;
   using Expert = Layer::expert_type;
   using T = float;
-  test_stream s;
+  test::owned_stream s;
   blas_handle blas;
   cuda_backend const cuda{s.stream, blas.get()};
   cuda_backend const no_blas{s.stream, nullptr};

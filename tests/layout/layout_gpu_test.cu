@@ -11,6 +11,7 @@
 // reads them shows. Then the empty cases and the rejection of bad arguments, which must write
 // nothing. Skipped (exit 77) without a CUDA device.
 
+#include "../support/device.hpp"
 #include "../support/expect.hpp"
 #include "../support/random.hpp"
 
@@ -92,15 +93,6 @@ class device_array {
   void* base_ = nullptr;
   U* data_ = nullptr;
   index_t count_;
-};
-
-/// The caller's stream of every case.
-struct stream_owner {
-  cudaStream_t stream = nullptr;
-  stream_owner() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  stream_owner(stream_owner const&) = delete;
-  stream_owner& operator=(stream_owner const&) = delete;
-  ~stream_owner() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream)); }
 };
 
 template <class U>
@@ -240,7 +232,7 @@ void check_layout(shape const& s, std::uint64_t seed) {
   INFO((is_capacity ? "capacity" : "ragged")
        << " layout, " << dtype_traits<T>::name << ", " << s << ", seed " << seed);
   std::mt19937_64 rng(seed);
-  stream_owner owner;
+  test::owned_stream owner;
   cudaStream_t const stream = owner.stream;
   cuda_backend const cuda{stream};
   double const tol = tolerance<T>, tiny = underflow<T>;
@@ -566,7 +558,7 @@ TEST_CASE("the vector path is taken exactly when rows and pointers are 16-byte a
 }
 
 TEST_CASE("device layouts: empty calls launch nothing and zero what they must") {
-  stream_owner owner;
+  test::owned_stream owner;
   cudaStream_t const stream = owner.stream;
   cuda_backend const cuda{stream};
   index_t const experts = 8, hidden = 16;
@@ -624,7 +616,7 @@ TEST_CASE("device layouts: empty calls launch nothing and zero what they must") 
 }
 
 TEST_CASE("device layouts reject bad arguments and write nothing") {
-  stream_owner owner;
+  test::owned_stream owner;
   cudaStream_t const stream = owner.stream;
   cuda_backend const cuda{stream};
   std::mt19937_64 rng(test::fresh_seed());

@@ -180,8 +180,15 @@ struct router_backward {
       if (p.z_loss_coef != 0) d += z_scale * expf(logits[e] - lse);
       d_logits[e] = d;
     }
-    __syncwarp();  // the row written by every lane is visible to the lanes that add to it
-    if (valid) d_logits[e_j] += score::d_logit(s_j, delta, 0.0f);
+    __syncwarp();  // every lane's entries are written before a selected one is rewritten
+    if (valid) {
+      // A selected expert's entry in one expression, d_s = dense + delta, so that it cancels
+      // against `dot` exactly where the math does (E = 1: s = 1 and d_s = dot). __fadd_rn
+      // keeps nvcc from fusing coef · X + delta into an FMA, which would break that.
+      float d = score::d_logit(s_j, __fadd_rn(dense(e_j), delta), dot);
+      if (p.z_loss_coef != 0) d += z_scale * expf(logits[e_j] - lse);
+      d_logits[e_j] = d;
+    }
   }
 };
 
