@@ -150,5 +150,36 @@ template <element T, segment_description Segments>
   return check_blas_int(largest_segment(segments), "segments", "an expert's row count");
 }
 
+/// A two-GEMM expert's CUDA forward checks: its parameters (`params`, the expert's own
+/// check), then the batch's views and check_device_batch.
+template <element T, segment_description Segments>
+[[nodiscard]] status check_forward_call(cuda_backend const& cuda, expert_shape const& s,
+                                        index_t width, status params, Segments const& segments,
+                                        matrix_view<T const> in, matrix_view<T> out,
+                                        device_state<T> const& state) {
+  if (!params) return params;
+  index_t const rows = in.extent(0);
+  if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
+  if (auto st = check_extents(out, "out", {rows, s.hidden}); !st) return st;
+  return check_device_batch(cuda, s, width, segments, rows, state, expert_pass::forward_only);
+}
+
+/// A two-GEMM expert's CUDA backward checks: parameters and gradients (the expert's own
+/// checks), then the batch's views and check_device_batch.
+template <element T, segment_description Segments>
+[[nodiscard]] status check_backward_call(cuda_backend const& cuda, expert_shape const& s,
+                                         index_t width, status params, status gradients,
+                                         Segments const& segments, matrix_view<T const> in,
+                                         matrix_view<T const> d_out, matrix_view<T> d_in,
+                                         device_state<T> const& state) {
+  if (!params) return params;
+  if (!gradients) return gradients;
+  index_t const rows = in.extent(0);
+  if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
+  if (auto st = check_extents(d_out, "d_out", {rows, s.hidden}); !st) return st;
+  if (auto st = check_extents(d_in, "d_in", {rows, s.hidden}); !st) return st;
+  return check_device_batch(cuda, s, width, segments, rows, state, expert_pass::training);
+}
+
 }  // namespace detail
 }  // namespace moe::expert

@@ -108,12 +108,8 @@ struct ffn {
                                             matrix_view<std::type_identity_t<T> const> in,
                                             matrix_view<std::type_identity_t<T>> out,
                                             device_state<std::type_identity_t<T>> const& state) {
-    if (auto st = check(p, s, "params"); !st) return st;
-    index_t const rows = in.extent(0);
-    if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
-    if (auto st = check_extents(out, "out", {rows, s.hidden}); !st) return st;
-    return detail::check_device_batch(cuda, s, s.ffn, segments, rows, state,
-                                      expert_pass::forward_only);
+    return detail::check_forward_call<T>(cuda, s, s.ffn, check(p, s, "params"), segments, in, out,
+                                         state);
   }
 
   /// Whether a CUDA backward call can run with these arguments; reads nothing on the device.
@@ -125,13 +121,9 @@ struct ffn {
                                              matrix_view<std::type_identity_t<T>> d_in,
                                              ffn_params<G> const& g,
                                              device_state<std::type_identity_t<T>> const& state) {
-    if (auto st = check(p, s, "params"); !st) return st;
-    if (auto st = check(g, s, "gradients"); !st) return st;
-    index_t const rows = in.extent(0);
-    if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
-    if (auto st = check_extents(d_out, "d_out", {rows, s.hidden}); !st) return st;
-    if (auto st = check_extents(d_in, "d_in", {rows, s.hidden}); !st) return st;
-    return detail::check_device_batch(cuda, s, s.ffn, segments, rows, state, expert_pass::training);
+    return detail::check_backward_call<T>(cuda, s, s.ffn, check(p, s, "params"),
+                                          check(g, s, "gradients"), segments, in, d_out, d_in,
+                                          state);
   }
 
   /// Forward on the CUDA backend, enqueued on `cuda.stream` with the borrowed `cuda.blas`:

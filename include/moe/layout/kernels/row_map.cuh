@@ -395,6 +395,43 @@ inline std::size_t gather_workspace_bytes(index_t rows) noexcept {
   return carver.bytes();
 }
 
+namespace detail {
+
+/// What gather and combine_backward share: row_source from the row map, then
+/// rows_out[row] = (weight ? weight(t, j) : 1) · source[t] for the row's assignment (t, j),
+/// zero for rows no assignment claims.
+template <class T>
+void expand_to_rows(cuda_backend cuda, gating::device_routing const& r, segment_rows const& row_of,
+                    bool vectorized, T const* source, float const* weight, T* rows_out,
+                    index_t rows, index_t hidden, workspace scratch) {
+  workspace_carver carver(scratch);
+  std::int32_t* const row_source = carver.take<std::int32_t>(rows);
+  build_row_source(cuda, r, row_of, rows, row_source);
+  kernels::launch_rows<kernels::expand_rows, T>(
+      vectorized, {row_source, source, weight, rows_out, rows, hidden, r.k()}, cuda.stream);
+}
+
+/// What combine (weights) and gather_backward (no weights: 1) share: out[t, :] = Σ over kept
+/// choices j, in order, of weight(t, j) · in[row(t, j), :], checked first.
+template <class T>
+void sum_rows_per_token(cuda_backend cuda, gating::device_routing const& r,
+                        segment_rows const& row_of, float const* weight, matrix_view<T const> in,
+                        char const* in_name, matrix_view<T> out, char const* out_name) {
+  index_t const hidden = out.extent(1), rows = in.extent(0);
+  check_row_map(r, row_of, weight != nullptr).throw_if_failed();
+  check_extents(in, in_name, {rows, hidden}).throw_if_failed();
+  check_extents(out, out_name, {r.tokens(), hidden}).throw_if_failed();
+  if (r.tokens() == 0 || hidden == 0) return;
+
+  using U = std::remove_cv_t<T>;
+  kernels::launch_rows<kernels::combine_tokens, U>(
+      kernels::vector_access<U>(hidden, {in.data_handle(), out.data_handle()}),
+      {row_of, weight, in.data_handle(), out.data_handle(), r.tokens(), rows, hidden, r.k()},
+      cuda.stream);
+}
+
+}  // namespace detail
+
 /// Dispatch on the device: dispatched[row(t, j), :] = x[t, :] for every kept (t, j), bit for
 /// bit; every other row of `dispatched` (unclaimed capacity, padding, rows past the batch) is
 /// zero. Asynchronous on `cuda.stream`; a rejected call throws `invalid_argument` and writes
@@ -416,14 +453,11 @@ void gather(cuda_backend cuda, gating::device_routing const& r, segment_rows con
   detail::check_scratch(scratch, rows, bytes).throw_if_failed();
   if (rows == 0 || hidden == 0) return;
 
-  workspace_carver carver(scratch);
-  std::int32_t* const row_source = carver.take<std::int32_t>(rows);
-  detail::build_row_source(cuda, r, row_of, rows, row_source);
   using U = std::remove_cv_t<T>;
-  kernels::launch_rows<kernels::expand_rows, U>(
+  detail::expand_to_rows<U>(
+      cuda, r, row_of,
       kernels::vector_access<U>(hidden, {x.data_handle(), dispatched.data_handle()}),
-      {row_source, x.data_handle(), nullptr, dispatched.data_handle(), rows, hidden, r.k()},
-      cuda.stream);
+      x.data_handle(), nullptr, dispatched.data_handle(), rows, hidden, scratch);
 }
 
 /// Combine on the device: y[t, :] = Σ over kept choices j = 0..k−1, in order, of
@@ -435,18 +469,8 @@ void gather(cuda_backend cuda, gating::device_routing const& r, segment_rows con
 template <device_element T>
 void combine(cuda_backend cuda, gating::device_routing const& r, segment_rows const& row_of,
              matrix_view<T const> expert_out, matrix_view<T> y) {
-  index_t const hidden = y.extent(1), rows = expert_out.extent(0);
-  detail::check_row_map(r, row_of, true).throw_if_failed();
-  check_extents(expert_out, "expert_out", {rows, hidden}).throw_if_failed();
-  check_extents(y, "y", {r.tokens(), hidden}).throw_if_failed();
-  if (r.tokens() == 0 || hidden == 0) return;
-
-  using U = std::remove_cv_t<T>;
-  kernels::launch_rows<kernels::combine_tokens, U>(
-      kernels::vector_access<U>(hidden, {expert_out.data_handle(), y.data_handle()}),
-      {row_of, r.weight.data_handle(), expert_out.data_handle(), y.data_handle(), r.tokens(), rows,
-       hidden, r.k()},
-      cuda.stream);
+  detail::sum_rows_per_token(cuda, r, row_of, r.weight.data_handle(), expert_out, "expert_out", y,
+                             "y");
 }
 
 /// Backward of combine on the device: d_expert_out[row(t, j), :] = weight(t, j) · dy[t, :] for
@@ -475,16 +499,9 @@ void combine_backward(cuda_backend cuda, gating::device_routing const& r,
   using U = std::remove_cv_t<T>;
   bool const vectorized = kernels::vector_access<U>(
       hidden, {dy.data_handle(), expert_out.data_handle(), d_expert_out.data_handle()});
-  if (rows > 0 && hidden > 0) {
-    workspace_carver carver(scratch);
-    std::int32_t* const row_source = carver.take<std::int32_t>(rows);
-    detail::build_row_source(cuda, r, row_of, rows, row_source);
-    kernels::launch_rows<kernels::expand_rows, U>(
-        vectorized,
-        {row_source, dy.data_handle(), r.weight.data_handle(), d_expert_out.data_handle(), rows,
-         hidden, r.k()},
-        cuda.stream);
-  }
+  if (rows > 0 && hidden > 0)
+    detail::expand_to_rows<U>(cuda, r, row_of, vectorized, dy.data_handle(), r.weight.data_handle(),
+                              d_expert_out.data_handle(), rows, hidden, scratch);
   // Also with hidden = 0: every d_weight is then an empty sum, written as zero.
   kernels::launch_rows<kernels::weight_gradient, U>(
       vectorized,
@@ -500,18 +517,7 @@ void combine_backward(cuda_backend cuda, gating::device_routing const& r,
 template <device_element T>
 void gather_backward(cuda_backend cuda, gating::device_routing const& r, segment_rows const& row_of,
                      matrix_view<T const> d_dispatched, matrix_view<T> dx) {
-  index_t const hidden = dx.extent(1), rows = d_dispatched.extent(0);
-  detail::check_row_map(r, row_of, false).throw_if_failed();
-  check_extents(d_dispatched, "d_dispatched", {rows, hidden}).throw_if_failed();
-  check_extents(dx, "dx", {r.tokens(), hidden}).throw_if_failed();
-  if (r.tokens() == 0 || hidden == 0) return;
-
-  using U = std::remove_cv_t<T>;
-  kernels::launch_rows<kernels::combine_tokens, U>(
-      kernels::vector_access<U>(hidden, {d_dispatched.data_handle(), dx.data_handle()}),
-      {row_of, nullptr, d_dispatched.data_handle(), dx.data_handle(), r.tokens(), rows, hidden,
-       r.k()},
-      cuda.stream);
+  detail::sum_rows_per_token(cuda, r, row_of, nullptr, d_dispatched, "d_dispatched", dx, "dx");
 }
 
 }  // namespace moe::layout
