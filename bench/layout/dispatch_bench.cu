@@ -191,8 +191,12 @@ struct world {
     // Dropped assignments get weight 0, as the router gives them.
     for (std::size_t i = 0; i < slot.size(); ++i)
       if (slot[i] >= capacity) weight[i] = 0;
-    moe::gating::device_routing_scalars const scalars{
-        .capacity = capacity, .max_load = max_load, .dropped = 0, .aux_loss = 0, .z_loss = 0};
+    moe::gating::device_routing_scalars const scalars{.capacity = capacity,
+                                                      .max_load = max_load,
+                                                      .dropped = 0,
+                                                      .unrouted = 0,
+                                                      .aux_loss = 0,
+                                                      .z_loss = 0};
     MOE_CUDA_TRY(cudaMemcpy(r.expert.data_handle(), expert.data(),
                             expert.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
     MOE_CUDA_TRY(cudaMemcpy(r.slot.data_handle(), slot.data(), slot.size() * sizeof(std::int64_t),

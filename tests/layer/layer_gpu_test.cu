@@ -475,6 +475,75 @@ TEST_CASE("the ragged layer (glu<silu>) on the CUDA backend matches the host lay
 
 namespace {
 
+template <class Gate>
+using preset_capacity_layer =
+    layer<Gate, layout::capacity, comm::single_rank, expert::ffn<act::gelu>>;
+template <class Gate>
+using preset_ragged_layer = layer<Gate, layout::ragged, comm::single_rank, expert::glu<act::silu>>;
+
+}  // namespace
+
+TEST_CASE(
+    "layers of the framework presets and the training noise on the CUDA backend match the "
+    "host layer") {
+  test::owned_stream s;
+  blas_handle blas;
+  SUBCASE("gshard: random routing of the 2nd expert, 2 local groups, GShard capacity") {
+    compare_in_float_and_bfloat16<preset_capacity_layer<gating::preset::gshard>>(
+        {.args = with(capacity_args,
+                      [](auto& a) {
+                        a.capacity_factor = 2.0f;
+                        a.groups = 2;
+                        a.seed = 5;
+                      }),
+         .call_tokens = 96},
+        s.stream, blas.get());
+  }
+  SUBCASE("deepspeed: top-1, random slot priority, min_capacity") {
+    compare_with_host<preset_capacity_layer<gating::preset::deepspeed>, float>(
+        {.args = with(capacity_args,
+                      [](auto& a) {
+                        a.capacity_factor = 0.75f;
+                        a.seed = 11;
+                      }),
+         .call_tokens = 96,
+         .expect_drops = true},
+        s.stream, blas.get());
+  }
+  SUBCASE("mixtral: softmax over the top 2, dropless, Switch aux loss") {
+    compare_with_host<preset_ragged_layer<gating::preset::mixtral>, float>(
+        {.args = ragged_args, .call_tokens = 96}, s.stream, blas.get());
+  }
+  SUBCASE("deepseek_v3: sigmoid, 4 of 8 expert groups, k = 8, sequence aux over 2 groups") {
+    compare_with_host<preset_ragged_layer<gating::preset::deepseek_v3>, float>(
+        {.args = with(ragged_args,
+                      [](auto& a) {
+                        a.experts = 16;
+                        a.groups = 2;
+                        a.scaling_factor = 2.5f;
+                      }),
+         .call_tokens = 96},
+        s.stream, blas.get());
+  }
+  SUBCASE("qwen3: top-8 of 16, renormalised, dropless") {
+    compare_with_host<preset_ragged_layer<gating::preset::qwen3>, float>(
+        {.args = with(ragged_args, [](auto& a) { a.experts = 16; }), .call_tokens = 64}, s.stream,
+        blas.get());
+  }
+  SUBCASE("top-2 with jitter on x and Gaussian logit noise, in training") {
+    compare_in_float_and_bfloat16<capacity_layer>({.args = with(capacity_args,
+                                                                [](auto& a) {
+                                                                  a.jitter = 0.1f;
+                                                                  a.gate_noise = 1.0f;
+                                                                  a.seed = 3;
+                                                                }),
+                                                   .call_tokens = 96},
+                                                  s.stream, blas.get());
+  }
+}
+
+namespace {
+
 /// Capture forward + backward of the capacity layer (fixed factor) into a graph, then for two
 /// fresh inputs written into the same buffers, replay it and compare with an eager run on
 /// the same stream and handle, bit for bit.

@@ -210,8 +210,12 @@ struct device_routed {
     std::vector<float> weight(static_cast<std::size_t>(assignments));
     for (index_t i = 0; i < assignments; ++i)
       weight[i] = static_cast<float>(h.weight.data_handle()[i]);
-    gating::device_routing_scalars const scalars{
-        .capacity = h.capacity, .max_load = 0, .dropped = 0, .aux_loss = 0, .z_loss = 0};
+    gating::device_routing_scalars const scalars{.capacity = h.capacity,
+                                                 .max_load = 0,
+                                                 .dropped = 0,
+                                                 .unrouted = 0,
+                                                 .aux_loss = 0,
+                                                 .z_loss = 0};
     auto copy = [&](void* to, void const* from, std::size_t n) {
       if (n > 0) MOE_CUDA_TRY(cudaMemcpyAsync(to, from, n, cudaMemcpyHostToDevice, stream));
     };

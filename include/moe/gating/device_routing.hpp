@@ -17,22 +17,27 @@ namespace moe::gating {
 /// The scalars of one routing call, as they lie in device memory.
 struct device_routing_scalars {
   std::int64_t capacity;  ///< C of the call: resolved and aligned (computed on the device)
-  std::int64_t max_load;  ///< the largest per-expert load, before drops
+  std::int64_t max_load;  ///< the largest per-(group, expert) load, before drops, after the
+                          ///< reduction over the ranks when there is one
   std::int64_t dropped;   ///< assignments that found no slot
+  std::int64_t unrouted;  ///< 2nd choices random routing left out (not in `dropped`)
   float aux_loss;         ///< gshard_aux, before its coefficient
   float z_loss;           ///< z_loss, before its coefficient
 };
 
 /// The routing state of one call, in device memory. Shapes use the call's T.
 struct device_routing {
-  matrix_view<float> logits;                  // (tokens, experts)
-  matrix_view<float> scores;                  // (tokens, experts)
-  matrix_view<std::int32_t> expert;           // (tokens, k)  by descending score; ties: lower index
-  matrix_view<float> weight;                  // (tokens, k)  combine weights; 0 when dropped
-  matrix_view<std::int64_t> slot;             // (tokens, k)  position in the expert; kept iff < C
-  vector_view<std::int64_t> load;             // (experts)    assignments before drops
-  vector_view<float> mean_score;              // (experts)    me of the aux loss
-  vector_view<float> first_choice;            // (experts)    ce of the aux loss
+  matrix_view<float> logits;         // (tokens, experts)
+  matrix_view<float> scores;         // (tokens, experts)
+  matrix_view<std::int32_t> expert;  // (tokens, k)  by descending score; ties: lower index
+  matrix_view<float> weight;         // (tokens, k)  combine weights; 0 when dropped
+  matrix_view<std::int64_t> slot;    // (tokens, k)  position in the expert; kept iff < C
+  vector_view<std::int64_t> load;    // (experts)    assignments before drops
+  vector_view<float> mean_score;     // (experts)    mean probability over the call
+  vector_view<float> first_choice;   // (experts)    1st-choice fraction over the call
+  /// (groups, experts) ∂aux_loss/∂p_{t,e}, the same for every token t of an aux-loss group:
+  /// row g for local group g when the aux loss averages per group, else row 0 for all.
+  matrix_view<float> aux_gradient;
   device_routing_scalars* scalars = nullptr;  // one, device memory
 
   [[nodiscard]] index_t tokens() const noexcept { return logits.extent(0); }
@@ -40,10 +45,12 @@ struct device_routing {
   [[nodiscard]] int k() const noexcept { return static_cast<int>(expert.extent(1)); }
 };
 
-/// Lays out the routing state for up to `max_tokens` tokens and returns views of `tokens`.
-/// With a default-constructed carver, only counts the bytes (all pointers null).
+/// Lays out the routing state for up to `max_tokens` tokens and returns views of `tokens`,
+/// for calls of `groups` local groups (gate_args::groups). With a default-constructed
+/// carver, only counts the bytes (all pointers null).
 inline device_routing carve_device_routing(workspace_carver& carver, index_t max_tokens,
-                                           index_t tokens, index_t experts, int k) {
+                                           index_t tokens, index_t experts, int k,
+                                           index_t groups = 1) {
   device_routing r;
   r.logits = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
   r.scores = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
@@ -53,6 +60,7 @@ inline device_routing carve_device_routing(workspace_carver& carver, index_t max
   r.load = make_view(carver.take<std::int64_t>(experts), experts);
   r.mean_score = make_view(carver.take<float>(experts), experts);
   r.first_choice = make_view(carver.take<float>(experts), experts);
+  r.aux_gradient = make_view(carver.take<float>(groups * experts), groups, experts);
   r.scalars = carver.take<device_routing_scalars>(1);
   return r;
 }

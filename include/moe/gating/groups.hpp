@@ -62,7 +62,7 @@ struct group_limited {
   static constexpr int static_experts = Experts;
 
   /// c: how many of a group's best selection scores make its score.
-  [[nodiscard]] static constexpr int per_group(int k) noexcept {
+  [[nodiscard]] MOE_HOST_DEVICE static constexpr int per_group(int k) noexcept {
     return k / TopGroups > 1 ? k / TopGroups : 1;
   }
 

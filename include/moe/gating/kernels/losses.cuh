@@ -1,51 +1,100 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The CUDA path of the load-balancing losses (gating/losses.hpp): me_e (mean score), ce_e
-// (fraction of first choices), gshard_aux = E · Σ_e me_e · ce_e and z_loss = mean_t lse_t².
+// The CUDA path of the load-balancing losses (gating/losses.hpp), for every aux-loss policy:
+// the call's me_e (mean probability) and ce_e (1st-choice fraction), the aux loss
+// (1/G') Σ_g E · Σ_e me_{g,e} · f_{g,e} over G' loss groups, its gradient ∂/∂p_{t,e} per loss
+// group, and z_loss = mean_t lse_t². p_{t,e} is the score, or s_{t,e} / Σ_e s_{t,e} when the
+// scores do not sum to one. Choices are counted as selected: before drops and random routing.
 //
-// Deterministic: float sums run in a fixed order over fixed partitions — per chunk of 256
-// tokens, then over the chunks, then one block over experts and tokens — and first choices
-// are counted in integers. No atomics.
+// Deterministic: float sums run in a fixed order over fixed partitions — per chunk of at most
+// 256 tokens of one loss group, then over a group's chunks, then over the groups, then one
+// block over the experts — and choices are counted in integers. No atomics.
 
 #include <moe/core/config.hpp>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
+#include <moe/core/workspace.hpp>
 #include <moe/gating/capacity.hpp>
+#include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/reduce.cuh>
+
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 
 namespace moe::gating::detail {
 
-/// Tokens summed by one block of `expert_partials`: the first level of the fixed tree.
+/// Tokens summed by one block of `loss_partials`: the first level of the fixed tree.
 inline constexpr index_t loss_chunk_tokens = 256;
 
-/// Number of chunks, i.e. rows of the partial sums, for `tokens` tokens.
-MOE_HOST_DEVICE constexpr index_t loss_chunks(index_t tokens) noexcept {
-  return ceil_div(tokens, loss_chunk_tokens);
+/// How the loss reductions partition T tokens: G' contiguous loss groups of S' tokens, each
+/// cut into chunks of at most `loss_chunk_tokens` that start at the group's start, so that no
+/// chunk straddles two groups.
+struct loss_partition {
+  index_t groups;            // G'
+  index_t size;              // S' = T / G'
+  index_t chunks_per_group;  // ⌈S' / 256⌉
+
+  MOE_HOST_DEVICE constexpr loss_partition(index_t tokens, index_t group_count) noexcept
+      : groups(group_count),
+        size(group_count > 0 ? tokens / group_count : 0),
+        chunks_per_group(ceil_div(size, loss_chunk_tokens)) {}
+
+  /// Rows of the chunk partial sums.
+  [[nodiscard]] MOE_HOST_DEVICE constexpr index_t chunks() const noexcept {
+    return groups * chunks_per_group;
+  }
+  /// The first token of chunk c.
+  [[nodiscard]] MOE_HOST_DEVICE constexpr index_t chunk_begin(index_t c) const noexcept {
+    return c / chunks_per_group * size + c % chunks_per_group * loss_chunk_tokens;
+  }
+  /// One past the last token of chunk c.
+  [[nodiscard]] MOE_HOST_DEVICE constexpr index_t chunk_end(index_t c) const noexcept {
+    index_t const group_end = (c / chunks_per_group + 1) * size;
+    index_t const end = chunk_begin(c) + loss_chunk_tokens;
+    return end < group_end ? end : group_end;
+  }
+};
+
+/// G': the groups aux loss `Aux` averages over, out of `groups` local groups.
+template <aux_loss_policy Aux>
+MOE_HOST_DEVICE constexpr index_t loss_groups(index_t groups) noexcept {
+  return Aux::per_group ? groups : 1;
 }
 
-/// Per chunk of tokens and per expert: Σ_t s_{t,e} and the count of tokens whose first
-/// choice is e. Block (32 experts, 8 token rows); grid (chunks, ⌈E/32⌉).
-struct expert_partials {
+/// The choices of each token that aux loss `Aux` counts.
+template <aux_loss_policy Aux>
+MOE_HOST_DEVICE constexpr int counted_choices(int k) noexcept {
+  return Aux::first_choice_only ? 1 : k;
+}
+
+/// Per chunk and expert: Σ_t p_{t,e}, the count of tokens whose 1st choice is e, and the count
+/// of their other counted choices (j in [1, counted)) that are e. Block (32 experts, 8 token
+/// rows); grid (chunks, ⌈E/32⌉).
+struct loss_partials {
   static constexpr int columns = warp_size, rows = 8;
   struct params {
     float const* scores;         // (tokens, experts) device memory
+    float const* score_sum;      // (tokens) Σ_e s_{t,e}, or null when the scores sum to one
     std::int32_t const* expert;  // (tokens, k)
     index_t tokens;
     index_t experts;
     int k;
+    int counted;  // choices per token the aux loss counts: 1 or k
+    loss_partition partition;
     float* partial_score;         // (chunks, experts)
-    std::int32_t* partial_count;  // (chunks, experts)
+    std::int32_t* partial_first;  // (chunks, experts)
+    std::int32_t* partial_other;  // (chunks, experts); unused when counted == 1
   };
   struct shared_storage {
     float score[rows][columns];
-    std::int32_t count[rows][columns];
+    std::int32_t first[rows][columns];
+    std::int32_t other[rows][columns];
   };
   static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(loss_chunks(p.tokens)),
+    return dim3(static_cast<unsigned>(p.partition.chunks()),
                 static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
   static dim3 block(params const&) { return dim3(columns, rows); }
@@ -54,45 +103,129 @@ struct expert_partials {
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
     index_t const e = static_cast<index_t>(blockIdx.y) * columns + threadIdx.x;
-    index_t const begin = static_cast<index_t>(blockIdx.x) * loss_chunk_tokens;
-    index_t const end = begin + loss_chunk_tokens < p.tokens ? begin + loss_chunk_tokens : p.tokens;
-    // A warp reads 32 neighbouring experts of one token: coalesced.
+    index_t const c = blockIdx.x;
+    index_t const end = p.partition.chunk_end(c);
+    // A warp reads 32 neighbouring experts of one token (coalesced) and the same choices.
     float sum = 0;
-    std::int32_t count = 0;
+    std::int32_t first = 0, other = 0;
     if (e < p.experts)
-      for (index_t t = begin + threadIdx.y; t < end; t += rows) {
-        sum += p.scores[t * p.experts + e];
-        count += p.expert[t * p.k] == e ? 1 : 0;
+      for (index_t t = p.partition.chunk_begin(c) + threadIdx.y; t < end; t += rows) {
+        float s = p.scores[t * p.experts + e];
+        if (p.score_sum != nullptr) {
+          float const total = p.score_sum[t];
+          s = total > 0 ? s / total : 0.0f;  // as aux_probabilities: 0 when nothing scores
+        }
+        sum += s;
+        std::int32_t const* choices = p.expert + t * p.k;
+        first += choices[0] == e ? 1 : 0;
+        for (int j = 1; j < p.counted; ++j) other += choices[j] == e ? 1 : 0;
       }
     shared.score[threadIdx.y][threadIdx.x] = sum;
-    shared.count[threadIdx.y][threadIdx.x] = count;
+    shared.first[threadIdx.y][threadIdx.x] = first;
+    shared.other[threadIdx.y][threadIdx.x] = other;
     __syncthreads();  // reached by every thread: only the loop above depends on e
     if (threadIdx.y == 0 && e < p.experts) {
       for (int y = 1; y < rows; ++y) {
         sum += shared.score[y][threadIdx.x];
-        count += shared.count[y][threadIdx.x];
+        first += shared.first[y][threadIdx.x];
+        other += shared.other[y][threadIdx.x];
       }
-      p.partial_score[static_cast<index_t>(blockIdx.x) * p.experts + e] = sum;
-      p.partial_count[static_cast<index_t>(blockIdx.x) * p.experts + e] = count;
+      index_t const at = c * p.experts + e;
+      p.partial_score[at] = sum;
+      p.partial_first[at] = first;
+      if (p.counted > 1) p.partial_other[at] = other;
     }
   }
 };
 
-/// Per expert, over the chunks: me_e = Σ / T and ce_e = count / T. Block (32 experts,
-/// 8 chunk rows); grid ⌈E/32⌉. (route rejects T = 0, where both would be 0/0.)
-struct expert_totals {
+/// Per loss group g and expert, over the group's chunks: me_{g,e} = Σ p / S',
+/// f_{g,e} = counted choices / (c · S'), the loss term me · f, and the gradient
+/// ∂aux/∂p_{t,e} = E · f_{g,e} / (G' · S') into row g of r.aux_gradient. Block (32 experts,
+/// 8 chunk rows); grid (G', ⌈E/32⌉).
+struct loss_group_totals {
   static constexpr int columns = warp_size, rows = 8;
   struct params {
     float const* partial_score;         // (chunks, experts)
-    std::int32_t const* partial_count;  // (chunks, experts)
-    index_t tokens;
+    std::int32_t const* partial_first;  // (chunks, experts)
+    std::int32_t const* partial_other;  // (chunks, experts); unused when counted == 1
     index_t experts;
-    float* mean_score;    // (experts) r.mean_score
-    float* first_choice;  // (experts) r.first_choice
+    int counted;
+    loss_partition partition;
+    float* group_score;         // (G', experts) Σ p over the group
+    std::int64_t* group_first;  // (G', experts) 1st choices in the group
+    float* group_term;          // (G', experts) me_{g,e} · f_{g,e}
+    float* aux_gradient;        // (≥ G', experts) r.aux_gradient
   };
   struct shared_storage {
     float score[rows][columns];
-    std::int64_t count[rows][columns];
+    std::int64_t first[rows][columns];
+    std::int64_t other[rows][columns];
+  };
+  static dim3 grid(params const& p) {
+    return dim3(static_cast<unsigned>(p.partition.groups),
+                static_cast<unsigned>(ceil_div(p.experts, columns)));
+  }
+  static dim3 block(params const&) { return dim3(columns, rows); }
+  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
+
+  __device__ void operator()(params const& p, char* smem) const {
+    auto& shared = *reinterpret_cast<shared_storage*>(smem);
+    index_t const e = static_cast<index_t>(blockIdx.y) * columns + threadIdx.x;
+    index_t const g = blockIdx.x;
+    index_t const begin = g * p.partition.chunks_per_group;
+    index_t const end = begin + p.partition.chunks_per_group;
+    float sum = 0;
+    std::int64_t first = 0, other = 0;
+    if (e < p.experts)
+      for (index_t c = begin + threadIdx.y; c < end; c += rows) {
+        sum += p.partial_score[c * p.experts + e];
+        first += p.partial_first[c * p.experts + e];
+        if (p.counted > 1) other += p.partial_other[c * p.experts + e];
+      }
+    shared.score[threadIdx.y][threadIdx.x] = sum;
+    shared.first[threadIdx.y][threadIdx.x] = first;
+    shared.other[threadIdx.y][threadIdx.x] = other;
+    __syncthreads();  // reached by every thread
+    if (threadIdx.y == 0 && e < p.experts) {
+      for (int y = 1; y < rows; ++y) {
+        sum += shared.score[y][threadIdx.x];
+        first += shared.first[y][threadIdx.x];
+        other += shared.other[y][threadIdx.x];
+      }
+      float const size = static_cast<float>(p.partition.size);
+      float const mean = sum / size;
+      float const fraction =
+          static_cast<float>(first + other) / (static_cast<float>(p.counted) * size);
+      index_t const at = g * p.experts + e;
+      p.group_score[at] = sum;
+      p.group_first[at] = first;
+      p.group_term[at] = mean * fraction;
+      p.aux_gradient[at] = static_cast<float>(p.experts) * fraction /
+                           (static_cast<float>(p.partition.groups) * size);
+    }
+  }
+};
+
+/// Per expert, over the loss groups: me_e = Σ p / T and ce_e = 1st choices / T of the call,
+/// and the expert's loss term Σ_g me_{g,e} · f_{g,e}. Block (32 experts, 8 group rows); grid
+/// ⌈E/32⌉. (route rejects T = 0, where me and ce would be 0/0.)
+struct loss_expert_totals {
+  static constexpr int columns = warp_size, rows = 8;
+  struct params {
+    float const* group_score;         // (G', experts)
+    std::int64_t const* group_first;  // (G', experts)
+    float const* group_term;          // (G', experts)
+    index_t tokens;
+    index_t experts;
+    index_t groups;       // G'
+    float* mean_score;    // (experts) r.mean_score
+    float* first_choice;  // (experts) r.first_choice
+    float* expert_term;   // (experts)
+  };
+  struct shared_storage {
+    float score[rows][columns];
+    float term[rows][columns];
+    std::int64_t first[rows][columns];
   };
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(ceil_div(p.experts, columns)));
@@ -103,39 +236,42 @@ struct expert_totals {
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
     index_t const e = static_cast<index_t>(blockIdx.x) * columns + threadIdx.x;
-    index_t const chunks = loss_chunks(p.tokens);
-    float sum = 0;
-    std::int64_t count = 0;
+    float sum = 0, term = 0;
+    std::int64_t first = 0;
     if (e < p.experts)
-      for (index_t c = threadIdx.y; c < chunks; c += rows) {
-        sum += p.partial_score[c * p.experts + e];
-        count += p.partial_count[c * p.experts + e];
+      for (index_t g = threadIdx.y; g < p.groups; g += rows) {
+        sum += p.group_score[g * p.experts + e];
+        term += p.group_term[g * p.experts + e];
+        first += p.group_first[g * p.experts + e];
       }
     shared.score[threadIdx.y][threadIdx.x] = sum;
-    shared.count[threadIdx.y][threadIdx.x] = count;
+    shared.term[threadIdx.y][threadIdx.x] = term;
+    shared.first[threadIdx.y][threadIdx.x] = first;
     __syncthreads();  // reached by every thread
     if (threadIdx.y == 0 && e < p.experts) {
       for (int y = 1; y < rows; ++y) {
         sum += shared.score[y][threadIdx.x];
-        count += shared.count[y][threadIdx.x];
+        term += shared.term[y][threadIdx.x];
+        first += shared.first[y][threadIdx.x];
       }
       float const tokens = static_cast<float>(p.tokens);
       p.mean_score[e] = sum / tokens;
-      p.first_choice[e] = static_cast<float>(count) / tokens;
+      p.first_choice[e] = static_cast<float>(first) / tokens;
+      p.expert_term[e] = term;
     }
   }
 };
 
-/// One block: gshard_aux = E · Σ_e me_e · ce_e and z_loss = Σ_t lse_t² / T (0 when T = 0), into the
-/// call's scalars.
+/// One block: aux_loss = E / G' · Σ_e (expert's term) and z_loss = Σ_t lse_t² / T (0 when
+/// T = 0), into the call's scalars.
 struct loss_totals {
   static constexpr int threads = 1024;
   struct params {
-    float const* mean_score;         // (experts)
-    float const* first_choice;       // (experts)
+    float const* expert_term;        // (experts)
     float const* logsumexp_squared;  // (tokens)
     index_t tokens;
     index_t experts;
+    index_t groups;                   // G'
     device_routing_scalars* scalars;  // aux_loss, z_loss
   };
   struct shared_storage {
@@ -148,17 +284,82 @@ struct loss_totals {
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
     float aux = 0;
-    for (index_t e = threadIdx.x; e < p.experts; e += threads)
-      aux += p.mean_score[e] * p.first_choice[e];
+    for (index_t e = threadIdx.x; e < p.experts; e += threads) aux += p.expert_term[e];
     aux = block_all_reduce(aux, plus{}, 0.0f, shared.reduce);
     float z = 0;
     for (index_t t = threadIdx.x; t < p.tokens; t += threads) z += p.logsumexp_squared[t];
     z = block_all_reduce(z, plus{}, 0.0f, shared.reduce);
     if (threadIdx.x == 0) {
-      p.scalars->aux_loss = static_cast<float>(p.experts) * aux;
+      p.scalars->aux_loss = static_cast<float>(p.experts) * aux / static_cast<float>(p.groups);
       p.scalars->z_loss = p.tokens > 0 ? z / static_cast<float>(p.tokens) : 0.0f;
     }
   }
 };
+
+/// What the loss kernels read, in device memory.
+struct loss_inputs {
+  float const* scores;             // (tokens, experts)
+  std::int32_t const* expert;      // (tokens, k) as selected
+  float const* score_sum;          // (tokens) Σ_e s_{t,e}, or null when the scores sum to one
+  float const* logsumexp_squared;  // (tokens)
+  index_t tokens;
+  index_t experts;
+  int k;
+  index_t groups;  // G local groups; T is a multiple of G
+};
+
+/// The scratch of `launch_losses`, laid out by `carve_loss_scratch`.
+struct loss_scratch {
+  float* partial_score;         // (chunks, experts)
+  std::int32_t* partial_first;  // (chunks, experts)
+  std::int32_t* partial_other;  // (chunks, experts); null when the loss counts 1st choices only
+  float* group_score;           // (G', experts)
+  std::int64_t* group_first;    // (G', experts)
+  float* group_term;            // (G', experts)
+  float* expert_term;           // (experts)
+};
+
+/// Lays out the scratch of `launch_losses<Aux>` for `tokens` tokens in `groups` local groups;
+/// a counting carver gives its size.
+template <aux_loss_policy Aux>
+loss_scratch carve_loss_scratch(workspace_carver& carver, index_t tokens, index_t experts, int k,
+                                index_t groups) {
+  loss_partition const partition(tokens, loss_groups<Aux>(groups));
+  index_t const chunks = partition.chunks();
+  loss_scratch s{};
+  s.partial_score = carver.take<float>(chunks * experts);
+  s.partial_first = carver.take<std::int32_t>(chunks * experts);
+  if (counted_choices<Aux>(k) > 1) s.partial_other = carver.take<std::int32_t>(chunks * experts);
+  s.group_score = carver.take<float>(partition.groups * experts);
+  s.group_first = carver.take<std::int64_t>(partition.groups * experts);
+  s.group_term = carver.take<float>(partition.groups * experts);
+  s.expert_term = carver.take<float>(experts);
+  return s;
+}
+
+/// The losses of one routing call under aux loss `Aux`, stream-ordered on `stream`: writes
+/// r.mean_score, r.first_choice, rows [0, G') of r.aux_gradient, r.scalars->aux_loss and
+/// r.scalars->z_loss. Preconditions (checked by route): T ≥ 1, G ≥ 1 divides T,
+/// E ≤ 65535 · 32, `s` carved by carve_loss_scratch<Aux> with the same sizes.
+template <aux_loss_policy Aux>
+void launch_losses(cudaStream_t stream, loss_inputs const& in, loss_scratch const& s,
+                   device_routing& r) {
+  loss_partition const partition(in.tokens, loss_groups<Aux>(in.groups));
+  int const counted = counted_choices<Aux>(in.k);
+  launch<loss_partials>({in.scores, in.score_sum, in.expert, in.tokens, in.experts, in.k, counted,
+                         partition, s.partial_score, s.partial_first, s.partial_other},
+                        stream);
+  launch<loss_group_totals>(
+      {s.partial_score, s.partial_first, s.partial_other, in.experts, counted, partition,
+       s.group_score, s.group_first, s.group_term, r.aux_gradient.data_handle()},
+      stream);
+  launch<loss_expert_totals>(
+      {s.group_score, s.group_first, s.group_term, in.tokens, in.experts, partition.groups,
+       r.mean_score.data_handle(), r.first_choice.data_handle(), s.expert_term},
+      stream);
+  launch<loss_totals>(
+      {s.expert_term, in.logsumexp_squared, in.tokens, in.experts, partition.groups, r.scalars},
+      stream);
+}
 
 }  // namespace moe::gating::detail

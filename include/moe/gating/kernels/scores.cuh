@@ -3,7 +3,8 @@
 // The device side of score functions (gating/scores.hpp): `device_score<Score>` is the hook
 // through which the router kernels (select.cuh, router.cuh) turn one token's logits into
 // scores, rank experts, and run the backward. A score function gains a CUDA path by
-// specialising it; sigmoid and biased variants are added the same way.
+// specialising it: softmax, softmax_topk and sigmoid have one. With an expert bias, or with
+// group-limited selection, the router ranks s_e + b_e instead of `select_key`.
 //
 // A specialisation provides, for one token's row of E logits in float:
 //   row                                  per-token statistics, e.g. softmax's max and sum
@@ -36,25 +37,42 @@ concept device_score_function = score_function<Score> && requires {
   typename device_score<Score>::row;
 };
 
+namespace detail {
+
+/// The statistics of a row of logits that softmax and the z-loss need: the largest logit
+/// and Σ_e exp(l_e − max).
+struct logit_statistics {
+  float max;  ///< the largest logit; NaNs are skipped, as the host does
+  float sum;  ///< Σ_e exp(l_e − max)
+};
+
+/// @param logits (experts) one token's logits, device memory; warp-cooperative
+__device__ inline logit_statistics statistics_of(float const* logits, index_t experts, int lane) {
+  float max = -cuda::std::numeric_limits<float>::infinity();
+  for (index_t e = lane; e < experts; e += warp_size) {
+    float const l = logits[e];
+    max = l > max ? l : max;  // false for a NaN: skipped
+  }
+  max = warp_all_reduce(max, maximum{});
+  float sum = 0;
+  for (index_t e = lane; e < experts; e += warp_size) sum += expf(logits[e] - max);
+  return {max, warp_all_reduce(sum, plus{})};
+}
+
+__device__ inline float logsumexp_of(logit_statistics const& r) {
+  return r.max + logf(r.sum);
+}
+
+}  // namespace detail
+
 /// Softmax over all E experts, in float: s_e = exp(l_e − max) / Σ exp(l_e' − max).
 template <>
 struct device_score<softmax> {
-  struct row {
-    float max;  ///< the largest logit; NaNs are skipped, as the host does
-    float sum;  ///< Σ_e exp(l_e − max)
-  };
+  using row = detail::logit_statistics;
 
   /// @param logits (experts) one token's logits, device memory
   __device__ static row statistics(float const* logits, index_t experts, int lane) {
-    float max = -cuda::std::numeric_limits<float>::infinity();
-    for (index_t e = lane; e < experts; e += detail::warp_size) {
-      float const l = logits[e];
-      max = l > max ? l : max;  // false for a NaN: skipped
-    }
-    max = detail::warp_all_reduce(max, detail::maximum{});
-    float sum = 0;
-    for (index_t e = lane; e < experts; e += detail::warp_size) sum += expf(logits[e] - max);
-    return {max, detail::warp_all_reduce(sum, detail::plus{})};
+    return detail::statistics_of(logits, experts, lane);
   }
 
   __device__ static float score(float logit, row const& r) { return expf(logit - r.max) / r.sum; }
@@ -67,7 +85,7 @@ struct device_score<softmax> {
     return detail::is_nan(r.sum) ? cuda::std::numeric_limits<float>::quiet_NaN() : logit;
   }
 
-  __device__ static float logsumexp(row const& r) { return r.max + logf(r.sum); }
+  __device__ static float logsumexp(row const& r) { return detail::logsumexp_of(r); }
 
   /// d_l_e = s_e · (d_s_e − ⟨s, d_s⟩).
   __device__ static float d_logit(float score, float d_score, float dot) {
@@ -75,5 +93,41 @@ struct device_score<softmax> {
   }
 };
 static_assert(device_score_function<softmax>);
+
+/// Mixtral's softmax over the selected logits: the full softmax's scores, ranking and
+/// backward (scores.hpp); the gate renormalises over the selected experts.
+template <>
+struct device_score<softmax_topk> : device_score<softmax> {};
+static_assert(device_score_function<softmax_topk>);
+
+/// The logistic sigmoid of each logit, in float (DeepSeek-V3). The row statistics serve the
+/// z-loss only.
+template <>
+struct device_score<sigmoid> {
+  using row = detail::logit_statistics;
+
+  /// @param logits (experts) one token's logits, device memory
+  __device__ static row statistics(float const* logits, index_t experts, int lane) {
+    return detail::statistics_of(logits, experts, lane);
+  }
+
+  /// exp of a non-positive argument only, as the host: no overflow for either sign.
+  __device__ static float score(float logit, row const&) {
+    return logit >= 0 ? 1 / (1 + expf(-logit)) : expf(logit) / (1 + expf(logit));
+  }
+
+  /// The sigmoid is increasing: ranking the logits ranks the scores, and float's
+  /// saturation at 1 (|l| > 17) merges no distinct logits into ties. A NaN logit has a NaN
+  /// score and key and never wins, as on the host.
+  __device__ static float select_key(float logit, row const&) { return logit; }
+
+  __device__ static float logsumexp(row const& r) { return detail::logsumexp_of(r); }
+
+  /// d_l_e = d_s_e · s_e · (1 − s_e); each expert on its own, so `dot` is unused.
+  __device__ static float d_logit(float score, float d_score, float) {
+    return d_score * score * (1 - score);
+  }
+};
+static_assert(device_score_function<sigmoid>);
 
 }  // namespace moe::gating

@@ -88,12 +88,12 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
     };
     device_state<T> s;
     // First what does not depend on T, so that `stats` can find it without knowing T.
-    s.routing = gating::carve_device_routing(carver, a.tokens, tokens, a.experts, k);
+    s.routing = gating::carve_device_routing(carver, a.tokens, tokens, a.experts, k, g.groups);
     s.begin = integers(a.experts);
     s.rows = integers(a.experts);
     s.total_rows = carver.take<std::int64_t>(1);
-    s.route_scratch = bytes(std::max(gating::route_workspace_bytes(Gate{}, g),
-                                     gating::route_backward_workspace_bytes<T>(Gate{}, g)));
+    s.route_scratch = bytes(std::max(gating::route_workspace_bytes<T>(Gate{}, g, h),
+                                     gating::route_backward_workspace_bytes<T>(Gate{}, g, h)));
     s.layout_scratch = bytes(layout::gather_workspace_bytes(most));
     s.x = make_view(carver.take<T>(a.tokens * h), tokens, h);
     s.dispatched = batch();
@@ -250,7 +250,7 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
     // The prefix of `carve`, which does not depend on the element type.
     auto prefix = [&](workspace_carver& carver) {
       gating::device_routing const r =
-          gating::carve_device_routing(carver, a.tokens, tokens, a.experts, l.k());
+          gating::carve_device_routing(carver, a.tokens, tokens, a.experts, l.k(), a.groups);
       (void)carver.take<std::int64_t>(a.experts);  // begin
       (void)carver.take<std::int64_t>(a.experts);  // rows
       return std::pair{r, carver.take<std::int64_t>(1)};
