@@ -323,3 +323,54 @@ TEST_CASE("CUDA route and route_backward match the host for every preset") {
       cuda, {},
       {.tokens = 300, .experts = 64, .hidden = 64, .k = 8, .scaling = 2.5f, .bias = 0.1f});
 }
+
+TEST_CASE("CUDA top_any: one carve for the largest k serves calls whose k and T vary") {
+  // Routing state and scratch are sized once, for T = 96 and k = 8 (the issue's rule: no
+  // reallocation beyond workspace_bytes); then calls with other k and T route into the same
+  // memory and match the host call for call.
+  cuda_context cuda;
+  cudaStream_t const stream = cuda.stream;
+  index_t const max_tokens = 96, E = 16, H = 8;
+  int const max_k = 8;
+  gating::top_any<> const gate;
+  gating::gate_args sizing{
+      .tokens = max_tokens, .experts = E, .k = max_k, .capacity_factor = 0.75f};
+  workspace_carver counter;
+  (void)gating::carve_device_routing(counter, max_tokens, max_k, max_tokens, E, max_k);
+  device_buffer<> routing_memory(counter.bytes(), stream);
+  device_buffer<> scratch(gating::route_workspace_bytes(gate, sizing), stream);
+
+  std::mt19937_64 rng(test::fresh_seed());
+  for (auto [tokens, k] : {std::pair<index_t, int>{96, 8}, {96, 1}, {40, 3}, {77, 5}, {96, 8}}) {
+    INFO("T " << tokens << ", k " << k);
+    gating::gate_args args = sizing;
+    args.k = k;
+    test::host_tensor<float> x(tokens * H), w(H * E);
+    fill_x(x, rng);
+    fill_w(w, H, rng);
+
+    workspace_carver host_counter;
+    (void)gating::carve_host_routing(host_counter, tokens, tokens, E, k);
+    host_buffer host_memory(host_counter.bytes());
+    workspace_carver host_carver(host_memory.view());
+    gating::host_routing hr = gating::carve_host_routing(host_carver, tokens, tokens, E, k);
+    gating::routing_summary const expected =
+        gating::route(host_backend{}, gate, args, x.cview(tokens, H), w.cview(H, E), hr);
+
+    device_array const x_dev(x.data, stream);
+    device_array const w_dev(w.data, stream);
+    poison(routing_memory.view().data(), routing_memory.size(), stream);
+    workspace_carver carver(routing_memory.view());
+    gating::device_routing r =
+        gating::carve_device_routing(carver, max_tokens, max_k, tokens, E, k);
+    gating::route(cuda.backend(), gate, args, x_dev.cview(tokens, H), w_dev.cview(H, E), r,
+                  scratch.view());
+    gating::routing_summary const got = gating::read_summary(cuda.backend(), r);
+    check_equal("expert", download(r.expert, stream), host_copy(hr.expert));
+    check_equal("slot", download(r.slot, stream), host_copy(hr.slot));
+    check_equal("load", download(r.load, stream), host_copy(hr.load));
+    check_close("weight", to_doubles(download(r.weight, stream)), to_doubles(hr.weight), k, 1e-5);
+    CHECK(got.capacity == expected.capacity);
+    CHECK(got.dropped == expected.dropped);
+  }
+}

@@ -7,10 +7,12 @@
 // synchronises; `read_summary` (router.cuh) copies them to the host, and says so.
 
 #include <moe/core/config.hpp>
+#include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 
 #include <cstdint>
+#include <string>
 
 namespace moe::gating {
 
@@ -45,24 +47,37 @@ struct device_routing {
   [[nodiscard]] int k() const noexcept { return static_cast<int>(expert.extent(1)); }
 };
 
-/// Lays out the routing state for up to `max_tokens` tokens and returns views of `tokens`,
-/// for calls of `groups` local groups (gate_args::groups). With a default-constructed
-/// carver, only counts the bytes (all pointers null).
-inline device_routing carve_device_routing(workspace_carver& carver, index_t max_tokens,
+/// Lays out the routing state for up to `max_tokens` tokens, up to `max_k` choices and
+/// `groups` local groups (gate_args::groups), and returns views of `tokens` tokens and `k`
+/// choices: the layout depends on neither, so that memory carved once serves calls whose T
+/// and k vary (top_any). With a default-constructed carver, only counts the bytes (all
+/// pointers null).
+inline device_routing carve_device_routing(workspace_carver& carver, index_t max_tokens, int max_k,
                                            index_t tokens, index_t experts, int k,
                                            index_t groups = 1) {
+  MOE_EXPECTS(k >= 0 && k <= max_k && tokens <= max_tokens, "k",
+              "views of " + std::to_string(tokens) + " tokens and k = " + std::to_string(k) +
+                  " do not fit a layout for " + std::to_string(max_tokens) +
+                  " tokens and k = " + std::to_string(max_k));
   device_routing r;
   r.logits = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
   r.scores = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
-  r.expert = make_view(carver.take<std::int32_t>(max_tokens * k), tokens, k);
-  r.weight = make_view(carver.take<float>(max_tokens * k), tokens, k);
-  r.slot = make_view(carver.take<std::int64_t>(max_tokens * k), tokens, k);
+  r.expert = make_view(carver.take<std::int32_t>(max_tokens * max_k), tokens, k);
+  r.weight = make_view(carver.take<float>(max_tokens * max_k), tokens, k);
+  r.slot = make_view(carver.take<std::int64_t>(max_tokens * max_k), tokens, k);
   r.load = make_view(carver.take<std::int64_t>(experts), experts);
   r.mean_score = make_view(carver.take<float>(experts), experts);
   r.first_choice = make_view(carver.take<float>(experts), experts);
   r.aux_gradient = make_view(carver.take<float>(groups * experts), groups, experts);
   r.scalars = carver.take<device_routing_scalars>(1);
   return r;
+}
+
+/// The same for calls that all select k experts.
+inline device_routing carve_device_routing(workspace_carver& carver, index_t max_tokens,
+                                           index_t tokens, index_t experts, int k,
+                                           index_t groups = 1) {
+  return carve_device_routing(carver, max_tokens, k, tokens, experts, k, groups);
 }
 
 }  // namespace moe::gating
