@@ -71,9 +71,11 @@ struct layer_args {
   float scaling_factor = 1.0f;        ///< combine weights times this, after renormalisation
   float jitter = 0.0f;                ///< ε of the jitter U[1−ε, 1+ε], training only
   gating::jitter_target jitter_on = gating::jitter_target::input;
-  float gate_noise = 0.0f;          ///< Gaussian logit noise of std gate_noise / E, training only
-  std::uint64_t seed = 0;           ///< key of the routing RNG; fold the step and rank into it
-  span<float const> expert_bias{};  ///< (experts) selection bias, host memory; empty for none
+  float gate_noise = 0.0f;  ///< Gaussian logit noise of std gate_noise / E, training only
+  std::uint64_t seed = 0;   ///< key of the routing RNG; fold the step and rank into it
+  /// (experts) selection bias, empty for none: host memory on the host backend, device memory
+  /// on the CUDA one
+  span<float const> expert_bias{};
 };
 
 /// Views of a layer's parameters (T const) or of their gradients (T).
