@@ -72,6 +72,24 @@ TEST_CASE("sigmoid scores; the selection bias picks experts but leaves the weigh
   CHECK(s.aux_loss == Approx(4 * 0.5 / 2.3));  // ce now (1, 0, 0, 0)
 }
 
+TEST_CASE("without a bias, experts rank by logit where rounding merges their scores") {
+  // σ(40) and σ(50) are both 1.0 in double, and softmax's exp(−800) and exp(−900) both
+  // underflow to 0: the logits still rank them, as the CUDA router does in float.
+  hand_router sig({{40, 50, 0, 0}}, 1);
+  (void)sig.route(gating::top_k<1, gating::sigmoid>{}, {.capacity_factor = 1.0f});
+  CHECK(sig.r.scores(0, 0) == sig.r.scores(0, 1));
+  CHECK(sig.experts_of(0) == ints{1});
+  hand_router soft({{0, -900, -800}}, 2);
+  (void)soft.route(gating::top_k<2>{}, {.capacity_factor = 1.0f});
+  CHECK(soft.r.scores(0, 1) == soft.r.scores(0, 2));
+  CHECK(soft.experts_of(0) == ints{0, 2});
+  // With a bias the selection scores s + b compete, so equal scores tie: the lower index.
+  std::array<float, 4> const no_shift{0, 0, 0, 0};
+  (void)sig.route(gating::top_k<1, gating::sigmoid>{},
+                  {.capacity_factor = 1.0f, .expert_bias = no_shift});
+  CHECK(sig.experts_of(0) == ints{0});
+}
+
 TEST_CASE("group-limited selection keeps the best groups, then the top k inside them") {
   // Sigmoid scores (0.9, 0.1 | 0.7, 0.75 | 0.8, 0.05) in 3 groups of 2.
   std::vector<std::vector<double>> const logits{

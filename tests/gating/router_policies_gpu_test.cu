@@ -374,3 +374,39 @@ TEST_CASE("CUDA top_any: one carve for the largest k serves calls whose k and T 
     CHECK(got.dropped == expected.dropped);
   }
 }
+
+TEST_CASE("CUDA route ranks logits where rounding merges scores, as the host does") {
+  // One token, H = 1, x = 1: the logits are W_gate's row. σ(40) = σ(50) = 1 in double (and
+  // float), exp(−800) = exp(−900) = 0: both backends rank the logits.
+  cuda_context cuda;
+  cudaStream_t const stream = cuda.stream;
+  auto selected = [&](auto gate, std::vector<float> const& logits, int k) {
+    index_t const E = static_cast<index_t>(logits.size());
+    gating::gate_args const args{.tokens = 1, .experts = E, .capacity_factor = 1.0f};
+    std::vector<float> const x{1.0f};
+    workspace_carver host_counter;
+    (void)gating::carve_host_routing(host_counter, 1, 1, E, k);
+    host_buffer host_memory(host_counter.bytes());
+    workspace_carver host_carver(host_memory.view());
+    gating::host_routing hr = gating::carve_host_routing(host_carver, 1, 1, E, k);
+    (void)gating::route(host_backend{}, gate, args, make_view(x.data(), 1, 1),
+                        make_view(logits.data(), 1, E), hr);
+
+    device_array const x_dev(x, stream), w_dev(logits, stream);
+    workspace_carver counter;
+    (void)gating::carve_device_routing(counter, 1, 1, E, k);
+    device_buffer<> memory(counter.bytes(), stream);
+    poison(memory.view().data(), memory.size(), stream);
+    workspace_carver carver(memory.view());
+    gating::device_routing r = gating::carve_device_routing(carver, 1, 1, E, k);
+    device_buffer<> scratch(gating::route_workspace_bytes(gate, args), stream);
+    gating::route(cuda.backend(), gate, args, x_dev.cview(1, 1), w_dev.cview(1, E), r,
+                  scratch.view());
+    std::vector<std::int32_t> const device = download(r.expert, stream);
+    CHECK(device == host_copy(hr.expert));
+    return device;
+  };
+  CHECK(selected(gating::top_k<1, gating::sigmoid>{}, {40, 50, 0, 0}, 1) ==
+        std::vector<std::int32_t>{1});
+  CHECK(selected(gating::top_k<2>{}, {0, -900, -800}, 2) == std::vector<std::int32_t>{0, 2});
+}

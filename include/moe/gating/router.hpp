@@ -10,7 +10,9 @@
 //   1. l = x' · W_gate, x' = x ⊙ jitter(t, h) when training with jitter on the input;
 //      when training: l ⊙= jitter(t, e) (jitter on the logits), then l += (gate_noise/E) ·
 //      normal(t, e). `logits` holds the l the scores see.
-//   2. s = Score(l); experts = Selection(s + expert_bias) (ties: lower index).
+//   2. s = Score(l); experts = Selection(s + expert_bias) (ties: lower index); without a bias,
+//      the top k of all experts rank the logits when the scores rank as they do (a NaN score
+//      ranks as NaN), so that scores rounding merges still rank apart.
 //   3. weights before drops: s_j, divided by Σ_selected s when the call renormalises before
 //      drops; random routing (training, k = 2) then leaves out the 2nd choice unless
 //      2 · w_1 > u(t).
@@ -48,6 +50,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
 
 namespace moe::gating {
 
@@ -251,6 +254,10 @@ routing_summary route(host_backend, G const& gate, gate_args const& args, matrix
 
   routing_summary summary{.tokens = tokens};
   span<double> const selection = r.scratch.first(e_count);
+  // Without a bias, all experts compete on their logits when the scores rank as they do: the
+  // same order, without the ties rounding makes among scores (scores.hpp, `increasing`).
+  bool const ranks_logits = score_is_increasing<Score> && args.expert_bias.empty() &&
+                            std::is_same_v<Selection, all_experts>;
   for (index_t t = 0; t < tokens; ++t) {
     for (index_t e = 0; e < experts; ++e) {
       auto const column = static_cast<std::uint32_t>(e);
@@ -264,7 +271,9 @@ routing_summary route(host_backend, G const& gate, gate_args const& args, matrix
     span<double> const scores = detail::mutable_row_of(r.scores, t);
     Score::apply(detail::row_of(r.logits, t), scores);
     for (std::size_t e = 0; e < e_count; ++e)
-      selection[e] = scores[e] + (args.expert_bias.empty() ? 0.0 : args.expert_bias[e]);
+      selection[e] = ranks_logits
+                         ? (std::isnan(scores[e]) ? scores[e] : r.logits(t, e))
+                         : scores[e] + (args.expert_bias.empty() ? 0.0 : args.expert_bias[e]);
     Selection::select(selection, {&r.expert(t, 0), static_cast<std::size_t>(k)});
     summary.z_loss += z_loss_term(detail::row_of(r.logits, t), 0, {}) / static_cast<double>(tokens);
 

@@ -17,6 +17,10 @@
 // Traits a score function may declare (absent means false):
 //   sums_to_one         the scores are a distribution: the aux losses use them as they are
 //   normalizes_selected the weights are renormalised over the selected experts, always
+//   increasing          each score is increasing in its own logit, and a row's scores are
+//                       all NaN or none is: without a bias, the top k of all experts rank the
+//                       logits themselves (router.hpp), the exact order of the scores, which
+//                       rounding can merge (a saturated sigmoid, an underflowed softmax)
 
 #include <moe/core/config.hpp>
 #include <moe/core/view.hpp>
@@ -31,6 +35,7 @@ namespace moe::gating {
 struct softmax {
   using moe_concept = score_function_tag;
   static constexpr bool sums_to_one = true;
+  static constexpr bool increasing = true;
 
   /// [in] logits, [out] scores: one token's row, host memory.
   static void apply(span<double const> logits, span<double> scores) noexcept {
@@ -67,6 +72,7 @@ static_assert(score_function<softmax_topk>);
 struct sigmoid {
   using moe_concept = score_function_tag;
   static constexpr bool sums_to_one = false;
+  static constexpr bool increasing = true;
 
   /// [in] logits, [out] scores: one token's row, host memory.
   static void apply(span<double const> logits, span<double> scores) noexcept {
@@ -109,6 +115,15 @@ template <class S>
 inline constexpr bool score_normalizes_selected = [] {
   if constexpr (requires { S::normalizes_selected; })
     return static_cast<bool>(S::normalizes_selected);
+  else
+    return false;
+}();
+
+/// Whether S's scores rank as its logits do (S::increasing; false if absent).
+template <class S>
+inline constexpr bool score_is_increasing = [] {
+  if constexpr (requires { S::increasing; })
+    return static_cast<bool>(S::increasing);
   else
     return false;
 }();

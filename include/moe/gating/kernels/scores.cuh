@@ -77,8 +77,8 @@ struct device_score<softmax> {
 
   __device__ static float score(float logit, row const& r) { return expf(logit - r.max) / r.sum; }
 
-  /// Softmax is increasing, so ranking the logits ranks the scores, without float
-  /// underflow merging distinct scores into ties. A NaN or +inf logit, or a row of −inf,
+  /// Softmax is increasing, so ranking the logits ranks the scores, without underflow
+  /// merging distinct scores into ties; the host ranks the same keys (scores.hpp). A NaN or +inf logit, or a row of −inf,
   /// makes the sum NaN and then every score NaN, as on the host: every key is then NaN and
   /// the selection falls back to expert order, as host select_top_k does.
   __device__ static float select_key(float logit, row const& r) {
@@ -116,9 +116,9 @@ struct device_score<sigmoid> {
     return logit >= 0 ? 1 / (1 + expf(-logit)) : expf(logit) / (1 + expf(logit));
   }
 
-  /// The sigmoid is increasing: ranking the logits ranks the scores, and float's
-  /// saturation at 1 (|l| > 17) merges no distinct logits into ties. A NaN logit has a NaN
-  /// score and key and never wins, as on the host.
+  /// The sigmoid is increasing: ranking the logits ranks the scores, and saturation at 1
+  /// merges no distinct logits into ties; the host ranks the same keys (scores.hpp). A NaN
+  /// logit has a NaN score and key and never wins, as on the host.
   __device__ static float select_key(float logit, row const&) { return logit; }
 
   __device__ static float logsumexp(row const& r) { return detail::logsumexp_of(r); }

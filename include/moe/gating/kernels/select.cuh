@@ -270,8 +270,11 @@ struct router_select {
       sum = detail::warp_all_reduce(sum, detail::plus{});
       if (lane == 0) p.score_sum[t] = sum;
     }
+    // Group-limited selection scans each group from its first expert, so a lane reads
+    // logits and scores that another lane wrote: make them visible (shuffles order nothing).
+    __syncwarp();
 
-    // What selection ranks. A lane reads back only the scores it wrote itself.
+    // What selection ranks.
     bool const ranks_scores = selection::ranks_scores || p.bias != nullptr;
     auto const key_of = [&](index_t e) {
       return ranks_scores ? scores[e] + (p.bias != nullptr ? p.bias[e] : 0.0f)
@@ -286,7 +289,6 @@ struct router_select {
       if (lane == j) selected = winner.expert;
     });
 
-    __syncwarp();  // the scores written by other lanes above are visible below
     // The weights before drops: the very scores written (the host's), renormalised over the
     // k selected when the call does so before drops.
     float weight = lane < k ? scores[selected] : 0.0f;
