@@ -47,6 +47,20 @@ namespace moe::test::router_testbed {
 
 using gating::renormalize;
 
+/// The host routing state of one call of T tokens, E experts and k choices, in memory it owns.
+struct owned_host_routing {
+  host_buffer memory;
+  gating::host_routing r;
+
+  owned_host_routing(index_t tokens, index_t experts, int k) {
+    workspace_carver counter;
+    (void)gating::carve_host_routing(counter, tokens, tokens, experts, k);
+    memory = host_buffer(counter.bytes());
+    workspace_carver carver(memory.view());
+    r = gating::carve_host_routing(carver, tokens, tokens, experts, k);
+  }
+};
+
 /// The test's stream and cuBLAS handle; outlives every buffer of a case.
 struct cuda_context {
   cudaStream_t stream{};
@@ -525,11 +539,8 @@ gating::routing_summary compare_with_host(cuda_context& cuda, G const& gate, cas
   std::vector<float> bias(c.bias > 0 ? static_cast<std::size_t>(E) : 0);
 
   // --- host reference, on the first draw whose decisions float takes as double does ---
-  workspace_carver host_counter;
-  (void)gating::carve_host_routing(host_counter, T_, T_, E, k);
-  host_buffer host_memory(host_counter.bytes());
-  workspace_carver host_carver(host_memory.view());
-  gating::host_routing hr = gating::carve_host_routing(host_carver, T_, T_, E, k);
+  owned_host_routing host_state(T_, E, k);
+  gating::host_routing& hr = host_state.r;
   gating::routing_summary expected;
   for (;; ++redraws) {
     seed = first_seed + static_cast<std::uint64_t>(redraws);

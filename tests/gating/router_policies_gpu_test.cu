@@ -349,11 +349,8 @@ TEST_CASE("CUDA top_any: one carve for the largest k serves calls whose k and T 
     fill_x(x, rng);
     fill_w(w, H, rng);
 
-    workspace_carver host_counter;
-    (void)gating::carve_host_routing(host_counter, tokens, tokens, E, k);
-    host_buffer host_memory(host_counter.bytes());
-    workspace_carver host_carver(host_memory.view());
-    gating::host_routing hr = gating::carve_host_routing(host_carver, tokens, tokens, E, k);
+    owned_host_routing host_state(tokens, E, k);
+    gating::host_routing& hr = host_state.r;
     gating::routing_summary const expected =
         gating::route(host_backend{}, gate, args, x.cview(tokens, H), w.cview(H, E), hr);
 
@@ -384,11 +381,8 @@ TEST_CASE("CUDA route ranks logits where rounding merges scores, as the host doe
     index_t const E = static_cast<index_t>(logits.size());
     gating::gate_args const args{.tokens = 1, .experts = E, .capacity_factor = 1.0f};
     std::vector<float> const x{1.0f};
-    workspace_carver host_counter;
-    (void)gating::carve_host_routing(host_counter, 1, 1, E, k);
-    host_buffer host_memory(host_counter.bytes());
-    workspace_carver host_carver(host_memory.view());
-    gating::host_routing hr = gating::carve_host_routing(host_carver, 1, 1, E, k);
+    owned_host_routing host_state(1, E, k);
+    gating::host_routing& hr = host_state.r;
     (void)gating::route(host_backend{}, gate, args, make_view(x.data(), 1, 1),
                         make_view(logits.data(), 1, E), hr);
 
