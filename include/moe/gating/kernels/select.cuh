@@ -274,7 +274,10 @@ struct router_select {
     // logits and scores that another lane wrote: make them visible (shuffles order nothing).
     __syncwarp();
 
-    // What selection ranks.
+    // What selection ranks: the logit (the host's key too), or, with a bias or group-limited
+    // selection, the score plus the bias in float. Scores that float rounds to one value (a
+    // sigmoid is 1.0f above l ≈ 16.6) then tie and go to the lower index, where the host's
+    // double would still order them.
     bool const ranks_scores = selection::ranks_scores || p.bias != nullptr;
     auto const key_of = [&](index_t e) {
       return ranks_scores ? scores[e] + (p.bias != nullptr ? p.bias[e] : 0.0f)
