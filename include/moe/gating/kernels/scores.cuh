@@ -78,9 +78,9 @@ struct device_score<softmax> {
   __device__ static float score(float logit, row const& r) { return expf(logit - r.max) / r.sum; }
 
   /// Softmax is increasing, so ranking the logits ranks the scores, without underflow
-  /// merging distinct scores into ties; the host ranks the same keys (scores.hpp). A NaN or +inf logit, or a row of −inf,
-  /// makes the sum NaN and then every score NaN, as on the host: every key is then NaN and
-  /// the selection falls back to expert order, as host select_top_k does.
+  /// merging distinct scores into ties; the host ranks the same keys (scores.hpp). A NaN or +inf
+  /// logit, or a row of −inf, makes the sum NaN and then every score NaN, as on the host: every key
+  /// is then NaN and the selection falls back to expert order, as host select_top_k does.
   __device__ static float select_key(float logit, row const& r) {
     return detail::is_nan(r.sum) ? cuda::std::numeric_limits<float>::quiet_NaN() : logit;
   }
