@@ -384,13 +384,32 @@ inline void check_scratch(workspace scratch, std::size_t needed) {
                   std::to_string(needed));
 }
 
-/// T of a call: x's rows, at most args.tokens, a multiple of the local groups.
-inline void check_call_tokens(gate_args const& args, index_t tokens) {
+/// What `route` and `route_backward` check of a call before any work: T = x's rows (at
+/// least 1, a multiple of the local groups, within what slot assignment sorts), W_gate's
+/// extents, and the routing state `r` carved for T, E, k and the local groups.
+template <class T>
+void check_routing_call(gate_args const& args, int k, matrix_view<T const> x,
+                        matrix_view<T const> w_gate, device_routing const& r) {
+  index_t const tokens = x.extent(0), experts = args.experts;
   MOE_EXPECTS(tokens >= 1, "x", "has no tokens");  // as the host backend
   MOE_EXPECTS(tokens % args.groups == 0, "x",
               "has " + std::to_string(tokens) + " tokens, not a multiple of the " +
                   std::to_string(args.groups) + " local groups");
-  check_slot_sizes(tokens, 1, args.experts, args.groups).throw_if_failed();
+  check_slot_sizes(tokens, k, experts, args.groups).throw_if_failed();
+  check_extents(w_gate, "w_gate", {x.extent(1), experts}).throw_if_failed();
+  check_extents(r.logits, "r.logits", {tokens, experts}).throw_if_failed();
+  check_extents(r.scores, "r.scores", {tokens, experts}).throw_if_failed();
+  check_extents(r.expert, "r.expert", {tokens, k}).throw_if_failed();
+  check_extents(r.weight, "r.weight", {tokens, k}).throw_if_failed();
+  check_extents(r.slot, "r.slot", {tokens, k}).throw_if_failed();
+  check_extents(r.load, "r.load", {experts}).throw_if_failed();
+  check_extents(r.mean_score, "r.mean_score", {experts}).throw_if_failed();
+  check_extents(r.first_choice, "r.first_choice", {experts}).throw_if_failed();
+  MOE_EXPECTS(r.aux_gradient.extent(0) >= args.groups && r.aux_gradient.extent(1) == experts,
+              "r.aux_gradient",
+              "needs (groups, experts) = (" + std::to_string(args.groups) + ", " +
+                  std::to_string(experts) + "): carve_device_routing with args.groups");
+  MOE_EXPECTS(r.scalars != nullptr, "r.scalars", "null: the call's scalars lie in device memory");
 }
 
 }  // namespace detail
@@ -445,22 +464,7 @@ void route(cuda_backend cuda, G const& gate, gate_args const& args, matrix_view<
 
   int const k = detail::check_cuda_call(cuda, gate, args);
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = args.experts;
-  detail::check_call_tokens(args, tokens);
-  check_extents(x, "x", {tokens, hidden}).throw_if_failed();
-  check_extents(w_gate, "w_gate", {hidden, experts}).throw_if_failed();
-  check_extents(r.logits, "r.logits", {tokens, experts}).throw_if_failed();
-  check_extents(r.scores, "r.scores", {tokens, experts}).throw_if_failed();
-  check_extents(r.expert, "r.expert", {tokens, k}).throw_if_failed();
-  check_extents(r.weight, "r.weight", {tokens, k}).throw_if_failed();
-  check_extents(r.slot, "r.slot", {tokens, k}).throw_if_failed();
-  check_extents(r.load, "r.load", {experts}).throw_if_failed();
-  check_extents(r.mean_score, "r.mean_score", {experts}).throw_if_failed();
-  check_extents(r.first_choice, "r.first_choice", {experts}).throw_if_failed();
-  MOE_EXPECTS(r.aux_gradient.extent(0) >= args.groups && r.aux_gradient.extent(1) == experts,
-              "r.aux_gradient",
-              "needs (groups, experts) = (" + std::to_string(args.groups) + ", " +
-                  std::to_string(experts) + "): carve_device_routing with args.groups");
-  MOE_EXPECTS(r.scalars != nullptr, "r.scalars", "null: the call's scalars need device memory");
+  detail::check_routing_call(args, k, x, w_gate, r);
   {
     workspace_carver counter;
     (void)detail::carve_route_scratch<G, T>(counter, args, tokens, hidden, k);
@@ -627,16 +631,7 @@ void route_backward(cuda_backend cuda, G const& gate, gate_args const& args,
 
   int const k = detail::check_cuda_call(cuda, gate, args);
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = args.experts;
-  detail::check_call_tokens(args, tokens);
-  check_extents(x, "x", {tokens, hidden}).throw_if_failed();
-  check_extents(w_gate, "w_gate", {hidden, experts}).throw_if_failed();
-  check_extents(r.logits, "r.logits", {tokens, experts}).throw_if_failed();
-  check_extents(r.scores, "r.scores", {tokens, experts}).throw_if_failed();
-  check_extents(r.expert, "r.expert", {tokens, k}).throw_if_failed();
-  check_extents(r.slot, "r.slot", {tokens, k}).throw_if_failed();
-  MOE_EXPECTS(r.aux_gradient.extent(0) >= args.groups && r.aux_gradient.extent(1) == experts,
-              "r.aux_gradient", "was not carved for the call's local groups and experts");
-  MOE_EXPECTS(r.scalars != nullptr, "r.scalars", "null: the forward's capacity is read there");
+  detail::check_routing_call(args, k, x, w_gate, r);
   check_extents(d_weight, "d_weight", {tokens, k}).throw_if_failed();
   check_extents(d_logits, "d_logits", {tokens, experts}).throw_if_failed();
   check_extents(dx, "dx", {tokens, hidden}).throw_if_failed();
