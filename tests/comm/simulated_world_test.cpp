@@ -2,12 +2,14 @@
 // The simulated world keeps NCCL's matching rules, records every message, and turns what
 // would hang or corrupt memory on real ranks into an error that names the operations.
 
+#include <moe/comm/all_to_all.hpp>
 #include <moe/comm/simulated_world.hpp>
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -159,6 +161,21 @@ TEST_CASE("simulated_world: unmatched operations raise instead of hanging") {
     if (comm.rank() == 1) comm.recv(&got, 4, 0, nullptr);
   });
   CHECK(got == 7);
+}
+
+TEST_CASE("simulated_world: a collective whose ranks disagree on sizes raises, not crashes") {
+  // Chunks of 1, 8 and 0 bytes, so every pair of ranks mismatches: the rank that finds it
+  // throws out of its group while the other ranks' operations are still posted.
+  simulated_world world({.ranks_per_node = 3, .nodes = 1});
+  std::vector<std::vector<std::byte>> sends{std::vector<std::byte>(3), std::vector<std::byte>(24),
+                                            std::vector<std::byte>()};
+  auto recvs = sends;
+  CHECK_THROWS_WITH_AS(world.run([&](rank_comm& comm) {
+    auto const r = static_cast<std::size_t>(comm.rank());
+    moe::comm::linear_all_to_all::run(moe::host, comm, moe::span<std::byte const>(sends[r]),
+                                      moe::span<std::byte>(recvs[r]));
+  }),
+                       doctest::Contains("matched messages must have equal sizes"), moe::error);
 }
 
 TEST_CASE("simulated_world: a rank's own error is rethrown, not the waits it caused") {

@@ -179,11 +179,16 @@ class basic_simulated_world {
     throw_if_failed();
     rank_state& me = ranks_[static_cast<std::size_t>(group.front().rank)];
     me.undelivered = static_cast<int>(group.size());
-    for (auto& op : group) {
-      pair_key const key = op.is_send ? pair_key{op.rank, op.peer} : pair_key{op.peer, op.rank};
-      pending_pair& pair = pending_[key];
-      (op.is_send ? pair.sends : pair.recvs).push_back(&op);
-      match(key, pair);
+    try {
+      for (auto& op : group) {
+        pair_key const key = key_of(op);
+        pending_pair& pair = pending_[key];
+        (op.is_send ? pair.sends : pair.recvs).push_back(&op);
+        match(key, pair);
+      }
+    } catch (...) {
+      withdraw(group);  // a mismatch or a failed copy: `group` dies with the exception
+      throw;
     }
     if (me.undelivered == 0) return;
     me.waiting = true;
@@ -191,8 +196,26 @@ class basic_simulated_world {
     if (blocked_ + left_ == size()) stall();  // no rank is left that could post a peer side
     while (me.undelivered > 0 && failure_.empty()) me.delivered.wait(lock);
     if (me.undelivered > 0) {
+      me.waiting = false;
+      --blocked_;
       me.stalled = true;
+      withdraw(group);
       throw_if_failed();
+    }
+  }
+
+  static pair_key key_of(operation const& op) noexcept {
+    return op.is_send ? pair_key{op.rank, op.peer} : pair_key{op.peer, op.rank};
+  }
+
+  // Takes the operations of a group that leaves by an exception off the pending list, so
+  // that no later match or `stall` reads them after the group is destroyed.
+  void withdraw(std::vector<operation>& group) {
+    for (auto& op : group) {
+      auto const it = pending_.find(key_of(op));
+      if (it == pending_.end()) continue;
+      std::erase(op.is_send ? it->second.sends : it->second.recvs, &op);
+      if (it->second.sends.empty() && it->second.recvs.empty()) pending_.erase(it);
     }
   }
 
@@ -263,7 +286,7 @@ class basic_simulated_world {
   comm::topology topology_;
   Transport transport_;
   mutable std::mutex mutex_;
-  std::map<pair_key, pending_pair> pending_;
+  std::map<pair_key, pending_pair> pending_;  // only of ranks inside post_and_wait
   std::unique_ptr<rank_state[]> ranks_;
   std::vector<message_record> trace_;
   int blocked_ = 0;  // ranks waiting on an undelivered operation
