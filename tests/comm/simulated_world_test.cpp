@@ -188,6 +188,26 @@ TEST_CASE("simulated_world: a rank's own error is rethrown, not the waits it cau
                        "rank 2 ran out of tokens", std::runtime_error);
 }
 
+TEST_CASE("simulated_world: a rank that posts after another rank failed is not the cause") {
+  // Forces the schedule the test above meets now and then: rank 0 posts only once rank 1
+  // has seen rank 2's failure, so that rank 0's post throws at once instead of waiting.
+  simulated_world world({.ranks_per_node = 3, .nodes = 1});
+  std::atomic<bool> failure_seen = false;
+  CHECK_THROWS_WITH_AS(world.run([&](rank_comm& comm) {
+    int v = 0;
+    if (comm.rank() == 2) throw std::runtime_error("rank 2 ran out of tokens");
+    if (comm.rank() == 0) failure_seen.wait(false);
+    try {
+      comm.recv(&v, 4, 2, nullptr);
+    } catch (moe::invalid_argument const&) {
+      failure_seen = true;
+      failure_seen.notify_one();
+      throw;
+    }
+  }),
+                       "rank 2 ran out of tokens", std::runtime_error);
+}
+
 TEST_CASE("simulated_world: bad topology") {
   CHECK_THROWS_AS(simulated_world({.ranks_per_node = 0, .nodes = 1}), moe::invalid_argument);
   CHECK_THROWS_AS(simulated_world({.ranks_per_node = 1, .nodes = 0}), moe::invalid_argument);

@@ -103,8 +103,9 @@ class basic_simulated_world {
   [[nodiscard]] int size() const noexcept { return topology_.size(); }
 
   /// Runs `body(rank_communicator&)` on every rank, one thread each, and joins them. The
-  /// first error a rank throws is rethrown here; a rank left waiting because of it gets an
-  /// error too, so `run` always returns. The trace of earlier runs is kept.
+  /// error of the lowest rank that failed on its own is rethrown here, on every schedule; a
+  /// rank left waiting because of it, or posting after it, gets an error too, so `run`
+  /// always returns. The trace of earlier runs is kept.
   template <class Body>
   void run(Body&& body) {
     reset();
@@ -159,7 +160,7 @@ class basic_simulated_world {
     std::condition_variable delivered;  // signalled when this rank's group completes
     int undelivered = 0;                // operations of its posted group not delivered yet
     bool waiting = false;
-    bool stalled = false;  // it gave up waiting because of another rank's failure
+    bool stalled = false;  // it threw another rank's failure, waiting on it or posting after it
   };
 
   void reset() {
@@ -176,8 +177,11 @@ class basic_simulated_world {
   // wake a thousand threads per message.
   void post_and_wait(std::vector<operation>& group) {
     std::unique_lock lock(mutex_);
-    throw_if_failed();
     rank_state& me = ranks_[static_cast<std::size_t>(group.front().rank)];
+    if (!failure_.empty()) {
+      me.stalled = true;  // another rank failed before this one posted: not this rank's error
+      throw_if_failed();
+    }
     me.undelivered = static_cast<int>(group.size());
     try {
       for (auto& op : group) {
