@@ -5,6 +5,7 @@
 #
 #   moe_add_cpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
 #   moe_add_gpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
+#   moe_add_emulated_test(<name> <source>...)  # the gpu test on the emulated runtime
 #   moe_add_compile_fail_test(<file>)
 #   moe_add_header_check()        # "every public header compiles on its own"
 #   moe_add_format_test()         # clang-format --dry-run --Werror over our sources
@@ -150,6 +151,52 @@ function(moe_add_gpu_test name)
   if(TARGET ${name})
     set_tests_properties(${name} PROPERTIES SKIP_RETURN_CODE 77)
   endif()
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "" "LIBRARIES;LABELS")
+  if(arg_LIBRARIES)
+    message(STATUS "moe: ${name} is not emulated: it links ${arg_LIBRARIES}, which the "
+      "emulated runtime does not provide")
+  else()
+    moe_add_emulated_test(${name} ${arg_UNPARSED_ARGUMENTS})
+  endif()
+endfunction()
+
+#[[ moe_add_emulated_test(<name> <source>...)
+
+The gpu test <name> built with the host compiler against the emulated CUDA runtime
+(tests/emulation/) as <name>_emulated, and run once per schedule as ctest tests
+<name>.emulated.<schedule>, labels `emulated` and `cpu`. The .cu sources are compiled
+unchanged, through a generated .cpp that includes each. Does nothing when the emulated
+runtime is not built (no Boost.Context).]]
+function(moe_add_emulated_test name)
+  if(NOT TARGET moe_emulation)
+    return()
+  endif()
+  set(wrappers)
+  foreach(source IN LISTS ARGN)
+    get_filename_component(path "${source}" ABSOLUTE)
+    get_filename_component(stem "${source}" NAME_WE)
+    set(wrapper "${CMAKE_CURRENT_BINARY_DIR}/emulated/${name}/${stem}.cpp")
+    _moe_write_if_changed("${wrapper}" "#include \"${path}\"\n")
+    list(APPEND wrappers "${wrapper}")
+  endforeach()
+  add_executable(${name}_emulated ${wrappers})
+  target_include_directories(${name}_emulated PRIVATE
+    "${PROJECT_SOURCE_DIR}/include" "${PROJECT_BINARY_DIR}/include")
+  target_link_libraries(${name}_emulated PRIVATE moe_emulated_gpu_main moe_emulation
+    doctest::doctest)
+  set_target_properties(${name}_emulated PROPERTIES CXX_EXTENSIONS OFF)
+  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+    target_compile_options(${name}_emulated PRIVATE -Wall -Wextra)
+  endif()
+  foreach(schedule IN LISTS MOE_EMULATION_SCHEDULES)
+    string(REPLACE ":" ";" parts "${schedule}")
+    list(GET parts 0 schedule_name)
+    list(GET parts 1 environment)
+    string(REPLACE "," ";" environment "${environment}")
+    add_test(NAME ${name}.emulated.${schedule_name} COMMAND ${name}_emulated)
+    set_tests_properties(${name}.emulated.${schedule_name} PROPERTIES
+      LABELS "emulated;cpu" ENVIRONMENT "${environment}")
+  endforeach()
 endfunction()
 
 #[[ moe_add_compile_fail_test(<file>)

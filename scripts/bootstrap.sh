@@ -7,7 +7,9 @@
 set -euo pipefail
 
 # python3-venv: scripts/packaging_tools.sh puts Conan and a newer CMake in a virtual environment.
-packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format python3-venv)
+# libboost-context-dev: the fibers of the emulated CUDA runtime (tests/emulation/).
+packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format python3-venv
+          libboost-context-dev)
 
 if ! command -v dpkg >/dev/null 2>&1; then
   echo "bootstrap: not a Debian system; make sure these are installed: ${packages[*]}" >&2

@@ -32,7 +32,11 @@ namespace detail {
 
 template <class Kernel>
 __global__ void device_kernel(typename Kernel::params const params) {
+#if defined(MOE_CUDA_EMULATION)
+  char* const shared_storage = ::moe::emulation::dynamic_shared_memory();
+#else
   extern __shared__ __align__(16) char shared_storage[];
+#endif
   Kernel{}(params, shared_storage);
 }
 
@@ -57,7 +61,12 @@ void launch(typename Kernel::params const& params, cudaStream_t stream,
       throw cuda_error(status, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", where);
     }
   }
+#if defined(MOE_CUDA_EMULATION)
+  // The host compiler of the emulated tests (tests/emulation/) has no <<<>>>.
+  (void)::moe::emulation::launch<&detail::device_kernel<Kernel>>(grid, block, smem, stream, params);
+#else
   detail::device_kernel<Kernel><<<grid, block, smem, stream>>>(params);
+#endif
   if (cudaError_t const status = cudaGetLastError(); status != cudaSuccess)
     throw cuda_error(status, "kernel launch", where);
 }

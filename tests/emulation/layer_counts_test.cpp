@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: Apache-2.0
+// What the layer's documentation promises about synchronisation and allocation, counted by
+// the emulated runtime: with the capacity layout and a fixed factor, forward and backward
+// make no host synchronisation, no allocation and no copy to the host, and can be captured
+// in a CUDA graph in global mode; with dynamic capacity, and with the ragged layout, each
+// makes exactly its one documented read-back. Nothing goes to the legacy default stream.
+
+#include "../support/device.hpp"
+
+#include <doctest/doctest.h>
+
+#include <moe/core/blas.hpp>
+#include <moe/expert/kernels/ffn.cuh>
+#include <moe/layer/kernels/layer.cuh>
+#include <moe/moe.hpp>
+
+#include <moe_emulation/runtime.hpp>
+
+#include <cuda_runtime.h>
+
+#include <random>
+#include <vector>
+
+namespace {
+
+using namespace moe;
+using emulation::counters;
+using test::device_array;
+
+using expert_type = expert::ffn<act::gelu>;
+template <class Layout>
+using layer_of = layer<gating::top_k<2>, Layout, comm::single_rank, expert_type>;
+
+layer_args args_with_factor(float factor) {
+  return {.tokens = 64, .hidden = 32, .ffn = 48, .experts = 8, .capacity_factor = factor};
+}
+
+/// Counter differences of one call.
+counters operator-(counters const& after, counters const& before) {
+  return {after.kernel_launches - before.kernel_launches,
+          after.library_calls - before.library_calls,
+          after.host_synchronizations - before.host_synchronizations,
+          after.device_allocations - before.device_allocations,
+          after.device_frees - before.device_frees,
+          after.copies - before.copies,
+          after.bytes_copied - before.bytes_copied,
+          after.device_to_host_copies - before.device_to_host_copies,
+          after.legacy_stream_operations - before.legacy_stream_operations};
+}
+
+/// One layer with its parameters, gradients, input and workspace in device memory.
+template <class Layout>
+struct layer_call {
+  layer_of<Layout> layer;
+  test::owned_stream s;
+  blas_handle blas;
+  cuda_backend cuda{s.stream, blas.get()};
+  index_t tokens, hidden;
+  device_array<float> gate, w1, w2, d_gate, d_w1, d_w2, x, y, dy, dx;
+  device_array<std::byte> ws;
+
+  explicit layer_call(layer_args const& a)
+      : layer(a),
+        tokens(a.tokens),
+        hidden(a.hidden),
+        gate(count(a.hidden * a.experts)),
+        w1(count(a.experts * a.hidden * a.ffn)),
+        w2(count(a.experts * a.ffn * a.hidden)),
+        d_gate(gate.size()),
+        d_w1(w1.size()),
+        d_w2(w2.size()),
+        x(count(a.tokens * a.hidden)),
+        y(x.size()),
+        dy(x.size()),
+        dx(x.size()),
+        ws(layer.template workspace_bytes<float>(cuda)) {
+    std::mt19937_64 rng(11);
+    for (auto* array : {&gate, &w1, &w2, &x, &dy})
+      array->upload(random_values(array->size(), rng), s.stream);
+  }
+
+  static std::size_t count(index_t n) { return static_cast<std::size_t>(n); }
+  static std::vector<float> random_values(std::size_t n, std::mt19937_64& rng) {
+    std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+    std::vector<float> v(n);
+    for (auto& e : v) e = u(rng);
+    return v;
+  }
+
+  [[nodiscard]] layer_params<float const, expert_type> params() const {
+    index_t const e = layer.args().experts, h = hidden, f = layer.args().ffn;
+    return {make_view(static_cast<float const*>(gate.data()), h, e),
+            {make_view(static_cast<float const*>(w1.data()), e, h, f),
+             {},
+             make_view(static_cast<float const*>(w2.data()), e, f, h),
+             {}}};
+  }
+  [[nodiscard]] layer_params<float, expert_type> gradients() const {
+    index_t const e = layer.args().experts, h = hidden, f = layer.args().ffn;
+    return {make_view(d_gate.data(), h, e),
+            {make_view(d_w1.data(), e, h, f), {}, make_view(d_w2.data(), e, f, h), {}}};
+  }
+  void forward() {
+    layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, hidden), params(),
+                  make_view(y.data(), tokens, hidden), workspace{ws.data(), ws.size()});
+  }
+  void backward() {
+    layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, hidden), params(),
+                   make_view(dx.data(), tokens, hidden), gradients(),
+                   workspace{ws.data(), ws.size()});
+  }
+  /// The counters of `step` alone, after the stream has drained.
+  template <class Step>
+  counters count_of(Step&& step) {
+    MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+    counters const before = emulation::read_counters();
+    step();
+    counters const during = emulation::read_counters() - before;
+    MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+    return during;
+  }
+};
+
+void report(char const* what, counters const& c) {
+  MESSAGE(std::string(what) << ": " << c.kernel_launches << " launches, " << c.library_calls
+                            << " library calls, " << c.host_synchronizations << " host syncs, "
+                            << c.device_allocations << " allocations, " << c.device_to_host_copies
+                            << " copies to the host");
+}
+
+/// Every call does work on the device, and none of it on the legacy stream.
+void check_common(counters const& c) {
+  CHECK(c.kernel_launches > 0);
+  CHECK(c.library_calls > 0);
+  CHECK(c.device_allocations == 0);
+  CHECK(c.device_frees == 0);
+  CHECK(c.legacy_stream_operations == 0);
+}
+
+}  // namespace
+
+TEST_CASE("the capacity layer with a fixed factor never synchronises or allocates") {
+  layer_call<layout::capacity> call(args_with_factor(1.25f));
+  call.forward();  // set-up outside the counted calls, as a trainer's first step
+  call.backward();
+  counters const forward = call.count_of([&] { call.forward(); });
+  counters const backward = call.count_of([&] { call.backward(); });
+  report("capacity, f = 1.25, forward", forward);
+  report("capacity, f = 1.25, backward", backward);
+  for (counters const& c : {forward, backward}) {
+    check_common(c);
+    CHECK(c.host_synchronizations == 0);
+    CHECK(c.device_to_host_copies == 0);
+  }
+
+  SUBCASE("and forward + backward can be captured in global mode") {
+    MOE_CUDA_TRY(cudaStreamSynchronize(call.s.stream));
+    cudaGraph_t graph = nullptr;
+    MOE_CUDA_TRY(cudaStreamBeginCapture(call.s.stream, cudaStreamCaptureModeGlobal));
+    call.forward();
+    call.backward();
+    cudaError_t const ended = cudaStreamEndCapture(call.s.stream, &graph);
+    REQUIRE(ended == cudaSuccess);
+    std::size_t nodes = 0;
+    MOE_CUDA_TRY(cudaGraphGetNodes(graph, nullptr, &nodes));
+    CHECK(nodes > 0);
+    MOE_CUDA_TRY(cudaGraphDestroy(graph));
+  }
+}
+
+TEST_CASE("dynamic capacity reads the capacity back once per forward and once per backward") {
+  for (float factor : {0.0f, -1.5f}) {
+    INFO("capacity factor " << factor);
+    layer_call<layout::capacity> call(args_with_factor(factor));
+    counters const forward = call.count_of([&] { call.forward(); });
+    counters const backward = call.count_of([&] { call.backward(); });
+    report("capacity, dynamic, forward", forward);
+    report("capacity, dynamic, backward", backward);
+    for (counters const& c : {forward, backward}) {
+      check_common(c);
+      CHECK(c.host_synchronizations == 1);
+    }
+
+    // A capture would have to synchronise, and fails instead of hiding it.
+    cudaGraph_t graph = nullptr;
+    MOE_CUDA_TRY(cudaStreamBeginCapture(call.s.stream, cudaStreamCaptureModeGlobal));
+    CHECK_THROWS_AS(call.forward(), moe::cuda_error);
+    CHECK(cudaStreamEndCapture(call.s.stream, &graph) != cudaSuccess);
+    CHECK(graph == nullptr);
+    (void)cudaGetLastError();
+  }
+}
+
+TEST_CASE("the ragged layout reads the expert batch back once per forward and per backward") {
+  layer_call<layout::ragged> call(args_with_factor(1.0f));
+  counters const forward = call.count_of([&] { call.forward(); });
+  counters const backward = call.count_of([&] { call.backward(); });
+  report("ragged, forward", forward);
+  report("ragged, backward", backward);
+  for (counters const& c : {forward, backward}) {
+    check_common(c);
+    CHECK(c.host_synchronizations == 1);
+    CHECK(c.device_to_host_copies >= 1);
+  }
+}
