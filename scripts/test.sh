@@ -21,4 +21,9 @@ fi
 
 cmake --preset ci "${tool_settings[@]}"
 cmake --build --preset ci --parallel "$(nproc)"
+# What one layer call costs in launches, library calls and synchronisations, counted on the
+# emulated CUDA runtime (tests/emulation/); printed so that every run records it.
+if [[ -x build-ci/bench/layer_counts ]]; then
+  build-ci/bench/layer_counts
+fi
 ctest --preset ci

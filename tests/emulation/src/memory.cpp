@@ -27,7 +27,8 @@ struct arena {
   std::size_t high_water = 0;                    // bytes handed out at least once
   std::size_t accessible = 0;                    // bytes now readable (inside a section)
   std::map<std::size_t, std::size_t> free_runs;  // offset -> bytes
-  std::map<std::size_t, std::size_t> live;       // offset -> bytes
+  std::map<std::size_t, std::size_t> live;       // offset -> bytes asked for
+  std::map<std::size_t, std::size_t> reserved;   // offset -> bytes taken (256-aligned)
   std::size_t live_bytes = 0;
   int depth = 0;  // nested device sections
 
@@ -50,8 +51,21 @@ struct arena {
   }
 };
 
+struct sigaction previous_segv_action {};
+
+void on_segv(int signal, siginfo_t* info, void* context);
+
 arena& memory() {
-  static arena a;
+  // Installed with the first allocation, after a test framework's own handler, which then
+  // still reports the crash after this names the address.
+  static arena a = [] {
+    struct sigaction action {};
+    action.sa_sigaction = on_segv;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv_action);
+    return arena{};
+  }();
   return a;
 }
 
@@ -68,17 +82,9 @@ void on_segv(int signal, siginfo_t* info, void*) {
         static_cast<std::size_t>(address - a.base));
     (void)!write(2, text, static_cast<std::size_t>(n));
   }
-  std::signal(signal, SIG_DFL);  // the fault repeats and ends the process as usual
+  // The fault repeats and reaches the handler that was there before, or ends the process.
+  sigaction(signal, &previous_segv_action, nullptr);
 }
-
-[[maybe_unused]] bool const segv_handler_installed = [] {
-  struct sigaction action {};
-  action.sa_sigaction = on_segv;
-  action.sa_flags = SA_SIGINFO;
-  sigemptyset(&action.sa_mask);
-  sigaction(SIGSEGV, &action, nullptr);
-  return true;
-}();
 
 }  // namespace
 
@@ -148,7 +154,8 @@ void* allocate_device(std::size_t bytes) {
     offset = a.high_water;
     a.high_water += size;
   }
-  a.live.emplace(offset, size);
+  a.live.emplace(offset, bytes);
+  a.reserved.emplace(offset, size);
   a.live_bytes += size;
   device_section section;
   if (a.accessible < a.high_water) {
@@ -164,10 +171,11 @@ bool free_device(void* pointer) {
   arena& a = memory();
   auto const* p = static_cast<char const*>(pointer);
   if (p < a.base || p >= a.base + a.high_water) return false;
-  auto it = a.live.find(static_cast<std::size_t>(p - a.base));
-  if (it == a.live.end()) return false;
+  auto it = a.reserved.find(static_cast<std::size_t>(p - a.base));
+  if (it == a.reserved.end()) return false;
   std::size_t offset = it->first, size = it->second;
-  a.live.erase(it);
+  a.reserved.erase(it);
+  a.live.erase(offset);
   a.live_bytes -= size;
   if (size >= (std::size_t{1} << 20)) {
     std::size_t const first = (offset + page - 1) / page * page;

@@ -22,8 +22,9 @@ namespace moe::emulation {
 
 // --- schedule, lock, errors, counters ------------------------------------------------------
 
-schedule const& current_schedule() {
-  static schedule const s = [] {
+namespace {
+schedule& schedule_in_force() {
+  static schedule s = [] {
     schedule result;
     auto const read = [](char const* name) -> std::string {
       char const* value = std::getenv(name);
@@ -54,6 +55,16 @@ schedule const& current_schedule() {
     return result;
   }();
   return s;
+}
+}  // namespace
+
+schedule const& current_schedule() {
+  return schedule_in_force();
+}
+
+void set_schedule(schedule const& s) {
+  std::lock_guard lock(device_mutex());
+  schedule_in_force() = s;
 }
 
 std::recursive_mutex& device_mutex() {

@@ -12,17 +12,6 @@
 
 namespace moe::emulation {
 
-enum class block_order : std::uint8_t { in_order, reversed, shuffled };
-
-struct schedule {
-  block_order blocks = block_order::in_order;
-  bool lazy_streams = false;
-  std::uint64_t seed = 0;
-};
-
-/// The schedule of this process, read once from the environment.
-schedule const& current_schedule();
-
 /// Held by every runtime, cuBLAS and CUB call: one piece of device work runs at a time.
 std::recursive_mutex& device_mutex();
 

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 namespace moe::emulation {
@@ -37,6 +38,22 @@ struct counters {
   std::int64_t device_to_host_copies = 0;
   std::int64_t legacy_stream_operations = 0;  // work issued on stream 0 (the legacy stream)
 };
+
+enum class block_order : std::uint8_t { in_order, reversed, shuffled };
+
+/// How the emulated device orders its work (the environment variables above).
+struct schedule {
+  block_order blocks = block_order::in_order;
+  bool lazy_streams = false;
+  std::uint64_t seed = 0;
+};
+
+/// The schedule in force: read once from the environment, or the last `set_schedule`.
+schedule const& current_schedule();
+
+/// Replaces the schedule, for tests of the emulated runtime itself; call it while no work
+/// is queued.
+void set_schedule(schedule const& s);
 
 /// A snapshot of the counters.
 counters read_counters();
@@ -62,9 +79,17 @@ cudaError_t launch(void const* function, char const* name, dim3 grid, dim3 block
                    std::size_t shared_bytes, cudaStream_t stream,
                    std::function<void()> thread_body);
 
+/// The kernel's name for diagnostics, from the compiler's signature of this function.
 template <auto Kernel>
 char const* kernel_name() {
-  return __PRETTY_FUNCTION__;
+  static std::string const name = [signature = std::string_view(__PRETTY_FUNCTION__)] {
+    std::size_t const begin = signature.find("Kernel = ");
+    std::size_t const end = signature.rfind(']');
+    if (begin == std::string_view::npos || end == std::string_view::npos || end < begin)
+      return std::string(signature);
+    return std::string(signature.substr(begin + 9, end - begin - 9));
+  }();
+  return name.c_str();
 }
 }  // namespace detail
 
