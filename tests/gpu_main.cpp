@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
 namespace {
 
@@ -38,5 +40,16 @@ int main(int argc, char** argv) {
   }
 
   doctest::Context context(argc, argv);
+#if defined(MOE_CUDA_EMULATION)
+  // The emulated twin of a gpu test (tests/emulation/): say how it ran and what it left out.
+  std::printf("emulated CUDA runtime: %s\n", moe::emulation::describe_schedule().c_str());
+  int const result = context.run();
+  std::vector<std::string> const excluded = moe::emulation::exclusions();
+  std::printf("emulated CUDA runtime: %zu part(s) not emulated%s\n", excluded.size(),
+              excluded.empty() ? "" : ":");
+  for (std::string const& e : excluded) std::printf("  %s\n", e.c_str());
+  return result;
+#else
   return context.run();
+#endif
 }

@@ -6,6 +6,8 @@
 // events, graph replay, garbage in fresh shared memory). A device fault is sticky for the
 // whole process, so each faulting case runs in a child process.
 
+#include "../support/emulation.hpp"
+
 #include <doctest/doctest.h>
 
 #include <moe/core/launch.cuh>
@@ -21,6 +23,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -331,4 +334,17 @@ TEST_CASE("emulation: fresh shared memory is garbage, and CUB's block scan scans
   CHECK(download(total, 1)[0] == 128 * 129 / 2);
   MOE_CUDA_TRY(cudaFree(scanned));
   MOE_CUDA_TRY(cudaFree(total));
+}
+
+TEST_CASE("emulation: a part marked MOE_NOT_EMULATED is left out and reported") {
+  std::size_t const before = moe::emulation::exclusions().size();
+  bool reached = false;
+  [&] {
+    MOE_NOT_EMULATED("the exclusion mechanism's own test");
+    reached = true;
+  }();
+  CHECK_FALSE(reached);
+  std::vector<std::string> const after = moe::emulation::exclusions();
+  REQUIRE(after.size() == before + 1);
+  CHECK(after.back().find("the exclusion mechanism's own test") != std::string::npos);
 }

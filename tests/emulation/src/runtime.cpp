@@ -67,6 +67,32 @@ void set_schedule(schedule const& s) {
   schedule_in_force() = s;
 }
 
+namespace {
+std::vector<std::string>& excluded() {
+  static std::vector<std::string> list;
+  return list;
+}
+}  // namespace
+
+void exclude(char const* reason, char const* file, int line) {
+  std::lock_guard lock(device_mutex());
+  excluded().push_back(std::string(file) + ":" + std::to_string(line) + ": " + reason);
+}
+
+std::vector<std::string> exclusions() {
+  std::lock_guard lock(device_mutex());
+  return excluded();
+}
+
+std::string describe_schedule() {
+  schedule const& s = current_schedule();
+  char const* const blocks = s.blocks == block_order::in_order   ? "in order"
+                             : s.blocks == block_order::reversed ? "reversed"
+                                                                 : "shuffled";
+  return std::string("blocks and threads ") + blocks + ", " + (s.lazy_streams ? "lazy" : "eager") +
+         " streams, seed " + std::to_string(s.seed);
+}
+
 std::recursive_mutex& device_mutex() {
   static std::recursive_mutex m;
   return m;

@@ -22,6 +22,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace moe::emulation {
 
@@ -70,6 +71,16 @@ enum class work_kind : std::uint8_t { kernel, library, memcpy, memset, host };
 /// graph). Returns the error a CUDA call would: a sticky error, or a capture violation.
 cudaError_t enqueue(cudaStream_t stream, work_kind kind, std::string name,
                     std::function<void()> work);
+
+/// Records that a part of a test was left out because the emulated runtime cannot run it
+/// (MOE_NOT_EMULATED in tests/support/emulation.hpp).
+void exclude(char const* reason, char const* file, int line);
+
+/// Everything `exclude` recorded, one "file:line: reason" each.
+std::vector<std::string> exclusions();
+
+/// One line naming the schedule in force, for reports.
+std::string describe_schedule();
 
 /// Which buffer a CUB sort leaves current, per the schedule's seed.
 bool flip_sort_buffers();
