@@ -12,12 +12,12 @@
 # doctest and Google Benchmark come from the system, or from .devdeps/ where a machine has
 # no package manager (see ../shared/DEVICE.md). Exit status: 0 when every step passed.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 out=${1:-${OUT:-build-gpu/gpu_check}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-build=build-gpu
+build="build-gpu"
 jobs=$(nproc)
 started=$(date +%s)
 declare -a rows=()
@@ -28,10 +28,23 @@ row() {  # step, result, seconds, detail
   [[ $2 == pass || $2 == skip ]] || failed=1
 }
 
+# Every step stops at its own limit and at the run's deadline (about 9 minutes in all); a
+# step with no time left is reported as skipped.
+deadline=$((started + ${MOE_GPU_CHECK_SECONDS:-530}))
+left() { echo $((deadline - $(date +%s))); }
+limit_of() { local l; l=$(left); ((l < $1)) && echo "$l" || echo "$1"; }
+
 timed() {  # seconds-limit log command... ; sets $rc and $took
-  local limit=$1 log=$2
+  local limit log=$2
+  limit=$(limit_of "$1")
   shift 2
-  local t0=$(date +%s)
+  if ((limit < 5)); then
+    rc=125 took=0
+    echo "no time left" >"$log"
+    return
+  fi
+  local t0
+  t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
   rc=$?
   took=$(($(date +%s) - t0))
@@ -76,17 +89,21 @@ timed 240 "$out/ctest.log" env MOE_REQUIRE_GPU=1 ctest --test-dir "$build" -L '^
 summary=$(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)
 row "ctest -L gpu (MOE_REQUIRE_GPU=1)" "$([[ $rc == 0 ]] && echo pass || echo fail)" "$took" "$summary"
 
-# --- compute-sanitizer: each tool over each program, 4 at a time --------------------------
+# --- compute-sanitizer: each tool over each program, 8 at a time --------------------------
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [[ -x $sanitizer ]]; then
+sanitizer_limit=$(limit_of 110)
+if ((sanitizer_limit < 5)); then
+  row compute-sanitizer skip 0 "no time left"
+elif [[ -x $sanitizer ]]; then
   t0=$(date +%s)
+  rm -f "$out/sanitizer.results"
   for tool in memcheck racecheck synccheck; do
     for program in $programs; do
       echo "$tool $program"
     done
-  done | xargs -P 4 -L 1 bash -c '
+  done | xargs -P 8 -L 1 bash -c '
     tool=$0 program=$1
-    MOE_REQUIRE_GPU=1 timeout --kill-after=10 150 "'"$sanitizer"'" --tool "$tool" --error-exitcode 3 \
+    MOE_REQUIRE_GPU=1 timeout --kill-after=10 '"$sanitizer_limit"' "'"$sanitizer"'" --tool "$tool" --error-exitcode 3 \
       "'"$build"'/tests/$program" >"'"$out"'/sanitizer.$tool.$program.log" 2>&1
     echo "$tool $program $?" >>"'"$out"'/sanitizer.results"'
   took=$(($(date +%s) - t0))
@@ -96,7 +113,7 @@ if [[ -x $sanitizer ]]; then
     esac
     errors=$(grep -m1 -E 'ERROR SUMMARY' "$out/sanitizer.$tool.$program.log" || true)
     row "$tool $program" "$result" "-" "$errors"
-  done < <(sort "$out/sanitizer.results")
+  done < <(sort "$out/sanitizer.results" 2>/dev/null)
   row "compute-sanitizer (all)" pass "$took" "logs: $out/sanitizer.*.log"
 else
   row compute-sanitizer fail 0 "not found"
@@ -104,9 +121,12 @@ fi
 
 # --- benchmarks, JSON ----------------------------------------------------------------------
 for bench in $benches; do
-  timed 100 "$out/$bench.log" "$build/bench/$bench" --benchmark_min_time=0.05 \
+  timed 60 "$out/$bench.log" "$build/bench/$bench" --benchmark_min_time=0.02 \
     --benchmark_out="$out/$bench.json" --benchmark_out_format=json
-  row "bench $bench" "$([[ $rc == 0 ]] && echo pass || echo fail)" "$took" "$out/$bench.json"
+  result=$([[ $rc == 0 ]] && echo pass || echo fail)
+  [[ $rc == 124 || $rc == 137 ]] && result=timeout
+  [[ $rc == 125 ]] && result=skip
+  row "bench $bench" "$result" "$took" "$out/$bench.json"
 done
 
 # --- summary -------------------------------------------------------------------------------

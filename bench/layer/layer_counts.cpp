@@ -67,18 +67,6 @@ struct device_memory {
   }
 };
 
-emulation::counters difference(emulation::counters const& a, emulation::counters const& b) {
-  return {a.kernel_launches - b.kernel_launches,
-          a.library_calls - b.library_calls,
-          a.host_synchronizations - b.host_synchronizations,
-          a.device_allocations - b.device_allocations,
-          a.device_frees - b.device_frees,
-          a.copies - b.copies,
-          a.bytes_copied - b.bytes_copied,
-          a.device_to_host_copies - b.device_to_host_copies,
-          a.legacy_stream_operations - b.legacy_stream_operations};
-}
-
 template <class Gate, class Layout>
 void measure(model const& m, char const* gate_name, float factor, index_t tokens, index_t scale,
              cudaStream_t stream, cublasHandle_t blas) {
@@ -132,7 +120,7 @@ void measure(model const& m, char const* gate_name, float factor, index_t tokens
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
     emulation::counters const before = emulation::read_counters();
     step();
-    emulation::counters const c = difference(emulation::read_counters(), before);
+    emulation::counters const c = emulation::read_counters() - before;
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
     return c;
   };

@@ -35,19 +35,6 @@ layer_args args_with_factor(float factor) {
   return {.tokens = 64, .hidden = 32, .ffn = 48, .experts = 8, .capacity_factor = factor};
 }
 
-/// Counter differences of one call.
-counters operator-(counters const& after, counters const& before) {
-  return {after.kernel_launches - before.kernel_launches,
-          after.library_calls - before.library_calls,
-          after.host_synchronizations - before.host_synchronizations,
-          after.device_allocations - before.device_allocations,
-          after.device_frees - before.device_frees,
-          after.copies - before.copies,
-          after.bytes_copied - before.bytes_copied,
-          after.device_to_host_copies - before.device_to_host_copies,
-          after.legacy_stream_operations - before.legacy_stream_operations};
-}
-
 /// One layer with its parameters, gradients, input and workspace in device memory.
 template <class Layout>
 struct layer_call {

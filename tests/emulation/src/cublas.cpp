@@ -179,28 +179,9 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t trans_a,
                             void const* a, cudaDataType_t type_a, int lda, void const* b,
                             cudaDataType_t type_b, int ldb, void const* beta, void* c,
                             cudaDataType_t type_c, int ldc, cublasComputeType_t compute,
-                            cublasGemmAlgo_t) {
-  if (compute != CUBLAS_COMPUTE_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
-  return enqueue_gemm(handle, {trans_a,
-                               trans_b,
-                               m,
-                               n,
-                               k,
-                               scalar(alpha, type_c),
-                               scalar(beta, type_c),
-                               a,
-                               type_a,
-                               lda,
-                               0,
-                               b,
-                               type_b,
-                               ldb,
-                               0,
-                               c,
-                               type_c,
-                               ldc,
-                               0,
-                               1});
+                            cublasGemmAlgo_t algorithm) {
+  return cublasGemmStridedBatchedEx(handle, trans_a, trans_b, m, n, k, alpha, a, type_a, lda, 0, b,
+                                    type_b, ldb, 0, beta, c, type_c, ldc, 0, 1, compute, algorithm);
 }
 
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t trans_a,

@@ -144,6 +144,7 @@ cudaError_t fail(cudaError_t error) {
 }
 
 bool flip_sort_buffers() {
+  std::lock_guard lock(device_mutex());
   static std::uint64_t sorts = 0;
   if (current_schedule().blocks == block_order::in_order) return false;
   return (garbage_word(++sorts) & 1u) != 0;
@@ -233,6 +234,13 @@ cudaGraphNodeType node_type(operation const& op) {
     default:
       return cudaGraphNodeTypeKernel;
   }
+}
+
+/// The capture that recorded `event`, if it is still going on.
+capture* live_capture_of(CUevent_st const* event) {
+  return event->captured_by != nullptr && active_captures.count(event->captured_by) != 0
+             ? event->captured_by
+             : nullptr;
 }
 
 /// A call that synchronises with the host ends every capture it would break: in global
@@ -733,8 +741,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t handle, cudaEvent_t event, unsigned
   MOE_EMULATION_ENTER();
   if (event == nullptr) return fail(cudaErrorInvalidResourceHandle);
   CUstream_st* stream = resolve(handle);
-  if (event->captured_by != nullptr) {
-    capture* c = event->captured_by;
+  if (capture* c = live_capture_of(event); c != nullptr) {
     if (stream->capturing == nullptr) {  // the stream joins the capture (a fork)
       stream->capturing = c;
       stream->captured = 0;
@@ -847,7 +854,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t handle) {
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   MOE_EMULATION_ENTER();
   ++totals.host_synchronizations;
-  if (event->captured_by != nullptr) return fail(cudaErrorStreamCaptureUnsupported);
+  if (live_capture_of(event) != nullptr) return fail(cudaErrorStreamCaptureUnsupported);
   if (breaks_capture()) return fail(cudaErrorStreamCaptureUnsupported);
   while (event->completed < event->recorded && event->stream != nullptr &&
          !event->stream->queue.empty())

@@ -56,6 +56,19 @@ schedule const& current_schedule();
 /// is queued.
 void set_schedule(schedule const& s);
 
+/// What happened between two snapshots.
+inline counters operator-(counters const& after, counters const& before) {
+  return {after.kernel_launches - before.kernel_launches,
+          after.library_calls - before.library_calls,
+          after.host_synchronizations - before.host_synchronizations,
+          after.device_allocations - before.device_allocations,
+          after.device_frees - before.device_frees,
+          after.copies - before.copies,
+          after.bytes_copied - before.bytes_copied,
+          after.device_to_host_copies - before.device_to_host_copies,
+          after.legacy_stream_operations - before.legacy_stream_operations};
+}
+
 /// A snapshot of the counters.
 counters read_counters();
 void reset_counters();

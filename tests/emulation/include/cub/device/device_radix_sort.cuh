@@ -26,14 +26,9 @@ struct DeviceRadixSort {
                                DoubleBuffer<Key>& d_keys, DoubleBuffer<Value>& d_values,
                                int num_items, int begin_bit = 0, int end_bit = sizeof(Key) * 8,
                                cudaStream_t stream = nullptr) {
-    if (d_temp_storage == nullptr) {
-      temp_storage_bytes = storage_bytes(num_items);
-      return cudaSuccess;
-    }
-    if (cudaError_t const e = check<Key>(temp_storage_bytes, num_items, begin_bit, end_bit);
-        e != cudaSuccess)
-      return e;
-    if (num_items == 0) return cudaSuccess;
+    cudaError_t status = cudaSuccess;
+    if (!sorts<Key>(d_temp_storage, temp_storage_bytes, num_items, begin_bit, end_bit, status))
+      return status;
     int const from = d_keys.selector;
     int const to = ::moe::emulation::flip_sort_buffers() ? from ^ 1 : from;
     Key* keys_in = d_keys.d_buffers[from];
@@ -51,14 +46,9 @@ struct DeviceRadixSort {
                                Key const* d_keys_in, Key* d_keys_out, Value const* d_values_in,
                                Value* d_values_out, int num_items, int begin_bit = 0,
                                int end_bit = sizeof(Key) * 8, cudaStream_t stream = nullptr) {
-    if (d_temp_storage == nullptr) {
-      temp_storage_bytes = storage_bytes(num_items);
-      return cudaSuccess;
-    }
-    if (cudaError_t const e = check<Key>(temp_storage_bytes, num_items, begin_bit, end_bit);
-        e != cudaSuccess)
-      return e;
-    if (num_items == 0) return cudaSuccess;
+    cudaError_t status = cudaSuccess;
+    if (!sorts<Key>(d_temp_storage, temp_storage_bytes, num_items, begin_bit, end_bit, status))
+      return status;
     return sort(d_keys_in, d_keys_out, d_values_in, d_values_out, num_items, begin_bit, end_bit,
                 static_cast<char*>(d_temp_storage), temp_storage_bytes, stream);
   }
@@ -68,15 +58,23 @@ struct DeviceRadixSort {
     return 512 + static_cast<std::size_t>(num_items > 0 ? num_items : 0) * 4;
   }
 
+  /// CUB's two phases: null storage asks for its size. Whether the call goes on to sort;
+  /// when it does not, `status` says why (cudaSuccess for the size query or no items).
   template <class Key>
-  static cudaError_t check(std::size_t temp_storage_bytes, int num_items, int begin_bit,
-                           int end_bit) {
+  static bool sorts(void* d_temp_storage, std::size_t& temp_storage_bytes, int num_items,
+                    int begin_bit, int end_bit, cudaError_t& status) {
     static_assert(std::is_integral_v<Key> && std::is_unsigned_v<Key>,
                   "moe emulation: the emulated radix sort takes unsigned integer keys");
+    if (d_temp_storage == nullptr) {
+      temp_storage_bytes = storage_bytes(num_items);
+      return false;
+    }
     if (num_items < 0 || begin_bit < 0 || end_bit > static_cast<int>(sizeof(Key) * 8) ||
-        begin_bit > end_bit || temp_storage_bytes < storage_bytes(num_items))
-      return cudaErrorInvalidValue;
-    return cudaSuccess;
+        begin_bit > end_bit || temp_storage_bytes < storage_bytes(num_items)) {
+      status = cudaErrorInvalidValue;
+      return false;
+    }
+    return num_items > 0;
   }
 
   template <class Key, class Value>
