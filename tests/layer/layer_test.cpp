@@ -194,3 +194,9 @@ TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded"
   check_as(__half{}, 1.0 / 1024);
   check_as(__nv_bfloat16{}, 1.0 / 128);
 }
+
+TEST_CASE("an empty test tensor can be poisoned") {
+  test::host_tensor<float> empty;
+  empty.poison();  // memset of a null pointer, even of 0 bytes, is undefined
+  CHECK(empty.is_poisoned());
+}
