@@ -206,6 +206,19 @@ TEST_CASE("gates check k against the experts") {
   static_assert(gating::top_k<4>::static_k == 4);
 }
 
+TEST_CASE("a null expert bias behind a non-empty span is rejected before any read") {
+  gating::gate_args const null_bias{
+      .experts = 3, .expert_bias = span<float const>(static_cast<float const*>(nullptr), 3)};
+  CHECK(gating::top_k<2>{}.can_implement(null_bias).argument() == "expert_bias");
+  hand_routing h(proportions);
+  try {
+    (void)h.route(null_bias);  // once read the bias through the null pointer
+    FAIL("no exception; expected one naming 'expert_bias'");
+  } catch (moe::invalid_argument const& e) {
+    CHECK(e.argument() == "expert_bias");
+  }
+}
+
 // Near-misses: each lacks one thing a gate needs.
 namespace {
 struct no_tag {
