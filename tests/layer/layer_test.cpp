@@ -195,6 +195,27 @@ TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded"
   check_as(__nv_bfloat16{}, 1.0 / 128);
 }
 
+TEST_CASE("can_implement and forward agree on tokens that do not fill the local groups") {
+  layer_args const grouped{
+      .tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .capacity_factor = 1.25f, .groups = 2};
+  layer_t const layer(grouped);
+  std::mt19937_64 rng(test::fresh_seed());
+  index_t const H = grouped.hidden;
+  test::ffn_layer_storage<float> params(grouped, true);
+  params.randomize(rng, 0.5);
+  test::host_tensor<float> x(16 * H), y(16 * H);
+  x.randomize(rng);
+  y.poison();
+  host_buffer ws(layer.workspace_bytes(host));
+  auto const p = params.params<ffn_t>();
+  status const s = layer.can_implement<float>(x.cview(3, H), p, y.view(3, H), ws.view());
+  CHECK_FALSE(s.ok());
+  CHECK(s.argument() == "x");
+  expect_rejected([&] { layer.forward(host, x.cview(3, H), p, y.view(3, H), ws.view()); }, "x");
+  CHECK(y.is_poisoned());
+  CHECK(layer.can_implement<float>(x.cview(4, H), p, y.view(4, H), ws.view()).ok());
+}
+
 TEST_CASE("an empty test tensor can be poisoned") {
   test::host_tensor<float> empty;
   empty.poison();  // memset of a null pointer, even of 0 bytes, is undefined

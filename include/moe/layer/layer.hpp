@@ -228,6 +228,7 @@ class layer {
       return status::failure("x", "has " + std::to_string(tokens) +
                                       " tokens; the layer takes 1 to " +
                                       std::to_string(args_.tokens));
+    if (auto s = gating::check_call_tokens(gate_args_of(args_), tokens); !s) return s;
     if (auto s = check_extents(x, "x", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_extents(y, "y", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_params(p, "params"); !s) return s;
