@@ -4,6 +4,7 @@
 // backends and device queries. (The kernel trampoline, core/launch.cuh, needs nvcc.)
 
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/device.hpp>
 #include <moe/core/dtype.hpp>

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -168,6 +169,56 @@ TEST_CASE("all_to_all: bad buffers are rejected before any message") {
   }),
                   moe::invalid_argument);
   CHECK(world.trace().empty());
+}
+
+namespace {
+
+/// Runs all_to_allv on every rank of `world` and returns the argument its error names ("" if
+/// none was thrown).
+template <class Call>
+std::string rejected_argument(simulated_world& world, Call call) {
+  try {
+    world.run(call);
+  } catch (moe::invalid_argument const& e) {
+    return e.argument();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("all_to_allv: null buffers and counts past 2^64 are rejected before any message") {
+  using moe::span;
+  simulated_world one({.ranks_per_node = 1, .nodes = 1});
+  // A null receive buffer of 16 bytes: the local copy once wrote through it.
+  CHECK(rejected_argument(one, [](simulated_world::rank_communicator& comm) {
+          bytes send(16);
+          std::vector<std::uint64_t> counts{16}, received(1);
+          moe::comm::all_to_allv::run(
+              moe::host, comm, span<std::byte const>(send), span<std::uint64_t const>(counts),
+              span<std::byte>(static_cast<std::byte*>(nullptr), 16), span<std::uint64_t>(received));
+        }) == "recv");
+  CHECK(rejected_argument(one, [](simulated_world::rank_communicator& comm) {
+          bytes recv(16);
+          std::vector<std::uint64_t> counts{16}, received(1);
+          moe::comm::all_to_allv::run(
+              moe::host, comm, span<std::byte const>(static_cast<std::byte const*>(nullptr), 16),
+              span<std::uint64_t const>(counts), span<std::byte>(recv),
+              span<std::uint64_t>(received));
+        }) == "send");
+  CHECK(one.trace().empty());
+
+  // {7, 1, 2^64 − 1} wrapped to a sum of 7 and passed; rank 2's copy was 2^64 − 1 bytes.
+  simulated_world three({.ranks_per_node = 3, .nodes = 1});
+  CHECK(rejected_argument(three, [](simulated_world::rank_communicator& comm) {
+          bytes send(8), recv(64);
+          std::vector<std::uint64_t> counts{7, 1, std::numeric_limits<std::uint64_t>::max()},
+              received(3);
+          moe::comm::all_to_allv::run(moe::host, comm, span<std::byte const>(send),
+                                      span<std::uint64_t const>(counts), span<std::byte>(recv),
+                                      span<std::uint64_t>(received));
+        }) == "send_bytes");
+  CHECK(three.trace().empty());
 }
 
 TEST_CASE("all_to_allv: variable chunks arrive in rank order with their sizes") {

@@ -206,6 +206,36 @@ TEST_CASE("gates check k against the experts") {
   static_assert(gating::top_k<4>::static_k == 4);
 }
 
+TEST_CASE("a null expert bias behind a non-empty span is rejected before any read") {
+  gating::gate_args const null_bias{
+      .experts = 3, .expert_bias = span<float const>(static_cast<float const*>(nullptr), 3)};
+  CHECK(gating::top_k<2>{}.can_implement(null_bias).argument() == "expert_bias");
+  hand_routing h(proportions);
+  try {
+    (void)h.route(null_bias);  // once read the bias through the null pointer
+    FAIL("no exception; expected one naming 'expert_bias'");
+  } catch (moe::invalid_argument const& e) {
+    CHECK(e.argument() == "expert_bias");
+  }
+}
+
+TEST_CASE("capacity saturates instead of overflowing") {
+  gating::capacity_args const a{.tokens = 16, .experts = 4, .k = 2, .factor = 1e30f};
+  CHECK(gating::capacity_bound(a) == size_overflow);  // the float-to-integer step was undefined
+  gating::capacity_args aligned{.tokens = 16, .experts = 4, .k = 2, .factor = 1.0f};
+  aligned.alignment = index_t{1} << 62;
+  CHECK(gating::capacity_bound(aligned) == index_t{1} << 62);
+  aligned.groups = 4;
+  CHECK(gating::capacity_bound(aligned) == size_overflow);
+  gating::capacity_args many{.tokens = size_overflow - 1, .experts = 3, .k = 2, .factor = 1.0f};
+  CHECK(gating::ceil_div(size_overflow - 1, 3) == 3074457345618258602);  // S + E − 1 overflowed
+  CHECK(gating::capacity_bound(many) > size_overflow / 2);  // ≈ 2·⌈S/3⌉, in double
+  CHECK(gating::capacity_bound(many) < size_overflow);
+  many.rounding = gating::capacity_rounding::megatron;  // S·k overflowed: ⌈2S/3⌉ now
+  CHECK(gating::capacity_bound(many) > size_overflow / 2);
+  CHECK(gating::capacity_bound(many) < size_overflow - 1);
+}
+
 // Near-misses: each lacks one thing a gate needs.
 namespace {
 struct no_tag {

@@ -36,8 +36,11 @@ double max_relative_error(std::vector<double> const& got, std::vector<double> co
 }
 
 /// Runs the W-rank layer and the single-rank layer on the same global batch and compares.
+/// With `uniform_gate` every score ties, so that every token picks the lowest experts and
+/// the last experts receive no row.
 template <int K, class Layout, class Collective>
-void check_against_single_rank(topology t, layer_args args, std::uint64_t seed) {
+void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
+                               bool uniform_gate = false) {
   CAPTURE(t.ranks_per_node);
   CAPTURE(t.nodes);
   int const w = t.size();
@@ -49,6 +52,7 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed) 
   global_args.tokens = global_tokens;
   test::ffn_layer_storage<double> params(global_args, true), grads(global_args, true);
   params.randomize(rng, 0.5);
+  if (uniform_gate) std::fill(params.gate_weight.data.begin(), params.gate_weight.data.end(), 0.0);
   test::host_tensor<double> x(global_tokens * h), dy(global_tokens * h);
   x.randomize(rng);
   dy.randomize(rng);
@@ -154,6 +158,19 @@ TEST_CASE("expert parallelism: the ragged layout over W ranks equals one rank") 
     layer_args padded = small_args(8);
     padded.expert_row_alignment = 4;
     check_against_single_rank<3, layout::ragged, comm::linear_all_to_all>(t, padded, seed);
+  }
+}
+
+TEST_CASE("expert parallelism: experts that receive no row, last in the batch") {
+  // Every token picks expert 0: on each rank the last local experts' pieces are empty and
+  // begin at the end of the expert batch, a row no view may index.
+  std::uint64_t const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  for (topology const t : {topology{2, 1}, topology{2, 2}}) {
+    check_against_single_rank<1, layout::ragged, comm::linear_all_to_all>(t, small_args(4), seed,
+                                                                          true);
+    check_against_single_rank<1, layout::capacity, comm::linear_all_to_all>(t, small_args(4), seed,
+                                                                            true);
   }
 }
 

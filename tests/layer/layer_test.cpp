@@ -194,3 +194,94 @@ TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded"
   check_as(__half{}, 1.0 / 1024);
   check_as(__nv_bfloat16{}, 1.0 / 128);
 }
+
+TEST_CASE("sizes whose workspace does not fit int64 are rejected, naming the argument") {
+  using relu_layer_t =
+      layer<gating::top_any<>, layout::capacity, comm::single_rank, expert::ffn<act::relu>>;
+  using ragged_layer_t =
+      layer<gating::top_any<>, layout::ragged, comm::single_rank, expert::ffn<act::relu>>;
+  index_t const huge = index_t{1} << 62;
+  // T = 2^62 once gave a workspace of 14,080 bytes and a forward that wrote past it.
+  layer_args const big{.tokens = huge,
+                       .hidden = 3,
+                       .ffn = 12,
+                       .experts = 8,
+                       .top_k = 3,
+                       .capacity_factor = 0.75f,
+                       .capacity_alignment = 7};
+  CHECK(relu_layer_t::can_implement(big).argument() == "tokens");
+  expect_rejected([&] { relu_layer_t{big}; }, "tokens");
+
+  layer_args const fine{.tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .top_k = 2};
+  REQUIRE(relu_layer_t::can_implement(fine).ok());
+  auto with = [&](auto change) {
+    layer_args a = fine;
+    change(a);
+    return a;
+  };
+  CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.hidden = huge; })).argument() ==
+        "hidden");
+  CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.ffn = huge; })).argument() == "ffn");
+  CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.experts = huge; })).argument() ==
+        "experts");
+  // Each fits alone; their product, the expert weights E·H·F, does not.
+  CHECK(relu_layer_t::can_implement(with([&](auto& a) {
+          a.hidden = index_t{1} << 20;
+          a.ffn = index_t{1} << 20;
+          a.experts = index_t{1} << 14;
+        })).argument() == "ffn");
+  // A huge finite factor: the float-to-integer step of the capacity was undefined.
+  for (float f : {1e30f, std::numeric_limits<float>::max(), 1e19f, 1e15f}) {
+    CAPTURE(f);
+    CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.capacity_factor = f; })).argument() ==
+          "capacity_factor");
+    expect_rejected([&] { relu_layer_t{with([&](auto& a) { a.capacity_factor = f; })}; },
+                    "capacity_factor");
+  }
+  // A capped dynamic factor of any size is fine: the capacity is at most the largest load.
+  CHECK(relu_layer_t::can_implement(with([](auto& a) { a.capacity_factor = -1e30f; })).ok());
+  // An alignment of 2^62 once passed can_implement and threw after writing the workspace.
+  CHECK(relu_layer_t::can_implement(with([&](auto& a) {
+          a.capacity_alignment = huge;
+        })).argument() == "capacity_alignment");
+  CHECK(relu_layer_t::can_implement(with([](auto& a) {
+          a.capacity_alignment = index_t{1} << 50;
+        })).argument() == "capacity_alignment");
+  CHECK(ragged_layer_t::can_implement(with([&](auto& a) {
+          a.expert_row_alignment = huge;
+        })).argument() == "expert_row_alignment");
+  CHECK(ragged_layer_t::can_implement(with([](auto& a) {
+          a.expert_row_alignment = index_t{1} << 50;
+        })).argument() == "expert_row_alignment");
+  CHECK(ragged_layer_t::can_implement(with([&](auto& a) {
+          a.tokens = index_t{1} << 50;
+        })).argument() == "tokens");
+  CHECK(ragged_layer_t::can_implement(fine).ok());
+}
+
+TEST_CASE("can_implement and forward agree on tokens that do not fill the local groups") {
+  layer_args const grouped{
+      .tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .capacity_factor = 1.25f, .groups = 2};
+  layer_t const layer(grouped);
+  std::mt19937_64 rng(test::fresh_seed());
+  index_t const H = grouped.hidden;
+  test::ffn_layer_storage<float> params(grouped, true);
+  params.randomize(rng, 0.5);
+  test::host_tensor<float> x(16 * H), y(16 * H);
+  x.randomize(rng);
+  y.poison();
+  host_buffer ws(layer.workspace_bytes(host));
+  auto const p = params.params<ffn_t>();
+  status const s = layer.can_implement<float>(x.cview(3, H), p, y.view(3, H), ws.view());
+  CHECK_FALSE(s.ok());
+  CHECK(s.argument() == "x");
+  expect_rejected([&] { layer.forward(host, x.cview(3, H), p, y.view(3, H), ws.view()); }, "x");
+  CHECK(y.is_poisoned());
+  CHECK(layer.can_implement<float>(x.cview(4, H), p, y.view(4, H), ws.view()).ok());
+}
+
+TEST_CASE("an empty test tensor can be poisoned") {
+  test::host_tensor<float> empty;
+  empty.poison();  // memset of a null pointer, even of 0 bytes, is undefined
+  CHECK(empty.is_poisoned());
+}

@@ -48,7 +48,10 @@ struct host_tensor {
   }
 
   /// Fills every element with a NaN bit pattern, so that an unwritten output shows.
-  void poison() { std::memset(static_cast<void*>(data.data()), 0xff, data.size() * sizeof(T)); }
+  void poison() {
+    if (!data.empty())  // an empty vector's data() may be null, which memset must not get
+      std::memset(static_cast<void*>(data.data()), 0xff, data.size() * sizeof(T));
+  }
 
   /// True when every byte is still the poison pattern.
   [[nodiscard]] bool is_poisoned() const {

@@ -28,6 +28,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace moe::comm {
@@ -165,7 +166,7 @@ struct all_to_allv {
   static void run(host_backend b, C& comm, span<std::byte const> send,
                   span<std::uint64_t const> send_bytes, span<std::byte> recv,
                   span<std::uint64_t> recv_bytes) {
-    check_counts(comm, send, send_bytes, recv_bytes);
+    check_counts(comm, send, send_bytes, recv, recv_bytes);
     detail::exchange_blocks(b, comm, reinterpret_cast<std::byte*>(recv_bytes.data()),
                             reinterpret_cast<std::byte const*>(send_bytes.data()),
                             sizeof(std::uint64_t), comm.size(), comm.rank(),
@@ -181,7 +182,7 @@ struct all_to_allv {
   static void run(cuda_backend b, C& comm, span<std::byte const> send,
                   span<std::uint64_t const> send_bytes, span<std::byte> recv,
                   span<std::uint64_t> recv_bytes, span<std::byte> scratch) {
-    check_counts(comm, send, send_bytes, recv_bytes);
+    check_counts(comm, send, send_bytes, recv, recv_bytes);
     std::size_t const counts = send_bytes.size_bytes();
     MOE_EXPECTS(scratch.size() >= 2 * counts && scratch.data() != nullptr, "scratch",
                 "holds " + std::to_string(scratch.size()) + " bytes; " +
@@ -201,7 +202,8 @@ struct all_to_allv {
  private:
   template <communicator C>
   static void check_counts(C const& comm, span<std::byte const> send,
-                           span<std::uint64_t const> send_bytes, span<std::uint64_t> recv_bytes) {
+                           span<std::uint64_t const> send_bytes, span<std::byte> recv,
+                           span<std::uint64_t> recv_bytes) {
     auto const p = static_cast<std::size_t>(comm.size());
     MOE_EXPECTS(
         send_bytes.size() == p, "send_bytes",
@@ -209,19 +211,35 @@ struct all_to_allv {
     MOE_EXPECTS(
         recv_bytes.size() == p, "recv_bytes",
         "has " + std::to_string(recv_bytes.size()) + " counts for " + std::to_string(p) + " ranks");
-    std::uint64_t total = 0;
-    for (auto n : send_bytes) total += n;
+    MOE_EXPECTS(send_bytes.data() != nullptr, "send_bytes", "null data for the counts");
+    MOE_EXPECTS(recv_bytes.data() != nullptr, "recv_bytes", "null data for the counts");
+    std::uint64_t const total = sum_of(send_bytes, "send_bytes");
     MOE_EXPECTS(
         total <= send.size(), "send_bytes",
         "add up to " + std::to_string(total) + " bytes; send holds " + std::to_string(send.size()));
+    MOE_EXPECTS(send.data() != nullptr || send.empty(), "send",
+                "null data for " + std::to_string(send.size()) + " bytes");
+    MOE_EXPECTS(recv.data() != nullptr || recv.empty(), "recv",
+                "null data for " + std::to_string(recv.size()) + " bytes");
+  }
+
+  /// The sum of byte counts; throws invalid_argument naming `argument` when it passes 2^64 − 1.
+  static std::uint64_t sum_of(span<std::uint64_t const> bytes, char const* argument) {
+    std::uint64_t total = 0;
+    for (auto n : bytes) {
+      MOE_EXPECTS(n <= std::numeric_limits<std::uint64_t>::max() - total, argument,
+                  "add up to more than 2^64 − 1 bytes (a count of " + std::to_string(n) +
+                      " after " + std::to_string(total) + ")");
+      total += n;
+    }
+    return total;
   }
 
   template <backend B, communicator C>
   static void exchange_data(B b, C& comm, span<std::byte const> send,
                             span<std::uint64_t const> send_bytes, span<std::byte> recv,
                             span<std::uint64_t const> recv_bytes) {
-    std::uint64_t total = 0;
-    for (auto n : recv_bytes) total += n;
+    std::uint64_t const total = sum_of(recv_bytes, "recv");
     // The peers have posted their sends by now; a short buffer is still the caller's error.
     MOE_EXPECTS(
         total <= recv.size(), "recv",

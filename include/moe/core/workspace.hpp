@@ -24,6 +24,11 @@ using workspace = span<std::byte>;
 /// for cuBLAS's 256-byte preference.
 inline constexpr std::size_t workspace_alignment = 256;
 
+/// The most elements of one array carved from a workspace, 2^52. At most 8 bytes an element
+/// and far fewer than 256 arrays, any workspace's bytes and every index into it then fit
+/// int64; entry points check their sizes against this before they carve.
+inline constexpr index_t max_array_elements = index_t{1} << 52;
+
 /// Lays out typed arrays in a workspace. A default-constructed carver only counts bytes and
 /// hands out null pointers; one constructed over a buffer hands out pointers into it.
 class workspace_carver {

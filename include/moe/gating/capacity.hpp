@@ -21,8 +21,10 @@
 //            several ranks, the maximum over the ranks)
 //   f < 0:   C_g = min(largest load, the rule at |f|)
 // rounded up to a multiple of `alignment`. Every product is taken in double, f widened from
-// float, as the frameworks' Python does.
+// float, as the frameworks' Python does. The integer steps saturate (core/checked.hpp): a
+// capacity that does not fit index_t comes out as `size_overflow`, which the layer rejects.
 
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/view.hpp>
 #include <moe/gating/args.hpp>
@@ -86,23 +88,24 @@ struct dropless {
 static_assert(capacity_policy<dropless>);
 static_assert(!capacity_policy<int> && !capacity_policy<capacity_args>);
 
+/// ⌈a / b⌉ for a ≥ 0 and b > 0, without the overflow of a + b − 1.
 MOE_HOST_DEVICE constexpr index_t ceil_div(index_t a, index_t b) noexcept {
-  return (a + b - 1) / b;
+  return a / b + (a % b > 0 ? 1 : 0);
 }
 
+/// `value` rounded up to a multiple of `multiple`, or `size_overflow` when that does not fit.
 MOE_HOST_DEVICE constexpr index_t round_up(index_t value, index_t multiple) noexcept {
-  return multiple > 1 ? ceil_div(value, multiple) * multiple : value;
+  return multiple > 1 ? checked_mul(ceil_div(value, multiple), multiple) : value;
 }
 
 namespace detail {
 
-/// ⌊x⌋ and ⌈x⌉ of a non-negative double, as index_t.
+/// ⌊x⌋ and ⌈x⌉ of a non-negative double, as index_t; `size_overflow` past index_t.
 MOE_HOST_DEVICE constexpr index_t floor_index(double x) noexcept {
-  return static_cast<index_t>(x);
+  return checked_floor(x);
 }
 MOE_HOST_DEVICE constexpr index_t ceil_index(double x) noexcept {
-  index_t const i = static_cast<index_t>(x);
-  return static_cast<double>(i) < x ? i + 1 : i;
+  return checked_ceil(x);
 }
 MOE_HOST_DEVICE constexpr index_t min_index(index_t a, index_t b) noexcept {
   return a < b ? a : b;
@@ -126,7 +129,7 @@ MOE_HOST_DEVICE constexpr index_t factor_capacity(capacity_args const& a) noexce
   auto const k = static_cast<index_t>(a.k);
   switch (a.rounding) {
     case capacity_rounding::tutel:
-      return k * detail::floor_index(f * static_cast<double>(ceil_div(s, e)));
+      return checked_mul(k, detail::floor_index(f * static_cast<double>(ceil_div(s, e))));
     case capacity_rounding::gshard: {
       index_t const c = detail::floor_index(static_cast<double>(s) * f / static_cast<double>(e));
       return c == 0 ? 4 : round_up(c, 4);
@@ -136,8 +139,9 @@ MOE_HOST_DEVICE constexpr index_t factor_capacity(capacity_args const& a) noexce
                                                   (f * static_cast<double>(k))),
                                a.min_capacity);
     case capacity_rounding::megatron:
-      return detail::min_index(
-          detail::ceil_index(static_cast<double>(s * k) / static_cast<double>(e) * f), s);
+      return detail::min_index(detail::ceil_index(static_cast<double>(s) * static_cast<double>(k) /
+                                                  static_cast<double>(e) * f),
+                               s);
     case capacity_rounding::switch_tf:
       return detail::max_index(
           4, detail::min_index(
@@ -169,7 +173,7 @@ MOE_HOST_DEVICE constexpr index_t group_capacity(capacity_args const& a,
 /// The call's capacity C = G · C_g for the given largest per-(group, expert) load.
 MOE_HOST_DEVICE constexpr index_t resolve_capacity(capacity_args const& a,
                                                    index_t max_load) noexcept {
-  return (a.groups > 1 ? a.groups : 1) * group_capacity(a, max_load);
+  return checked_mul(a.groups > 1 ? a.groups : 1, group_capacity(a, max_load));
 }
 
 /// An upper bound of the capacity over all routings of up to `a.tokens` tokens, for sizing

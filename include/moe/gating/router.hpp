@@ -124,6 +124,17 @@ inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tok
   return carve_host_routing(carver, max_tokens, k, tokens, experts, k);
 }
 
+/// What the T of one call (x's rows) must be under `args`: at least 1 and a multiple of the
+/// local groups. The router and every entry point that takes x run this one check.
+inline status check_call_tokens(gate_args const& args, index_t tokens) {
+  if (tokens < 1) return status::failure("x", "has no tokens");
+  if (args.groups > 1 && tokens % args.groups != 0)
+    return status::failure("x", "has " + std::to_string(tokens) +
+                                    " tokens, not a multiple of the " +
+                                    std::to_string(args.groups) + " local groups");
+  return {};
+}
+
 namespace detail {
 
 inline span<double const> row_of(matrix_view<double> m, index_t t) {
@@ -165,11 +176,7 @@ status check_route(G const& gate, gate_args const& args, matrix_view<T const> x,
                                std::to_string(args.experts) + ")");
   for (float b : args.expert_bias)  // host memory on the host backend
     if (!std::isfinite(b)) return status::failure("expert_bias", "holds a non-finite value");
-  if (tokens < 1) return status::failure("x", "has no tokens");
-  if (tokens % args.groups != 0)
-    return status::failure("x", "has " + std::to_string(tokens) +
-                                    " tokens, not a multiple of the " +
-                                    std::to_string(args.groups) + " local groups");
+  if (auto s = check_call_tokens(args, tokens); !s) return s;
   return check_routing_state(r, tokens, experts, gate.k(args));
 }
 

@@ -39,7 +39,7 @@ inline status check_k(int k, gate_args const& args) {
 
 /// The run-time knobs every gate shares, checked before any work: finite factors, positive
 /// alignment, groups that divide T, a positive scaling factor, jitter in [0, 1), gate noise
-/// ≥ 0, and a bias of E values or none. Reads no memory the arguments point to.
+/// ≥ 0, and a bias of E values (non-null) or none. Reads no memory the arguments point to.
 inline status check_knobs(gate_args const& args) {
   if (!std::isfinite(args.capacity_factor))
     return status::failure("capacity_factor",
@@ -79,6 +79,10 @@ inline status check_knobs(gate_args const& args) {
     return status::failure("expert_bias", "holds " + std::to_string(args.expert_bias.size()) +
                                               " values for " + std::to_string(args.experts) +
                                               " experts");
+  if (!args.expert_bias.empty() && args.expert_bias.data() == nullptr)
+    return status::failure("expert_bias", "null data for " +
+                                              std::to_string(args.expert_bias.size()) +
+                                              " values; pass the bias, or an empty span for none");
   return {};
 }
 

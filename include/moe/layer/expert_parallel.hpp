@@ -145,7 +145,7 @@ struct ragged_exchange {
     auto received = move_rows(comm, p.sent, p.received, bytes_of(local), scratch, counts, hidden);
     // [w][e] pieces → segment e, rank w after rank w − 1.
     for_each_piece(comm, p.received, begin, hidden, [&](std::size_t from, index_t row, index_t n) {
-      std::memcpy(&expert(row, 0), received.data() + from,
+      std::memcpy(expert.data_handle() + row * hidden, received.data() + from,
                   static_cast<std::size_t>(n * hidden) * sizeof(double));
     });
   }
@@ -157,7 +157,7 @@ struct ragged_exchange {
                        span<std::byte> scratch, span<std::uint64_t> counts) {
     index_t const hidden = local.extent(1);
     for_each_piece(comm, p.received, begin, hidden, [&](std::size_t to, index_t row, index_t n) {
-      std::memcpy(scratch.data() + to, &expert(row, 0),
+      std::memcpy(scratch.data() + to, expert.data_handle() + row * hidden,
                   static_cast<std::size_t>(n * hidden) * sizeof(double));
     });
     std::size_t const packed = total_rows(p.received) * hidden * sizeof(double);
@@ -173,7 +173,8 @@ struct ragged_exchange {
   }
 
   // Calls f(byte offset in the packed [w][e] buffer, row in the expert batch, rows) for
-  // each piece that rank w exchanges with this rank for local expert e.
+  // each non-empty piece that rank w exchanges with this rank for local expert e. An empty
+  // piece may begin at the batch's end, a row no view may index; it is skipped.
   template <comm::communicator C, class F>
   static void for_each_piece(C& comm, span<std::int64_t const> received,
                              span<std::int64_t const> begin, index_t hidden, F f) {
@@ -184,7 +185,7 @@ struct ragged_exchange {
         index_t before = 0;  // rows of ranks before w in segment e
         for (int v = 0; v < w; ++v) before += received[v * experts_per_rank + e];
         index_t const n = received[w * experts_per_rank + e];
-        f(offset, begin[e] + before, n);
+        if (n > 0) f(offset, begin[e] + before, n);
         offset += static_cast<std::size_t>(n * hidden) * sizeof(double);
       }
   }

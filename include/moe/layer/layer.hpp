@@ -16,6 +16,7 @@
 #include <moe/comm/communicator_ref.hpp>
 #include <moe/comm/concepts.hpp>
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
@@ -48,6 +49,17 @@ namespace moe {
 /// matter to it (they are still checked to be finite and at least 1), and it never rejects a
 /// factor for giving capacity 0. The gating knobs are gate_args's (gating/args.hpp), which
 /// says what each does.
+///
+/// Limits (`layer::can_implement` rejects what exceeds them, naming the argument): every
+/// array the layer lays out holds at most `max_array_elements` (2^52) elements, so that its
+/// workspace in bytes, and every index into it, fits int64. That bounds each of tokens,
+/// hidden, ffn, experts, min_capacity and both alignments by 2^52, and the products T·H,
+/// T·E, T·2F (the widths of the arrays per token), E·H·F (the expert weights) and the expert
+/// batch's rows times those widths. The rows are E·C with the capacity layout, so the
+/// capacity factor (finite, any magnitude) and capacity_alignment must give a capacity C
+/// whose E·C rows fit; with the ragged layout they are T·k + E·(expert_row_alignment − 1),
+/// and with expert parallelism over W ranks, W·T·min(k, E/W) + E/W·(expert_row_alignment − 1)
+/// (checked when the layer is built on its communicator).
 struct layer_args {
   index_t tokens = 0;              ///< T: most tokens one call routes (workspace is sized for it)
   index_t hidden = 0;              ///< H
@@ -162,9 +174,13 @@ class layer {
     MOE_EXPECTS(comm.size() >= 1 && args.experts % comm.size() == 0, "experts",
                 std::to_string(args.experts) + " experts do not split evenly over " +
                     std::to_string(comm.size()) + " ranks");
+    check_sizes(args, comm.size()).throw_if_failed();
   }
 
-  /// Whether a layer can be built with these arguments, and if not, which argument is wrong.
+  /// Whether a layer can be built with these arguments, and if not, which argument is wrong:
+  /// positive sizes, finite factors, the gate's own checks, a capacity of at least 1, and the
+  /// limits layer_args states (every workspace array at most 2^52 elements), here for one
+  /// rank (the constructor with a communicator checks them again for its world).
   [[nodiscard]] static status can_implement(layer_args const& args) noexcept {
     if (args.tokens < 1)
       return status::failure("tokens", "must be at least 1, got " + std::to_string(args.tokens));
@@ -192,7 +208,8 @@ class layer {
     if (!std::isfinite(args.z_loss_coef)) return status::failure("z_loss_coef", "must be finite");
     gating::gate_args const gate_args = gate_args_of(args);
     if (auto s = Gate{}.can_implement(gate_args); !s) return s;
-    if (Layout::drops_tokens && gating::capacity_bound(capacity_args_of(args, args.tokens)) < 1)
+    if (auto s = check_sizes(args, 1); !s) return s;
+    if (Layout::drops_tokens && capacity_bound_of(args) < 1)
       return status::failure("capacity_factor",
                              "gives capacity 0 at " + std::to_string(args.tokens) +
                                  " tokens over " + std::to_string(args.experts) +
@@ -228,6 +245,7 @@ class layer {
       return status::failure("x", "has " + std::to_string(tokens) +
                                       " tokens; the layer takes 1 to " +
                                       std::to_string(args_.tokens));
+    if (auto s = gating::check_call_tokens(gate_args_of(args_), tokens); !s) return s;
     if (auto s = check_extents(x, "x", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_extents(y, "y", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_params(p, "params"); !s) return s;
@@ -480,40 +498,104 @@ class layer {
     return gating::capacity_args_of(g, Gate{}.k(g), gating::capacity_of<Gate>::rounding, tokens);
   }
 
-  [[nodiscard]] index_t max_capacity() const noexcept {
-    return gating::capacity_bound(capacity_args_of(args_, args_.tokens));
+  /// The capacity bound of calls of up to `a.tokens` tokens; `size_overflow` past index_t.
+  static index_t capacity_bound_of(layer_args const& a) noexcept {
+    return gating::capacity_bound(capacity_args_of(a, a.tokens));
   }
 
+  [[nodiscard]] index_t max_capacity() const noexcept { return capacity_bound_of(args_); }
+
   /// What the layout's size math needs, for `tokens` tokens and capacity `capacity`.
-  [[nodiscard]] layout::layout_args layout_args_of(index_t tokens, index_t capacity,
-                                                   index_t row_alignment) const noexcept {
+  static layout::layout_args layout_args_of(layer_args const& a, index_t tokens, index_t capacity,
+                                            index_t row_alignment) noexcept {
     return {.tokens = tokens,
-            .experts = args_.experts,
-            .k = k(),
+            .experts = a.experts,
+            .k = Gate{}.k(gate_args_of(a)),
             .capacity = capacity,
             .row_alignment = row_alignment};
+  }
+  [[nodiscard]] layout::layout_args layout_args_of(index_t tokens, index_t capacity,
+                                                   index_t row_alignment) const noexcept {
+    return layout_args_of(args_, tokens, capacity, row_alignment);
   }
 
   /// Padding belongs to the batch the experts compute on: with expert parallelism the local
   /// batch travels unpadded and the expert batch is padded on arrival.
-  [[nodiscard]] index_t local_row_alignment() const noexcept {
-    return Collective::is_identity ? args_.expert_row_alignment : 1;
+  static index_t local_row_alignment(layer_args const& a) noexcept {
+    return Collective::is_identity ? a.expert_row_alignment : 1;
   }
+  [[nodiscard]] index_t local_row_alignment() const noexcept { return local_row_alignment(args_); }
 
-  /// The most rows of a local batch: what the workspace is sized for.
-  [[nodiscard]] index_t max_local_rows() const noexcept {
-    return layout::rows_bound(Layout{},
-                              layout_args_of(args_.tokens, max_capacity(), local_row_alignment()));
+  /// The most rows of a local batch: what the workspace is sized for (`size_overflow` when
+  /// it does not fit index_t).
+  static index_t local_rows_bound(layer_args const& a) noexcept {
+    return layout::rows_bound(
+        Layout{}, layout_args_of(a, a.tokens, capacity_bound_of(a), local_row_alignment(a)));
   }
+  [[nodiscard]] index_t max_local_rows() const noexcept { return local_rows_bound(args_); }
 
-  /// The most rows of an expert batch. The capacity layout's is the local batch's size
-  /// (E_local · W·C = E·C); the ragged one receives at most min(k, E_local) rows per token
-  /// of every rank, plus padding.
+  /// The most rows of an expert batch over `ranks` ranks. The capacity layout's is the local
+  /// batch's size (E_local · W·C = E·C); the ragged one receives at most min(k, E_local) rows
+  /// per token of every rank, plus padding. `size_overflow` when it does not fit index_t.
+  static index_t expert_rows_bound(layer_args const& a, int ranks) noexcept {
+    if (Collective::is_identity || Layout::drops_tokens) return local_rows_bound(a);
+    index_t const local_experts = a.experts / ranks;
+    index_t const per_token = std::min<index_t>(Gate{}.k(gate_args_of(a)), local_experts);
+    return checked_add(checked_mul(checked_mul(ranks, a.tokens), per_token),
+                       checked_mul(local_experts, a.expert_row_alignment - 1));
+  }
   [[nodiscard]] index_t max_expert_rows() const noexcept {
-    if (Collective::is_identity || Layout::drops_tokens) return max_local_rows();
-    index_t const local_experts = expert_shape().experts;
-    index_t const per_token = std::min<index_t>(k(), local_experts);
-    return ranks() * args_.tokens * per_token + local_experts * (args_.expert_row_alignment - 1);
+    return expert_rows_bound(args_, ranks());
+  }
+
+  /// The limits of layer_args: every array the layer lays out for `ranks` ranks holds at
+  /// most `max_array_elements` elements. Runs after the arguments' own checks (positive
+  /// sizes, the gate's k, finite factors).
+  static status check_sizes(layer_args const& a, int ranks) {
+    constexpr index_t limit = max_array_elements;
+    auto const too_large = [](char const* argument, std::string const& what) {
+      return status::failure(argument, what + " exceeds the limit of 2^52 elements per array of " +
+                                           "the layer's workspace (so that its bytes fit int64); " +
+                                           "lower it");
+    };
+    struct named {
+      char const* name;
+      index_t value;
+    };
+    for (named const n :
+         {named{"tokens", a.tokens}, named{"hidden", a.hidden}, named{"ffn", a.ffn},
+          named{"experts", a.experts}, named{"capacity_alignment", a.capacity_alignment},
+          named{"expert_row_alignment", a.expert_row_alignment},
+          named{"min_capacity", a.min_capacity}})
+      if (n.value > limit) return too_large(n.name, std::to_string(n.value));
+    // The widest row of a per-token or per-row array: hidden, the expert's (up to 2F for a
+    // gated expert), the logits', and the router's 2k keys.
+    int const k = Gate{}.k(gate_args_of(a));
+    index_t const width = std::max({a.hidden, checked_mul(2, a.ffn), a.experts, index_t{2} * k});
+    if (checked_mul(a.tokens, width) > limit)
+      return too_large("tokens",
+                       std::to_string(a.tokens) + " tokens of width " + std::to_string(width));
+    if (checked_mul(checked_mul(a.experts, a.hidden), a.ffn) > limit)
+      return too_large("ffn", "E·H·F of the expert weights, " + std::to_string(a.experts) + "·" +
+                                  std::to_string(a.hidden) + "·" + std::to_string(a.ffn) + ",");
+    index_t const rows = std::max(local_rows_bound(a), expert_rows_bound(a, ranks));
+    if (checked_mul(rows, width) <= limit) return {};
+    std::string const what = (rows == size_overflow ? std::string("more than 2^63 rows")
+                                                    : std::to_string(rows) + " rows") +
+                             " of width " + std::to_string(width) + " in the expert batch";
+    if constexpr (Layout::drops_tokens) {
+      // The capacity sets the rows: blame the alignment when the factor alone fits.
+      layer_args unaligned = a;
+      unaligned.capacity_alignment = 1;
+      bool const factor_fits = checked_mul(local_rows_bound(unaligned), width) <= limit;
+      return too_large(factor_fits ? "capacity_alignment" : "capacity_factor", what);
+    } else {
+      return too_large(
+          a.expert_row_alignment > 1 && checked_mul(checked_mul(a.tokens, k), width) <= limit
+              ? "expert_row_alignment"
+              : "tokens",
+          what);
+    }
   }
 
   host_state carve(workspace_carver& carver, index_t tokens, index_t local_rows,

@@ -10,6 +10,7 @@
 // backend of encode, decode and their backward, in float64, through the shared row map code.
 
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/view.hpp>
@@ -29,9 +30,10 @@ struct capacity {
 };
 static_assert(dispatch_layout<capacity>);
 
-/// Rows of the capacity layout's expert batch, E·C, for `a.capacity` = C (or its bound).
+/// Rows of the capacity layout's expert batch, E·C, for `a.capacity` = C (or its bound);
+/// `size_overflow` when E·C does not fit index_t.
 MOE_HOST_DEVICE constexpr index_t rows_bound(capacity, layout_args const& a) noexcept {
-  return a.experts * a.capacity;
+  return checked_mul(a.experts, a.capacity);
 }
 
 /// The capacity layout's row map: (t, j) → e·C + slot while slot < C, `no_row` past it.

@@ -17,6 +17,7 @@
 // decode and their backward, in float64, through the shared row map code.
 
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
@@ -48,9 +49,10 @@ MOE_HOST_DEVICE constexpr index_t padded_rows(index_t load, index_t row_alignmen
 
 /// An upper bound of the ragged rows of T tokens with k choices each over E experts, for
 /// sizing buffers: the loads sum to T·k, and padding adds at most (alignment − 1) per expert.
+/// `size_overflow` when the bound does not fit index_t.
 MOE_HOST_DEVICE constexpr index_t ragged_rows_bound(index_t tokens, index_t k, index_t experts,
                                                     index_t row_alignment) noexcept {
-  return tokens * k + experts * (row_alignment - 1);
+  return checked_add(checked_mul(tokens, k), checked_mul(experts, row_alignment - 1));
 }
 
 /// `ragged_rows_bound` of `a` (T, k, E and the row alignment).
