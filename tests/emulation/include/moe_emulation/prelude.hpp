@@ -34,7 +34,9 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
-// A static __shared__ array is one per OS thread, and blocks run one after another on it.
+// A static __shared__ array is one per OS thread, and blocks run one after another on it;
+// unlike dynamic shared memory it starts zeroed, not as garbage (the library's kernels take
+// all their shared memory from the launch, core/launch.cuh).
 #define __shared__ static thread_local
 
 #include <moe_emulation/runtime.hpp>
