@@ -194,7 +194,9 @@ TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
   CHECK_THROWS_AS(two.run([&](simulated_world::rank_communicator& comm) {
     parallel_t layer(args, comm);
     test::host_tensor<float> x(args.tokens * args.hidden), y(args.tokens * args.hidden);
-    x.randomize(rng);
+    // One generator per rank: the ranks are threads (ThreadSanitizer saw them share one).
+    std::mt19937_64 rank_rng(2 + static_cast<std::uint64_t>(comm.rank()));
+    x.randomize(rank_rng);
     index_t const tokens = comm.rank() == 0 ? args.tokens : args.tokens - 1;
     auto p = layer_params<float const, expert_t>{
         make_view(static_cast<float const*>(params.gate_weight.data.data()), args.hidden, 4),

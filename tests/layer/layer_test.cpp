@@ -280,6 +280,29 @@ TEST_CASE("can_implement and forward agree on tokens that do not fill the local 
   CHECK(layer.can_implement<float>(x.cview(4, H), p, y.view(4, H), ws.view()).ok());
 }
 
+TEST_CASE("can_implement and forward agree on a non-finite expert_bias") {
+  // layer_args_fuzz: can_implement(views) accepted a call whose host router then threw.
+  float const bias[4] = {0.0f, std::numeric_limits<float>::infinity(), 0.0f, 0.0f};
+  layer_args const args{
+      .tokens = 4, .hidden = 8, .ffn = 12, .experts = 4, .expert_bias = span<float const>(bias, 4)};
+  layer_t const layer(args);  // the bias's size is right; its values are the call's
+  std::mt19937_64 rng(test::fresh_seed());
+  index_t const H = args.hidden;
+  test::ffn_layer_storage<float> params(args, true);
+  params.randomize(rng, 0.5);
+  test::host_tensor<float> x(4 * H), y(4 * H);
+  x.randomize(rng);
+  y.poison();
+  host_buffer ws(layer.workspace_bytes(host));
+  auto const p = params.params<ffn_t>();
+  status const s = layer.can_implement<float>(x.cview(4, H), p, y.view(4, H), ws.view());
+  CHECK_FALSE(s.ok());
+  CHECK(s.argument() == "expert_bias");
+  expect_rejected([&] { layer.forward(host, x.cview(4, H), p, y.view(4, H), ws.view()); },
+                  "expert_bias");
+  CHECK(y.is_poisoned());
+}
+
 TEST_CASE("an empty test tensor can be poisoned") {
   test::host_tensor<float> empty;
   empty.poison();  // memset of a null pointer, even of 0 bytes, is undefined

@@ -135,6 +135,15 @@ inline status check_call_tokens(gate_args const& args, index_t tokens) {
   return {};
 }
 
+/// The values of `args.expert_bias`, host memory on the host backend: all finite. The
+/// router and the host layer's check of a call run this one check (the bias's size and
+/// pointer are the gate's `can_implement`'s, which reads no memory).
+inline status check_host_expert_bias(gate_args const& args) {
+  for (float b : args.expert_bias)
+    if (!std::isfinite(b)) return status::failure("expert_bias", "holds a non-finite value");
+  return {};
+}
+
 namespace detail {
 
 inline span<double const> row_of(matrix_view<double> m, index_t t) {
@@ -174,8 +183,7 @@ status check_route(G const& gate, gate_args const& args, matrix_view<T const> x,
                            "is " + moe::detail::format_extents(moe::detail::extents_of(w_gate)) +
                                "; expected (" + std::to_string(x.extent(1)) + ", " +
                                std::to_string(args.experts) + ")");
-  for (float b : args.expert_bias)  // host memory on the host backend
-    if (!std::isfinite(b)) return status::failure("expert_bias", "holds a non-finite value");
+  if (auto s = check_host_expert_bias(args); !s) return s;
   if (auto s = check_call_tokens(args, tokens); !s) return s;
   return check_routing_state(r, tokens, experts, gate.k(args));
 }

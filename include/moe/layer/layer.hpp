@@ -235,7 +235,8 @@ class layer {
     return counter.bytes();
   }
 
-  /// Checks a forward call's views; writes nothing.
+  /// Checks a forward call on the host backend: its tokens, the views, the workspace and
+  /// the values of `expert_bias` (host memory here), as forward does; writes nothing.
   template <element T>
   [[nodiscard]] status can_implement(matrix_view<std::type_identity_t<T> const> x,
                                      params<T> const& p, matrix_view<T> y,
@@ -246,6 +247,7 @@ class layer {
                                       " tokens; the layer takes 1 to " +
                                       std::to_string(args_.tokens));
     if (auto s = gating::check_call_tokens(gate_args_of(args_), tokens); !s) return s;
+    if (auto s = gating::check_host_expert_bias(gate_args_of(args_)); !s) return s;
     if (auto s = check_extents(x, "x", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_extents(y, "y", {tokens, args_.hidden}); !s) return s;
     if (auto s = check_params(p, "params"); !s) return s;
