@@ -41,9 +41,12 @@ for target in "${targets[@]}"; do
   mkdir -p "$corpus" "$findings"
   cp tests/fuzz/corpus/"$target"/* "$corpus"/
   echo "fuzz: ${target}: ${seconds} s from $(ls "$corpus" | wc -l) seed inputs"
-  # -timeout: an input that runs 10 s is a hang. The regression inputs in the seed corpus
-  # run first, as every seed does.
-  build-fuzz/"$target" "$corpus" -max_total_time="$seconds" -timeout=10 -max_len=512 \
+  # -timeout: an input that runs 30 s is a hang (the targets cap each input's work far below
+  # that). -seed: the same mutations on every run, so that CI does not find something new by
+  # chance on one run and not the next. The regression inputs in the seed corpus run first,
+  # as every seed does.
+  build-fuzz/"$target" "$corpus" -max_total_time="$seconds" -timeout=30 -max_len=512 \
+    -seed="${MOE_FUZZ_SEED:-1}" \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$findings/" \
     >"build-fuzz/$target.log" 2>&1 &
   pids+=($!)

@@ -4,6 +4,7 @@
 // fuzz_case, the views of a call, and the checks of one rank and of a simulated world.
 
 #include <moe/comm.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/expert.hpp>
 #include <moe/gating.hpp>
 #include <moe/layer.hpp>
@@ -52,6 +53,10 @@ bool succeeds(F&& f, std::string* why = nullptr) {
 }
 
 inline constexpr std::size_t workspace_cap = std::size_t{64} << 20;  // bytes we allocate at most
+// Multiply-adds one call may cost on the host (T·k·H·F for the experts, T·H·E for the router,
+// E·H·F to fill the weights): past it the calls are not run, so that no input is slow enough
+// (seconds under the sanitizers) to pass for a hang.
+inline constexpr index_t work_cap = index_t{1} << 20;
 
 // --- decoding ------------------------------------------------------------------------------
 
@@ -323,11 +328,16 @@ struct rank_report {
   std::string why;
 };
 
-/// Runs the rank's calls; false when its workspace is too large to try.
+/// Runs the rank's calls; false when its workspace or its work is too large to try.
 template <class Layer>
 bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank_report& report) {
   std::size_t const ws_bytes = layer.workspace_bytes(host);
   if (ws_bytes > workspace_cap) return false;
+  index_t const k = std::clamp<index_t>(a.top_k, 2, 32);
+  index_t const work = moe::checked_add(
+      moe::checked_mul(moe::checked_mul(moe::checked_mul(a.tokens, k), a.hidden), a.ffn),
+      moe::checked_mul(moe::checked_mul(a.hidden, a.experts), std::max(a.tokens, a.ffn)));
+  if (work > work_cap) return false;
   index_t const local_e = layer.expert_shape().experts;
   std::uint64_t rng = c.seed;
   owned<2> x({c.tokens, a.hidden}, c.x, rng, false);
