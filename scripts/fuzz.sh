@@ -2,20 +2,29 @@
 # SPDX-License-Identifier: Apache-2.0
 #
 # Builds the libFuzzer targets of tests/fuzz/ with clang++ (in build-fuzz/) and runs each for
-# a bounded time, two side by side, as scripts/test.sh does after the main ctest. Each run
+# a bounded number of executions, two side by side, as scripts/test.sh does after the
+# sanitizer stage. Each run
 # starts from a copy of its seed corpus (tests/fuzz/corpus/<target>/), so that nothing is
 # written into the tree; what it finds (crash-*, timeout-*, leak-*, oom-* files) lands in
 # build-fuzz/findings/<target>/ and fails the script. libFuzzer's last status line gives
 # the coverage (cov:, ft:) and the speed (exec/s).
 #
-#   MOE_FUZZ_SECONDS=60 bash scripts/fuzz.sh [target]...   # default: every target, 60 s
+#   bash scripts/fuzz.sh [target]...   # default: every target
+#
+#   MOE_FUZZ_RUNS     executions per target (default: 100000 for layer_args_fuzz, 30000 for
+#                     all_to_all_fuzz, about a minute each on one core); with a fixed seed a
+#                     bounded count, not a bounded time, makes a run mutate the same inputs
+#                     on a slow machine as on a fast one
+#   MOE_FUZZ_SECONDS  a time limit per target on top of that (default 180)
+#   MOE_FUZZ_SEED     libFuzzer's seed (default 1)
 #
 # To reproduce a finding: build-fuzz/<target> <file>. To keep an input as a regression
 # case, copy it into tests/fuzz/corpus/<target>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-seconds=${MOE_FUZZ_SECONDS:-60}
+seconds=${MOE_FUZZ_SECONDS:-180}
+declare -A default_runs=([layer_args_fuzz]=100000 [all_to_all_fuzz]=30000)
 targets=("$@")
 ((${#targets[@]} > 0)) || targets=(layer_args_fuzz all_to_all_fuzz)
 jobs=$(nproc)
@@ -40,13 +49,15 @@ for target in "${targets[@]}"; do
   rm -rf "$corpus" "$findings"
   mkdir -p "$corpus" "$findings"
   cp tests/fuzz/corpus/"$target"/* "$corpus"/
-  echo "fuzz: ${target}: ${seconds} s from $(ls "$corpus" | wc -l) seed inputs"
+  runs=${MOE_FUZZ_RUNS:-${default_runs[$target]:-20000}}
+  echo "fuzz: ${target}: ${runs} executions (at most ${seconds} s) from $(ls "$corpus" | wc -l) seed inputs"
   # -timeout: an input that runs 30 s is a hang (the targets cap each input's work far below
-  # that). -seed: the same mutations on every run, so that CI does not find something new by
-  # chance on one run and not the next. The regression inputs in the seed corpus run first,
+  # that). -seed and -runs: the same mutations on every run, so that CI does not find
+  # something new by chance on one run and not the next (the simulated world's threads can
+  # still vary the coverage a little). The regression inputs in the seed corpus run first,
   # as every seed does.
-  build-fuzz/"$target" "$corpus" -max_total_time="$seconds" -timeout=30 -max_len=512 \
-    -seed="${MOE_FUZZ_SEED:-1}" \
+  build-fuzz/"$target" "$corpus" -runs="$runs" -max_total_time="$seconds" -timeout=30 \
+    -max_len=512 -seed="${MOE_FUZZ_SEED:-1}" \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$findings/" \
     >"build-fuzz/$target.log" 2>&1 &
   pids+=($!)

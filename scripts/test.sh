@@ -3,7 +3,8 @@
 #
 # The whole check, from a fresh clone: dependencies, configure (preset `ci`, build-ci/),
 # build everything, run every test. gpu tests are skipped without a GPU (ctest says so).
-# Then the sanitizer builds of the host tests (scripts/sanitize.sh).
+# Then the sanitizer builds of the host tests (scripts/sanitize.sh) and the fuzzers
+# (scripts/fuzz.sh).
 #
 # The packaging tests also need Conan and a second, newer CMake: pinned versions come from
 # PyPI into build-ci/tools. MOE_SKIP_PACKAGING_TOOLS=1 (for a machine without PyPI) leaves
@@ -29,6 +30,7 @@ if [[ -x build-ci/bench/layer_counts ]]; then
 fi
 ctest --preset ci
 
-# Hardening: the host tests under AddressSanitizer + UBSan and ThreadSanitizer. The libFuzzer
-# targets (bash scripts/fuzz.sh) join CI once the layer fuzzer's open finding is resolved.
+# Hardening: the host tests under AddressSanitizer + UBSan and ThreadSanitizer, then the
+# libFuzzer targets from their seed corpora.
 bash scripts/sanitize.sh
+bash scripts/fuzz.sh

@@ -366,8 +366,11 @@ bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank
 
   report.backward_ran = true;
   report.backward_threw = true;
-  owned<2> dy({c.tokens, a.hidden}, c.dy, rng, false);
-  owned<2> dx({c.tokens, a.hidden}, c.dx, rng, true);
+  // Backward's right extents are those of the x forward ran on, which a spoilt x (grown
+  // from c.tokens and matched by a grown y) may have changed.
+  index_t const forward_tokens = x.view.extent(0);
+  owned<2> dy({forward_tokens, a.hidden}, c.dy, rng, false);
+  owned<2> dx({forward_tokens, a.hidden}, c.dx, rng, true);
   owned_bank<typename Layer::expert_type> g(a.hidden, a.experts, local_e, a.ffn, c.g_biases,
                                             {c.g_gate, c.g_w1, c.g_w2, fault::right, fault::right},
                                             rng, true);
