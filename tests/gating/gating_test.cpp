@@ -228,8 +228,8 @@ TEST_CASE("capacity saturates instead of overflowing") {
   aligned.groups = 4;
   CHECK(gating::capacity_bound(aligned) == size_overflow);
   gating::capacity_args many{.tokens = size_overflow - 1, .experts = 3, .k = 2, .factor = 1.0f};
-  CHECK(gating::ceil_div(size_overflow - 1, 3) == 3074457345618258602);  // S + E − 1 overflowed
-  CHECK(gating::capacity_bound(many) > size_overflow / 2);  // ≈ 2·⌈S/3⌉, in double
+  CHECK(ceil_div(size_overflow - 1, 3) == 3074457345618258602);  // S + E − 1 overflowed
+  CHECK(gating::capacity_bound(many) > size_overflow / 2);       // ≈ 2·⌈S/3⌉, in double
   CHECK(gating::capacity_bound(many) < size_overflow);
   many.rounding = gating::capacity_rounding::megatron;  // S·k overflowed: ⌈2S/3⌉ now
   CHECK(gating::capacity_bound(many) > size_overflow / 2);

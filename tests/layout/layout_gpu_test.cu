@@ -502,7 +502,7 @@ void check_both_layouts(shape const& s, std::uint64_t seed) {
 
 /// The skewed routing's capacity factor that gives C = k: ⌊f · ⌈T/E⌉⌋ = 1.
 float one_slot_per_choice(index_t tokens, index_t experts) {
-  return 1.5f / static_cast<float>(gating::ceil_div(tokens, experts));
+  return 1.5f / static_cast<float>(ceil_div(tokens, experts));
 }
 
 }  // namespace

@@ -33,10 +33,6 @@
 
 namespace moe::comm {
 
-/// The two backends a collective runs on.
-template <class B>
-concept backend = std::same_as<B, host_backend> || std::same_as<B, cuda_backend>;
-
 namespace detail {
 
 inline void check_all_to_all(span<std::byte const> send, span<std::byte> recv,

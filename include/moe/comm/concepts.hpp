@@ -9,6 +9,7 @@
 //   ranks that own its experts and comes back (`single_rank`, `linear_all_to_all`,
 //   `all_to_all_2dh`), built only from a communicator's calls.
 
+#include <moe/core/concepts.hpp>
 #include <moe/core/config.hpp>
 #include <moe/gating/concepts.hpp>
 
@@ -63,7 +64,7 @@ struct collective_tag {};
 /// C models collective if it is a stateless policy (std::semiregular) tagged
 /// `collective_tag` that says whether it moves data at all (`C::is_identity`).
 template <class C>
-concept collective = std::semiregular<C> && gating::tagged_as<C, collective_tag> && requires {
+concept collective = std::semiregular<C> && tagged_as<C, collective_tag> && requires {
   { C::is_identity } -> std::convertible_to<bool>;
 };
 

@@ -8,6 +8,8 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <concepts>
+
 namespace moe {
 
 /// The host reference backend: synchronous plain C++ over host memory, accumulating in
@@ -24,5 +26,9 @@ struct cuda_backend {
   cudaStream_t stream;
   cublasHandle_t blas = nullptr;
 };
+
+/// One of the two backends: what an entry point that runs on either takes.
+template <class B>
+concept backend = std::same_as<B, host_backend> || std::same_as<B, cuda_backend>;
 
 }  // namespace moe

@@ -28,6 +28,16 @@ MOE_HOST_DEVICE constexpr index_t checked_add(index_t a, index_t b) noexcept {
   return a > size_overflow - b ? size_overflow : a + b;
 }
 
+/// ⌈a / b⌉ for a ≥ 0 and b > 0, without the overflow of a + b − 1.
+MOE_HOST_DEVICE constexpr index_t ceil_div(index_t a, index_t b) noexcept {
+  return a / b + (a % b > 0 ? 1 : 0);
+}
+
+/// `value` rounded up to a multiple of `multiple`, or `size_overflow` when that does not fit.
+MOE_HOST_DEVICE constexpr index_t round_up(index_t value, index_t multiple) noexcept {
+  return multiple > 1 ? checked_mul(ceil_div(value, multiple), multiple) : value;
+}
+
 /// ⌊x⌋ of a non-negative double, or `size_overflow` when x is negative, NaN or at least 2^63
 /// (where the conversion to index_t would be undefined).
 MOE_HOST_DEVICE constexpr index_t checked_floor(double x) noexcept {

@@ -75,6 +75,10 @@ concept element = requires {
   dtype_traits<std::remove_cv_t<T>>::tag;
 };
 
+/// An element type the CUDA backend takes: float, __half or __nv_bfloat16.
+template <class T>
+concept device_element = element<T> && dtype_traits<std::remove_cv_t<T>>::device_supported;
+
 /// The accumulation type of T: float for float/half/bfloat16, double for double.
 template <element T>
 using accumulate_t = typename dtype_traits<std::remove_cv_t<T>>::accumulate_type;

@@ -6,6 +6,7 @@
 //   gelu  x · Φ(x) = x/2 · (1 + erf(x/√2))   (exact, as PyTorch's default)
 //   silu  x · σ(x)
 
+#include <moe/core/concepts.hpp>
 #include <moe/core/config.hpp>
 #include <moe/gating/concepts.hpp>
 
@@ -20,7 +21,7 @@ struct activation_tag {};
 /// A models activation if it is a stateless policy tagged `activation_tag` whose static
 /// `forward(x)` and `derivative(x)` map float and double to the same type.
 template <class A>
-concept activation = std::semiregular<A> && gating::tagged_as<A, activation_tag> &&
+concept activation = std::semiregular<A> && tagged_as<A, activation_tag> &&
     requires(float f, double d) {
   { A::forward(f) } -> std::same_as<float>;
   { A::derivative(f) } -> std::same_as<float>;

@@ -5,6 +5,7 @@
 // only what this concept names.
 
 #include <moe/core/backend.hpp>
+#include <moe/core/concepts.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
@@ -154,7 +155,7 @@ concept has_backward = requires(expert_shape const& shape,
 /// 3. it runs forward on the host backend.
 template <class X>
 concept expert =
-    std::semiregular<X> && gating::tagged_as<X, expert_tag> && has_parameters<X> && runs_on_host<X>;
+    std::semiregular<X> && tagged_as<X, expert_tag> && has_parameters<X> && runs_on_host<X>;
 
 /// An expert that can also run backward.
 template <class X>

@@ -88,16 +88,6 @@ struct dropless {
 static_assert(capacity_policy<dropless>);
 static_assert(!capacity_policy<int> && !capacity_policy<capacity_args>);
 
-/// ⌈a / b⌉ for a ≥ 0 and b > 0, without the overflow of a + b − 1.
-MOE_HOST_DEVICE constexpr index_t ceil_div(index_t a, index_t b) noexcept {
-  return a / b + (a % b > 0 ? 1 : 0);
-}
-
-/// `value` rounded up to a multiple of `multiple`, or `size_overflow` when that does not fit.
-MOE_HOST_DEVICE constexpr index_t round_up(index_t value, index_t multiple) noexcept {
-  return multiple > 1 ? checked_mul(ceil_div(value, multiple), multiple) : value;
-}
-
 namespace detail {
 
 /// ⌊x⌋ and ⌈x⌉ of a non-negative double, as index_t; `size_overflow` past index_t.

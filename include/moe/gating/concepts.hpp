@@ -5,6 +5,7 @@
 // policy opts in with one member, `using moe_concept = moe::gating::<kind>_tag;`, and is
 // checked right after its definition with a namespace-scope static_assert.
 
+#include <moe/core/concepts.hpp>
 #include <moe/core/config.hpp>
 #include <moe/gating/args.hpp>
 
@@ -22,13 +23,6 @@ struct selection_tag {};
 struct second_expert_tag {};
 struct aux_loss_tag {};
 struct renormalization_tag {};
-
-/// T opts in to the concept whose tag is Tag.
-template <class T, class Tag>
-concept tagged_as = requires {
-  typename T::moe_concept;
-}
-&&std::same_as<typename T::moe_concept, Tag>;
 
 /// S models score_function if:
 /// 1. it is a stateless policy (std::semiregular) tagged `score_function_tag`;

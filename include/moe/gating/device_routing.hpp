@@ -2,7 +2,7 @@
 #pragma once
 // The routing state of one call on the CUDA backend, in device memory: what the router
 // writes (gating/kernels/router.cuh), what slot assignment adds (gating/kernels/slots.cuh),
-// and what the layouts read (layout/kernels/). It mirrors `host_routing` (router.hpp) with
+// and what the layouts read (layout/kernels/). It mirrors `host_routing` (host_routing.hpp) with
 // float router math. The scalars of a call stay on the device, so that routing never
 // synchronises; `read_summary` (router.cuh) copies them to the host, and says so.
 

@@ -19,6 +19,7 @@
 #include <moe/comm/concepts.hpp>
 #include <moe/comm/detail/copy.hpp>
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/gating/capacity.hpp>
@@ -130,7 +131,7 @@ struct ragged_exchange {
       for (int w = 0; w < comm.size(); ++w) n += p.received[w * experts_per_rank + e];
       begin[e] = next;
       rows[e] = n;
-      next += gating::round_up(n, row_alignment);
+      next += round_up(n, row_alignment);
     }
     return next;
   }

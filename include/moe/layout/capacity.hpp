@@ -14,7 +14,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/view.hpp>
-#include <moe/gating/router.hpp>
+#include <moe/gating/host_routing.hpp>
 #include <moe/layout/args.hpp>
 #include <moe/layout/concepts.hpp>
 #include <moe/layout/row_map.hpp>

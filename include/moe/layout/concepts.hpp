@@ -3,6 +3,7 @@
 // The concept of a dispatch/combine layout: how the assignments of tokens to experts are
 // laid out in memory for the experts, and gathered back.
 
+#include <moe/core/concepts.hpp>
 #include <moe/core/config.hpp>
 #include <moe/gating/concepts.hpp>
 
@@ -21,8 +22,7 @@ struct dispatch_layout_tag {};
 /// rows, and `offsets(host, L{}, layout_args, load, begin, rows)` lays out each expert's
 /// segment of them; dispatch and combine are then the shared row map code (row_map.hpp).
 template <class L>
-concept dispatch_layout =
-    std::semiregular<L> && gating::tagged_as<L, dispatch_layout_tag> && requires {
+concept dispatch_layout = std::semiregular<L> && tagged_as<L, dispatch_layout_tag> && requires {
   { L::drops_tokens } -> std::convertible_to<bool>;
 };
 

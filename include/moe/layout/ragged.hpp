@@ -23,7 +23,7 @@
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/gating/capacity.hpp>
-#include <moe/gating/router.hpp>
+#include <moe/gating/host_routing.hpp>
 #include <moe/layout/args.hpp>
 #include <moe/layout/concepts.hpp>
 #include <moe/layout/row_map.hpp>
@@ -44,7 +44,7 @@ static_assert(dispatch_layout<ragged>);
 /// Rows an expert with `load` assignments occupies: its load rounded up to a multiple of
 /// `row_alignment` (zero for an expert with no assignment).
 MOE_HOST_DEVICE constexpr index_t padded_rows(index_t load, index_t row_alignment) noexcept {
-  return gating::round_up(load, row_alignment);
+  return round_up(load, row_alignment);
 }
 
 /// An upper bound of the ragged rows of T tokens with k choices each over E experts, for

@@ -18,7 +18,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/view.hpp>
-#include <moe/gating/router.hpp>
+#include <moe/gating/host_routing.hpp>
 #include <moe/gating/top_k.hpp>
 
 #include <algorithm>

@@ -15,6 +15,7 @@
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
@@ -32,7 +33,7 @@ namespace detail {
 /// *value = max(*value, received[r] for every rank r but `self`). One warp: a rank's own
 /// entry of `received` is never written, so it is skipped rather than read.
 struct max_of_received {
-  static constexpr int threads = 32;
+  static constexpr int threads = moe::detail::warp_size;
   struct params {
     std::int64_t const* received;  // (ranks) device memory, entry r from rank r
     int ranks;
@@ -49,10 +50,7 @@ struct max_of_received {
     for (int r = lane; r < p.ranks; r += threads)
       if (r != p.self && p.received[r] > largest) largest = p.received[r];
     // The maximum is exact in any order: a butterfly gives every lane the same value.
-    for (int mask = threads / 2; mask > 0; mask /= 2) {
-      std::int64_t const other = __shfl_xor_sync(0xffffffffu, largest, mask);
-      largest = other > largest ? other : largest;
-    }
+    largest = moe::detail::warp_all_reduce(largest, moe::detail::maximum{});
     if (lane == 0) *p.value = largest;
   }
 };

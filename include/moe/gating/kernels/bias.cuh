@@ -10,12 +10,13 @@
 // bit for bit.
 
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/gating/capacity.hpp>
-#include <moe/gating/kernels/reduce.cuh>
 #include <moe/gating/losses.hpp>
 
 #include <cstddef>
@@ -37,11 +38,11 @@ struct expert_bias_update {
     float rate;
   };
   struct shared_storage {
-    std::int64_t reduce[warp_size];
+    std::int64_t reduce[moe::detail::warp_size];
   };
   static dim3 grid(params const&) { return dim3(1); }
   static dim3 block(params const& p) {
-    index_t const threads = round_up(p.experts, warp_size);
+    index_t const threads = round_up(p.experts, moe::detail::warp_size);
     return dim3(static_cast<unsigned>(threads < max_threads ? threads : max_threads));
   }
   static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
@@ -51,7 +52,8 @@ struct expert_bias_update {
     index_t const stride = blockDim.x;
     std::int64_t sum = 0;
     for (index_t e = threadIdx.x; e < p.experts; e += stride) sum += p.load[e];
-    std::int64_t const total = block_all_reduce(sum, plus{}, std::int64_t{0}, shared.reduce);
+    std::int64_t const total =
+        moe::detail::block_all_reduce(sum, moe::detail::plus{}, std::int64_t{0}, shared.reduce);
     double const mean = static_cast<double>(total) / static_cast<double>(p.experts);
     for (index_t e = threadIdx.x; e < p.experts; e += stride)
       p.bias[e] += expert_bias_step(p.load[e], mean, p.rate);

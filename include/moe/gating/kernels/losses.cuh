@@ -10,14 +10,15 @@
 // 256 tokens of one loss group, then over a group's chunks, then over the groups, then one
 // block over the experts — and choices are counted in integers. No atomics.
 
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
-#include <moe/gating/kernels/reduce.cuh>
 
 #include <cuda_runtime.h>
 
@@ -74,7 +75,7 @@ MOE_HOST_DEVICE constexpr int counted_choices(int k) noexcept {
 /// of their other counted choices (j in [1, counted)) that are e. Block (32 experts, 8 token
 /// rows); grid (chunks, ⌈E/32⌉).
 struct loss_partials {
-  static constexpr int columns = warp_size, rows = 8;
+  static constexpr int columns = moe::detail::warp_size, rows = 8;
   struct params {
     float const* scores;         // (tokens, experts) device memory
     float const* score_sum;      // (tokens) Σ_e s_{t,e}, or null when the scores sum to one
@@ -143,7 +144,7 @@ struct loss_partials {
 /// ∂aux/∂p_{t,e} = E · f_{g,e} / (G' · S') into row g of r.aux_gradient. Block (32 experts,
 /// 8 chunk rows); grid (G', ⌈E/32⌉).
 struct loss_group_totals {
-  static constexpr int columns = warp_size, rows = 8;
+  static constexpr int columns = moe::detail::warp_size, rows = 8;
   struct params {
     float const* partial_score;         // (chunks, experts)
     std::int32_t const* partial_first;  // (chunks, experts)
@@ -210,7 +211,7 @@ struct loss_group_totals {
 /// and the expert's loss term Σ_g me_{g,e} · f_{g,e}. Block (32 experts, 8 group rows); grid
 /// ⌈E/32⌉. (route rejects T = 0, where me and ce would be 0/0.)
 struct loss_expert_totals {
-  static constexpr int columns = warp_size, rows = 8;
+  static constexpr int columns = moe::detail::warp_size, rows = 8;
   struct params {
     float const* group_score;         // (G', experts)
     std::int64_t const* group_first;  // (G', experts)
@@ -275,7 +276,7 @@ struct loss_totals {
     device_routing_scalars* scalars;  // aux_loss, z_loss
   };
   struct shared_storage {
-    float reduce[warp_size];
+    float reduce[moe::detail::warp_size];
   };
   static dim3 grid(params const&) { return dim3(1); }
   static dim3 block(params const&) { return dim3(threads); }
@@ -285,10 +286,10 @@ struct loss_totals {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
     float aux = 0;
     for (index_t e = threadIdx.x; e < p.experts; e += threads) aux += p.expert_term[e];
-    aux = block_all_reduce(aux, plus{}, 0.0f, shared.reduce);
+    aux = moe::detail::block_all_reduce(aux, moe::detail::plus{}, 0.0f, shared.reduce);
     float z = 0;
     for (index_t t = threadIdx.x; t < p.tokens; t += threads) z += p.logsumexp_squared[t];
-    z = block_all_reduce(z, plus{}, 0.0f, shared.reduce);
+    z = moe::detail::block_all_reduce(z, moe::detail::plus{}, 0.0f, shared.reduce);
     if (threadIdx.x == 0) {
       p.scalars->aux_loss = static_cast<float>(p.experts) * aux / static_cast<float>(p.groups);
       p.scalars->z_loss = p.tokens > 0 ? z / static_cast<float>(p.tokens) : 0.0f;

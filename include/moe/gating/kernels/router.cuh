@@ -24,9 +24,11 @@
 
 #include <moe/core/backend.hpp>
 #include <moe/core/blas.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
@@ -35,7 +37,6 @@
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/losses.cuh>
-#include <moe/gating/kernels/reduce.cuh>
 #include <moe/gating/kernels/scores.cuh>
 #include <moe/gating/kernels/select.cuh>
 #include <moe/gating/kernels/slots.cuh>
@@ -135,12 +136,13 @@ struct router_backward {
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(ceil_div(p.tokens, warps_per_block)));
   }
-  static dim3 block(params const&) { return dim3(warps_per_block * warp_size); }
+  static dim3 block(params const&) { return dim3(warps_per_block * moe::detail::warp_size); }
   static std::size_t smem_bytes(params const&) { return 0; }
 
   __device__ void operator()(params const& p, char*) const {
-    int const lane = static_cast<int>(threadIdx.x) % warp_size;
-    index_t const t = static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / warp_size;
+    int const lane = static_cast<int>(threadIdx.x) % moe::detail::warp_size;
+    index_t const t =
+        static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / moe::detail::warp_size;
     if (t >= p.tokens) return;  // whole warps: every shuffle below sees 32 lanes
     std::int64_t const capacity = p.scalars->capacity;
     float const* logits = p.logits + t * p.experts;
@@ -162,11 +164,12 @@ struct router_backward {
     // kept assignment after drops: s / D = 1, so dw − m = 0).
     bool const in_set = holds && (p.normalize == renormalize::before_drops ||
                                   (p.normalize == renormalize::after_drops && kept));
-    float const sum = warp_all_reduce(in_set ? s_j : 0.0f, plus{});
+    float const sum = moe::detail::warp_all_reduce(in_set ? s_j : 0.0f, moe::detail::plus{});
     bool const divided = p.normalize != renormalize::none && sum > 0;
     float delta = 0;  // this lane's entry of d_scores at e_j, beyond the dense part
     if (divided) {    // the same on every lane (sum is warp-reduced): all 32 lanes shuffle
-      float const m = warp_all_reduce(kept ? dw_j * (s_j / sum) : 0.0f, plus{});
+      float const m =
+          moe::detail::warp_all_reduce(kept ? dw_j * (s_j / sum) : 0.0f, moe::detail::plus{});
       delta = ((kept ? dw_j : 0.0f) - (in_set ? m : 0.0f)) / sum;
     } else if (kept) {
       delta = dw_j;
@@ -179,11 +182,11 @@ struct router_backward {
     if constexpr (!score_sums_to_one<Score>) {
       if (p.aux_loss_coef != 0) {
         score_sum = 0;
-        for (index_t e = lane; e < p.experts; e += warp_size) score_sum += scores[e];
-        score_sum = warp_all_reduce(score_sum, plus{});
-        for (index_t e = lane; e < p.experts; e += warp_size)
+        for (index_t e = lane; e < p.experts; e += moe::detail::warp_size) score_sum += scores[e];
+        score_sum = moe::detail::warp_all_reduce(score_sum, moe::detail::plus{});
+        for (index_t e = lane; e < p.experts; e += moe::detail::warp_size)
           p_dot += d_p[e] * scores[e] / score_sum;
-        p_dot = warp_all_reduce(p_dot, plus{});
+        p_dot = moe::detail::warp_all_reduce(p_dot, moe::detail::plus{});
       }
     }
     auto dense = [&](index_t e) {
@@ -196,8 +199,8 @@ struct router_backward {
 
     // ⟨s, d_s⟩ over the row: the dense part, then each selected expert's entry.
     float dot = valid ? s_j * delta : 0.0f;
-    for (index_t e = lane; e < p.experts; e += warp_size) dot += scores[e] * dense(e);
-    dot = warp_all_reduce(dot, plus{});
+    for (index_t e = lane; e < p.experts; e += moe::detail::warp_size) dot += scores[e] * dense(e);
+    dot = moe::detail::warp_all_reduce(dot, moe::detail::plus{});
 
     // The z-loss, d_l_e += z_coef / T · 2 · lse · exp(l_e − lse); then the logits' jitter.
     float lse = 0;
@@ -211,7 +214,7 @@ struct router_backward {
       return d;
     };
 
-    for (index_t e = lane; e < p.experts; e += warp_size)
+    for (index_t e = lane; e < p.experts; e += moe::detail::warp_size)
       d_logits[e] = finish(e, score::d_logit(scores[e], dense(e), dot));
     __syncwarp();  // every lane's entries are written before a selected one is rewritten
     if (valid) {
@@ -329,7 +332,7 @@ route_scratch carve_route_scratch(workspace_carver& carver, gate_args const& arg
 }
 
 /// The largest E the loss kernels' grids take (⌈E/32⌉ blocks in y).
-inline constexpr index_t max_device_experts = index_t{65535} * warp_size;
+inline constexpr index_t max_device_experts = index_t{65535} * moe::detail::warp_size;
 
 /// The gates the CUDA router implements: a score function, a priority and a selection policy
 /// with a CUDA path (every one of gating/ has one); any capacity rule, renormalisation,

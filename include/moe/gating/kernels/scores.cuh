@@ -18,8 +18,8 @@
 //                                        d_score; `dot` is ⟨scores, d_scores⟩ over the row
 
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/view.hpp>
-#include <moe/gating/kernels/reduce.cuh>
 #include <moe/gating/scores.hpp>
 
 #include <cuda/std/limits>
@@ -39,6 +39,11 @@ concept device_score_function = score_function<Score> && requires {
 
 namespace detail {
 
+/// NaN test that needs no math header on either side: only NaN differs from itself.
+MOE_HOST_DEVICE constexpr bool is_nan(float x) noexcept {
+  return x != x;
+}
+
 /// The statistics of a row of logits that softmax and the z-loss need: the largest logit
 /// and Σ_e exp(l_e − max).
 struct logit_statistics {
@@ -49,14 +54,14 @@ struct logit_statistics {
 /// @param logits (experts) one token's logits, device memory; warp-cooperative
 __device__ inline logit_statistics statistics_of(float const* logits, index_t experts, int lane) {
   float max = -cuda::std::numeric_limits<float>::infinity();
-  for (index_t e = lane; e < experts; e += warp_size) {
+  for (index_t e = lane; e < experts; e += moe::detail::warp_size) {
     float const l = logits[e];
     max = l > max ? l : max;  // false for a NaN: skipped
   }
-  max = warp_all_reduce(max, maximum{});
+  max = moe::detail::warp_all_reduce(max, moe::detail::maximum{});
   float sum = 0;
-  for (index_t e = lane; e < experts; e += warp_size) sum += expf(logits[e] - max);
-  return {max, warp_all_reduce(sum, plus{})};
+  for (index_t e = lane; e < experts; e += moe::detail::warp_size) sum += expf(logits[e] - max);
+  return {max, moe::detail::warp_all_reduce(sum, moe::detail::plus{})};
 }
 
 __device__ inline float logsumexp_of(logit_statistics const& r) {

@@ -15,13 +15,14 @@
 // strictly decreasing order of a total order, so "not yet selected" is "ranked below the
 // last winner", and no lane needs to remember what was taken. Any E works: lanes loop.
 
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/groups.hpp>
-#include <moe/gating/kernels/reduce.cuh>
 #include <moe/gating/kernels/scores.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/random_routing.hpp>
@@ -66,9 +67,9 @@ __device__ MOE_FORCEINLINE candidate above_all() {
 /// The best candidate over the warp, returned to every lane. `beats` is a strict total
 /// order and only `no_candidate` repeats, so every lane ends with the same winner.
 __device__ MOE_FORCEINLINE candidate warp_best(candidate c) {
-  for (int mask = warp_size / 2; mask > 0; mask /= 2) {
-    candidate const other{__shfl_xor_sync(full_warp, c.key, mask),
-                          __shfl_xor_sync(full_warp, c.expert, mask)};
+  for (int mask = moe::detail::warp_size / 2; mask > 0; mask /= 2) {
+    candidate const other{__shfl_xor_sync(moe::detail::full_warp, c.key, mask),
+                          __shfl_xor_sync(moe::detail::full_warp, c.expert, mask)};
     if (beats(other, c)) c = other;
   }
   return c;
@@ -80,7 +81,7 @@ template <class KeyOf>
 __device__ MOE_FORCEINLINE candidate best_below(candidate bound, index_t begin, index_t end,
                                                 int lane, KeyOf const& key_of) {
   candidate best = no_candidate();
-  for (index_t e = begin + lane; e < end; e += warp_size) {
+  for (index_t e = begin + lane; e < end; e += moe::detail::warp_size) {
     candidate const c{key_of(e), static_cast<std::int32_t>(e)};
     if (beats(bound, c) && beats(c, best)) best = c;
   }
@@ -231,13 +232,13 @@ struct router_select {
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(ceil_div(p.tokens, warps_per_block)));
   }
-  static dim3 block(params const&) { return dim3(warps_per_block * detail::warp_size); }
+  static dim3 block(params const&) { return dim3(warps_per_block * moe::detail::warp_size); }
   static std::size_t smem_bytes(params const&) { return 0; }
 
   __device__ void operator()(params const& p, char*) const {
-    int const lane = static_cast<int>(threadIdx.x) % detail::warp_size;
+    int const lane = static_cast<int>(threadIdx.x) % moe::detail::warp_size;
     index_t const t =
-        static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / detail::warp_size;
+        static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / moe::detail::warp_size;
     // t is the same on all lanes of a warp: whole warps leave, and the shuffles below always
     // see 32 lanes. The kernel has no block barrier.
     if (t >= p.tokens) return;
@@ -248,7 +249,7 @@ struct router_select {
     // The training noise, in double as the host computes it (one rounding per operation,
     // never contracted), then rounded once to float. Each lane reads back only its own.
     if (p.jitter > 0 || p.noise_std > 0)
-      for (index_t e = lane; e < p.experts; e += detail::warp_size) {
+      for (index_t e = lane; e < p.experts; e += moe::detail::warp_size) {
         auto const column = static_cast<std::uint32_t>(e);
         double l = logits[e];
         if (p.jitter > 0)
@@ -262,12 +263,12 @@ struct router_select {
 
     auto const row = score::statistics(logits, p.experts, lane);
     float sum = 0;
-    for (index_t e = lane; e < p.experts; e += detail::warp_size) {
+    for (index_t e = lane; e < p.experts; e += moe::detail::warp_size) {
       scores[e] = score::score(logits[e], row);
       sum += scores[e];
     }
     if (p.score_sum != nullptr) {
-      sum = detail::warp_all_reduce(sum, detail::plus{});
+      sum = moe::detail::warp_all_reduce(sum, moe::detail::plus{});
       if (lane == 0) p.score_sum[t] = sum;
     }
     // Group-limited selection scans each group from its first expert, so a lane reads
@@ -296,7 +297,7 @@ struct router_select {
     // k selected when the call does so before drops.
     float weight = lane < k ? scores[selected] : 0.0f;
     if (p.normalize_before) {
-      float const selected_sum = detail::warp_all_reduce(weight, detail::plus{});
+      float const selected_sum = moe::detail::warp_all_reduce(weight, moe::detail::plus{});
       if (selected_sum > 0) weight /= selected_sum;
     }
     if (lane < k) {

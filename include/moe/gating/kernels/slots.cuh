@@ -26,14 +26,15 @@
 //      position.
 
 #include <moe/core/backend.hpp>
+#include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
-#include <moe/gating/kernels/reduce.cuh>
 #include <moe/gating/priority.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -164,6 +165,20 @@ static_assert(!device_priority_order<int>);
 
 namespace detail {
 
+/// The first position in the ascending `keys[0, n)` whose key is not below `value`.
+MOE_HOST_DEVICE constexpr index_t lower_bound(std::uint32_t const* keys, index_t n,
+                                              std::uint32_t value) noexcept {
+  index_t low = 0, high = n;
+  while (low < high) {
+    index_t const middle = low + (high - low) / 2;
+    if (keys[middle] < value)
+      low = middle + 1;
+    else
+      high = middle;
+  }
+  return low;
+}
+
 /// Writes the priority sort's input in token-major order: key = P's packed key of
 /// assignment a = t·k + j, value = a.
 template <class P>
@@ -269,7 +284,7 @@ struct expert_segments {
     device_routing_scalars* scalars;  // out: max_load (this rank's), unrouted
   };
   struct shared_storage {
-    std::int64_t reduce[warp_size];
+    std::int64_t reduce[moe::detail::warp_size];
   };
   static dim3 grid(params const&) { return dim3(1); }
   static dim3 block(params const&) { return dim3(threads); }
@@ -293,8 +308,8 @@ struct expert_segments {
       }
       p.load[e] = total;
     }
-    std::int64_t const max_load =
-        block_all_reduce(largest, maximum{}, std::int64_t{0}, shared.reduce);
+    std::int64_t const max_load = moe::detail::block_all_reduce(largest, moe::detail::maximum{},
+                                                                std::int64_t{0}, shared.reduce);
     if (threadIdx.x == 0) {
       p.scalars->max_load = max_load;
       p.scalars->unrouted =
@@ -317,7 +332,7 @@ struct expert_capacity {
     device_routing_scalars* scalars;  // in: max_load (the call's); out: capacity, dropped
   };
   struct shared_storage {
-    std::int64_t reduce[warp_size];
+    std::int64_t reduce[moe::detail::warp_size];
   };
   static dim3 grid(params const&) { return dim3(1); }
   static dim3 block(params const&) { return dim3(threads); }
@@ -340,7 +355,8 @@ struct expert_capacity {
       }
       excess += over;
     }
-    std::int64_t const dropped = block_all_reduce(excess, plus{}, std::int64_t{0}, shared.reduce);
+    std::int64_t const dropped =
+        moe::detail::block_all_reduce(excess, moe::detail::plus{}, std::int64_t{0}, shared.reduce);
     if (threadIdx.x == 0) {
       p.scalars->capacity = resolve_capacity(p.capacity, max_load);
       p.scalars->dropped = dropped;

@@ -22,6 +22,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
@@ -41,10 +42,6 @@
 #include <utility>
 
 namespace moe::layout {
-
-/// An element type the CUDA backend takes: float, __half or __nv_bfloat16.
-template <class T>
-concept device_element = element<T> && dtype_traits<std::remove_cv_t<T>>::device_supported;
 
 namespace kernels {
 
@@ -271,8 +268,7 @@ struct weight_gradient {
           for (int c = 0; c < N; ++c) partial += to_accumulate(a.v[c]) * to_accumulate(b.v[c]);
         }
       }
-      for (int offset = 16; offset > 0; offset /= 2)
-        partial += __shfl_xor_sync(0xffffffffu, partial, offset);
+      partial = moe::detail::warp_all_reduce(partial, moe::detail::plus{});
       if (lane == 0) s.warp_total[warp] = partial;
       __syncthreads();
       if (thread == 0) {

@@ -1,16 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// Deterministic warp and block reductions of the gating kernels. They use fixed shuffle trees
-// over fixed partitions and never atomics, so a result depends on the data and the launch
-// shape only, not on scheduling (DESIGN §3: determinism). Every lane of every warp that calls
-// one must take part: the shuffles name the full warp.
+// Deterministic warp and block reductions shared by every kernel of the library. They use
+// fixed shuffle trees over fixed partitions and never atomics, so a result depends on the
+// data and the launch shape only, not on scheduling (DESIGN §3: determinism). Every lane of
+// every warp that calls one must take part: the shuffles name the full warp.
 
 #include <moe/core/config.hpp>
-#include <moe/core/view.hpp>
 
-#include <cstdint>
-
-namespace moe::gating::detail {
+namespace moe::detail {
 
 inline constexpr int warp_size = 32;
 inline constexpr unsigned full_warp = 0xffffffffu;
@@ -55,23 +52,4 @@ __device__ T block_all_reduce(T value, Op op, T identity, T* scratch) {
   return warp_all_reduce(lane < warps ? scratch[lane] : identity, op);
 }
 
-/// The first position in the ascending `keys[0, n)` whose key is not below `value`.
-MOE_HOST_DEVICE constexpr index_t lower_bound(std::uint32_t const* keys, index_t n,
-                                              std::uint32_t value) noexcept {
-  index_t low = 0, high = n;
-  while (low < high) {
-    index_t const middle = low + (high - low) / 2;
-    if (keys[middle] < value)
-      low = middle + 1;
-    else
-      high = middle;
-  }
-  return low;
-}
-
-/// NaN test that needs no math header on either side: only NaN differs from itself.
-MOE_HOST_DEVICE constexpr bool is_nan(float x) noexcept {
-  return x != x;
-}
-
-}  // namespace moe::gating::detail
+}  // namespace moe::detail
