@@ -156,6 +156,20 @@ TEST_CASE("can_implement rejects illegal run-time values, naming the argument") 
   CHECK(argument_of(gating::preset::gshard{},
                     {.tokens = 8, .experts = 4, .normalize = gating::renormalize::before_drops})
             .empty());
+  // A policy replaced by with<> is not checked; the one in its place is.
+  using gshard_after =
+      gating::with<gating::preset::gshard,
+                   gating::fixed_renormalization<gating::renormalize::after_drops>>;
+  gating::gate_args const after{
+      .tokens = 8, .experts = 4, .normalize = gating::renormalize::after_drops};
+  CHECK(argument_of(gshard_after{}, after).empty());
+  CHECK(gating::check_gate(gshard_after{}, after).ok());
+  CHECK(argument_of(gshard_after{},
+                    {.tokens = 8, .experts = 4, .normalize = gating::renormalize::before_drops}) ==
+        "normalize");
+  CHECK(argument_of(gshard_after{},
+                    {.tokens = 8, .experts = 5, .normalize = after.normalize, .groups = 3}) ==
+        "groups");  // the shared knobs still hold
   CHECK(argument_of(gating::preset::deepseek_v3{}, {.tokens = 8, .experts = 12}) ==
         "experts");  // 8 groups do not divide 12
   CHECK(argument_of(gating::preset::deepseek_v3{}, {.tokens = 8, .experts = 16}).empty());
@@ -168,6 +182,16 @@ TEST_CASE("can_implement rejects illegal run-time values, naming the argument") 
   static_assert(gating::gate<lenient>);
   CHECK(gating::check_gate(lenient{}, {.tokens = 8, .experts = 4, .groups = 3}).argument() ==
         "groups");
+  // A gate composed from one that adds its own check keeps that check.
+  struct strict : gating::with<gating::top_k<2>, gating::gshard_capacity> {
+    status can_implement(gating::gate_args const& args) const {
+      if (args.experts == 6) return status::failure("experts", "is not 6 for this gate");
+      return with::can_implement(args);
+    }
+  };
+  using strict_switch = gating::with<strict, gating::switch_capacity>;
+  CHECK(argument_of(strict_switch{}, {.tokens = 8, .experts = 6}) == "experts");
+  CHECK(argument_of(strict_switch{}, {.tokens = 8, .experts = 4}).empty());
 }
 
 TEST_CASE("the router throws before touching memory") {

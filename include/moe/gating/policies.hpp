@@ -144,6 +144,30 @@ constexpr int static_k_or(int fallback) noexcept {
 
 }  // namespace detail
 
+template <gate Gate, class... Policies>
+struct with;
+
+namespace detail {
+
+/// The checks of G itself, without those of its policies: a gate composed by `with<Inner, …>`
+/// (and not overriding `can_implement`) answers with Inner's own checks, so that a policy it
+/// replaced is never checked.
+template <class G>
+[[nodiscard]] status own_checks(G const& gate, gate_args const& args) {
+  if constexpr (requires { typename G::composition; }) {
+    using composition = typename G::composition;
+    if constexpr (std::is_same_v<decltype(&G::can_implement),
+                                 decltype(&composition::can_implement)>)
+      return own_checks(static_cast<typename composition::inner_gate const&>(gate), args);
+    else
+      return gate.can_implement(args);
+  } else {
+    return gate.can_implement(args);
+  }
+}
+
+}  // namespace detail
+
 /// The run-time checks of all of G's policies, and the knobs every gate shares, after G's
 /// own `can_implement`: what the router checks before any work.
 template <gate G>
@@ -193,9 +217,15 @@ struct with : Gate {
                 "k = 2, but the gate's static k is not 2. Use top_k<2> (or top_any with k = 2), "
                 "or leave random_routing out.");
 
-  /// Gate's checks, then those of every policy.
+  /// This composition, and the gate whose policies it replaces (read by detail::own_checks).
+  using composition = with;
+  using inner_gate = Gate;
+
+  /// Gate's own checks and the shared knobs, then those of every policy in effect: a policy
+  /// of Gate that Policies replaced is not checked.
   [[nodiscard]] status can_implement(gate_args const& args) const {
-    if (auto s = check_gate(static_cast<Gate const&>(*this), args); !s) return s;
+    if (auto s = detail::own_checks(static_cast<Gate const&>(*this), args); !s) return s;
+    if (auto s = detail::check_knobs(args); !s) return s;
     return check_policies(args);
   }
 
