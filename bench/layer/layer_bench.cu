@@ -14,9 +14,10 @@
 // reported) before the dropless ones.
 //
 // Routing is the same for every configuration, the one the peers use: a softmax over all
-// experts, the top k, the k weights renormalised over the selected. The CUDA router has no
-// sigmoid scores, selection bias or expert groups yet, so DeepSeek-V3 runs with that gate
-// too (the expert work, which dominates, is the model's).
+// experts, the top k, the k weights renormalised over the selected. DeepSeek-V3 runs with
+// that gate too, as the peers run it (the expert work, which dominates, is the model's); its
+// own router (sigmoid scores, selection bias, expert groups) is timed in
+// bench/gating/router_bench.cu.
 //
 // Counters: flops (useful: 6·H·F per routed row forward, three times that forward plus
 // backward; padding, dropped assignments and the router excluded), flops_per_second
