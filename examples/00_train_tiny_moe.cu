@@ -89,17 +89,17 @@ struct ffn_layer_tensors {
   template <class Make>
   ffn_layer_tensors(moe::layer_args const& a, Make make)
       : args(a),
-        gate_weight(make(a.hidden * a.experts)),
-        w1(make(a.experts * a.hidden * a.ffn)),
-        b1(make(a.experts * a.ffn)),
-        w2(make(a.experts * a.ffn * a.hidden)),
-        b2(make(a.experts * a.hidden)) {}
+        gate_weight(make(a.hidden * a.gate.experts)),
+        w1(make(a.gate.experts * a.hidden * a.ffn)),
+        b1(make(a.gate.experts * a.ffn)),
+        w2(make(a.gate.experts * a.ffn * a.hidden)),
+        b2(make(a.gate.experts * a.hidden)) {}
 
   std::array<Array*, 5> all() { return {&gate_weight, &w1, &b1, &w2, &b2}; }
 
   template <class T>  // float const for parameters, float for gradients
   moe::layer_params<T, expert_t> views() {
-    auto const [h, f, e] = std::array{args.hidden, args.ffn, args.experts};
+    auto const [h, f, e] = std::array{args.hidden, args.ffn, args.gate.experts};
     return {moe::make_view<T>(gate_weight.data(), h, e),
             {moe::make_view<T>(w1.data(), e, h, f), moe::make_view<T>(b1.data(), e, f),
              moe::make_view<T>(w2.data(), e, f, h), moe::make_view<T>(b2.data(), e, h)}};
@@ -125,12 +125,6 @@ struct host_place {
   [[nodiscard]] array make(moe::index_t count) const { return array(std::size_t(count)); }
   [[nodiscard]] moe::host_buffer workspace(layer_t const& layer) const {
     return moe::host_buffer(layer.workspace_bytes(moe::host));
-  }
-  /// Checks a forward call's views and workspace before the first call.
-  [[nodiscard]] moe::status can_implement(layer_t const& layer, moe::matrix_view<float const> x,
-                                          layer_t::params<float> const& p,
-                                          moe::matrix_view<float> y, moe::workspace ws) const {
-    return layer.can_implement(x, p, y, ws);
   }
   void upload(std::vector<float> const& from, array& to) const { to = from; }
   void download(array const& from, std::vector<float>& to) const { to = from; }
@@ -166,13 +160,6 @@ class cuda_place {
   }
   [[nodiscard]] moe::device_buffer<> workspace(layer_t const& layer) const {
     return moe::device_buffer<>(layer.workspace_bytes<float>(backend()), stream_.get);
-  }
-  /// layer::can_implement(x, p, y, ws) sizes the workspace for the host backend; the CUDA
-  /// forward checks its views and workspace itself and throws moe::invalid_argument.
-  [[nodiscard]] moe::status can_implement(layer_t const&, moe::matrix_view<float const>,
-                                          layer_t::params<float> const&, moe::matrix_view<float>,
-                                          moe::workspace) const {
-    return {};
   }
   void upload(std::vector<float> const& from, array& to) const {
     MOE_CUDA_TRY(cudaMemcpyAsync(to.data(), from.data(), from.size() * sizeof(float),
@@ -242,13 +229,13 @@ int train(Place const& place, int steps) {
   // tokens. There is no residual path in this toy model, so a token that lost one of its two
   // experts gives full weight to the other (renormalised after drops), and a small aux loss
   // pushes the router towards balance.
-  moe::layer_args const args{.tokens = 128,
+  moe::layer_args const args{.gate = {.tokens = 128,
+                                      .experts = 4,
+                                      .capacity_factor = 1.0f,
+                                      .normalize = moe::gating::renormalize::after_drops,
+                                      .aux_loss_coef = 0.01f},
                              .hidden = 32,
-                             .ffn = 64,
-                             .experts = 4,
-                             .capacity_factor = 1.0f,
-                             .normalize = moe::gating::renormalize::after_drops,
-                             .aux_loss_coef = 0.01f};
+                             .ffn = 64};
   if (auto const s = layer_t::can_implement(args); !s) {
     std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
                  s.message().c_str());
@@ -258,7 +245,7 @@ int train(Place const& place, int steps) {
   auto const ws = place.workspace(layer);  // once; every call below runs in it
 
   random_source rng{std::mt19937_64(2024)};
-  cluster_task const task(int(args.hidden), int(args.experts), 0.5, rng);
+  cluster_task const task(int(args.hidden), int(args.gate.experts), 0.5, rng);
   auto make = [&](moe::index_t count) { return place.make(count); };
   ffn_layer_tensors<typename Place::array> params(args, make), grads(args, make);
   {
@@ -273,16 +260,16 @@ int train(Place const& place, int steps) {
   }
 
   // The trainer's side in host memory; x, y, dy and dx also where the backend reads them.
-  std::size_t const n = std::size_t(args.tokens * args.hidden);
+  std::size_t const n = std::size_t(args.gate.tokens * args.hidden);
   std::vector<float> x(n), target(n), y(n), dy(n), eval_x(n), eval_target(n);
   auto x_at = place.make(n), y_at = place.make(n), dy_at = place.make(n), dx_at = place.make(n);
   auto in = [&](auto const& a) {
-    return moe::make_view(static_cast<float const*>(a.data()), args.tokens, args.hidden);
+    return moe::make_view(static_cast<float const*>(a.data()), args.gate.tokens, args.hidden);
   };
-  auto out = [&](auto& a) { return moe::make_view(a.data(), args.tokens, args.hidden); };
+  auto out = [&](auto& a) { return moe::make_view(a.data(), args.gate.tokens, args.hidden); };
   auto const p = params.template views<float const>();  // (the arrays never reallocate)
   auto const g = grads.template views<float>();
-  if (auto const s = place.can_implement(layer, in(x_at), p, out(y_at), ws.view()); !s) {
+  if (auto const s = layer.can_implement(place.backend(), in(x_at), p, out(y_at), ws.view()); !s) {
     std::fprintf(stderr, "cannot run the layer: '%s' %s\n", s.argument().c_str(),
                  s.message().c_str());
     return EXIT_FAILURE;
@@ -301,8 +288,9 @@ int train(Place const& place, int steps) {
   };
   double const initial_loss = evaluate();
   std::printf("training: T=%d H=%d F=%d E=%d k=%d, capacity %d per expert, %d steps\n",
-              int(args.tokens), int(args.hidden), int(args.ffn), int(args.experts), layer.k(),
-              int(place.report(layer, ws.view(), args.tokens).stats.capacity), steps);
+              int(args.gate.tokens), int(args.hidden), int(args.ffn), int(args.gate.experts),
+              layer.k(), int(place.report(layer, ws.view(), args.gate.tokens).stats.capacity),
+              steps);
 
   double const lr = 2.0;
   auto const p_all = params.all(), g_all = grads.all();
@@ -311,7 +299,7 @@ int train(Place const& place, int steps) {
     forward(x);
     double const loss = mse(y, target, dy);
     if (step == 1 || step % 25 == 0 || step == steps) {
-      routing_report const r = place.report(layer, ws.view(), args.tokens);
+      routing_report const r = place.report(layer, ws.view(), args.gate.tokens);
       std::printf("step %4d  mse %.4f  aux %.3f  dropped %3d  assignments per expert", step, loss,
                   r.stats.aux_loss, int(r.stats.dropped));
       for (auto load : r.load) std::printf(" %4d", int(load));
@@ -329,7 +317,7 @@ int train(Place const& place, int steps) {
     task.sample(rng, x, target, c);
     forward(x);
     std::printf("cluster %d goes to experts", c);
-    for (auto load : place.report(layer, ws.view(), args.tokens).load)
+    for (auto load : place.report(layer, ws.view(), args.gate.tokens).load)
       std::printf(" %4d", int(load));
     std::printf("\n");
   }

@@ -60,12 +60,13 @@ template <class Layout>
 double run(model const& m, int ranks) {
   using layer_t = moe::layer<gate_t, Layout, collective_t, expert_t>;
   moe::index_t const tokens = global_tokens / ranks, local_experts = experts / ranks;
-  moe::layer_args const args{.tokens = tokens,  // per rank
-                             .hidden = hidden,
-                             .ffn = ffn,
-                             .experts = experts,
-                             .capacity_factor = 0.0f,  // dynamic: the largest load, all ranks
-                             .normalize = moe::gating::renormalize::before_drops};
+  moe::layer_args const args{
+      .gate = {.tokens = tokens,  // per rank
+               .experts = experts,
+               .capacity_factor = 0.0f,  // dynamic: the largest load, all ranks
+               .normalize = moe::gating::renormalize::before_drops},
+      .hidden = hidden,
+      .ffn = ffn};
   std::vector<float> y(global_tokens * hidden), dx(global_tokens * hidden);
   std::vector<std::string> report(static_cast<std::size_t>(ranks));
 

@@ -110,12 +110,12 @@ using layer_t =
 
 int run() {
   // T = 4 tokens, H = 2, E = 2. `ffn` is not used by this expert (it must still be ≥ 1).
-  moe::layer_args const args{.tokens = 4,
+  moe::layer_args const args{.gate = {.tokens = 4,
+                                      .experts = 2,
+                                      .capacity_factor = 2.0f,  // C = ⌊2 · ⌈4/2⌉⌋ = 4: no drops
+                                      .normalize = moe::gating::renormalize::before_drops},
                              .hidden = 2,
-                             .ffn = 1,
-                             .experts = 2,
-                             .capacity_factor = 2.0f,  // C = ⌊2 · ⌈4/2⌉⌋ = 4: no drops
-                             .normalize = moe::gating::renormalize::before_drops};
+                             .ffn = 1};
   if (auto const s = layer_t::can_implement(args); !s) {
     std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
                  s.message().c_str());
@@ -136,14 +136,16 @@ int run() {
   //         (−3, 0.5) · W_1 = (0.5, −3), · 2  = (1, −6)
   std::array<float, 8> const expected{3.5f, 5, 6, -2, -0.5f, 0, 1, -6};
 
-  auto matrix = [&](auto* data) { return moe::make_view(data, args.tokens, args.hidden); };
+  auto matrix = [&](auto* data) { return moe::make_view(data, args.gate.tokens, args.hidden); };
   layer_t::params<float> const p{
-      moe::make_view(gate.data(), args.hidden, args.experts),
-      {moe::make_view(std::as_const(w).data(), args.experts, args.hidden, args.hidden),
-       moe::make_view(std::as_const(scale).data(), args.experts)}};
+      moe::make_view(gate.data(), args.hidden, args.gate.experts),
+      {moe::make_view(std::as_const(w).data(), args.gate.experts, args.hidden, args.hidden),
+       moe::make_view(std::as_const(scale).data(), args.gate.experts)}};
   moe::host_buffer ws(layer.workspace_bytes(moe::host));
   std::array<float, 8> y{};
-  if (auto const s = layer.can_implement(matrix(x.data()), p, matrix(y.data()), ws.view()); !s) {
+  if (auto const s =
+          layer.can_implement(moe::host, matrix(x.data()), p, matrix(y.data()), ws.view());
+      !s) {
     std::fprintf(stderr, "cannot run the layer: '%s' %s\n", s.argument().c_str(),
                  s.message().c_str());
     return EXIT_FAILURE;
@@ -167,9 +169,9 @@ int run() {
   std::array<float, 4> d_gate{};
   std::array<float, 2> d_scale{};
   layer_t::gradients<float> const g{
-      moe::make_view(d_gate.data(), args.hidden, args.experts),
-      {moe::make_view(d_w.data(), args.experts, args.hidden, args.hidden),
-       moe::make_view(d_scale.data(), args.experts)}};
+      moe::make_view(d_gate.data(), args.hidden, args.gate.experts),
+      {moe::make_view(d_w.data(), args.gate.experts, args.hidden, args.hidden),
+       moe::make_view(d_scale.data(), args.gate.experts)}};
   layer.backward(moe::host, matrix(dy.data()), p, matrix(dx.data()), g, ws.view());
   auto loss = [&] {
     layer.forward(moe::host, matrix(x.data()), p, matrix(y.data()), ws.view());

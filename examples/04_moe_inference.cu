@@ -51,14 +51,14 @@ constexpr index_t experts = 8;
 /// Mixtral's routing: the two weights renormalised over the pair (a softmax over the two
 /// largest logits). Inference: no noise, the evaluation capacity factor.
 moe::layer_args args_for(index_t tokens, index_t hidden, index_t ffn) {
-  return {.tokens = tokens,
+  return {.gate = {.tokens = tokens,
+                   .experts = experts,
+                   .capacity_factor = 1.25f,
+                   .normalize = moe::gating::renormalize::before_drops,
+                   .training = false,
+                   .eval_capacity_factor = 1.25f},
           .hidden = hidden,
-          .ffn = ffn,
-          .experts = experts,
-          .capacity_factor = 1.25f,
-          .normalize = moe::gating::renormalize::before_drops,
-          .training = false,
-          .eval_capacity_factor = 1.25f};
+          .ffn = ffn};
 }
 
 /// `count` values uniform in [-scale, scale), reproducible from `seed`.
@@ -171,7 +171,7 @@ int run_on_host() {
       random_values(static_cast<std::size_t>(most_tokens * hidden), 1.0, 4);
   std::vector<element_t> y(x.size());
   auto rows = [&](auto* data, index_t tokens) { return moe::make_view(data, tokens, hidden); };
-  if (auto const s = layer.can_implement(rows(x.data(), most_tokens), p,
+  if (auto const s = layer.can_implement(moe::host, rows(x.data(), most_tokens), p,
                                          rows(y.data(), most_tokens), ws.view());
       !s) {
     std::fprintf(stderr, "cannot run the layer: '%s' %s\n", s.argument().c_str(),

@@ -41,12 +41,12 @@ struct layer_config {
         {{"T", tokens}, {"H", shape.hidden}, {"F", shape.ffn}, {"E", shape.experts}, {"k", top_k}});
   }
   [[nodiscard]] moe::layer_args args() const {
-    return {.tokens = tokens,
+    return {.gate = {.tokens = tokens,
+                     .experts = shape.experts,
+                     .capacity_factor = 1.25f,
+                     .aux_loss_coef = 0.01f},
             .hidden = shape.hidden,
-            .ffn = shape.ffn,
-            .experts = shape.experts,
-            .capacity_factor = 1.25f,
-            .aux_loss_coef = 0.01f};
+            .ffn = shape.ffn};
   }
 };
 
@@ -57,11 +57,11 @@ struct ffn_tensors {
 
   explicit ffn_tensors(moe::layer_args const& a)
       : args(a),
-        gate_weight(a.hidden * a.experts),
-        w1(a.experts * a.hidden * a.ffn),
-        b1(a.experts * a.ffn),
-        w2(a.experts * a.ffn * a.hidden),
-        b2(a.experts * a.hidden) {}
+        gate_weight(a.hidden * a.gate.experts),
+        w1(a.gate.experts * a.hidden * a.ffn),
+        b1(a.gate.experts * a.ffn),
+        w2(a.gate.experts * a.ffn * a.hidden),
+        b2(a.gate.experts * a.hidden) {}
 
   [[nodiscard]] double bytes() const {
     return double(sizeof(float)) *
@@ -79,7 +79,7 @@ struct ffn_tensors {
 
   template <class T>  // float const for parameters, float for gradients
   moe::layer_params<T, expert_t> views() {
-    auto const [h, f, e] = std::array{args.hidden, args.ffn, args.experts};
+    auto const [h, f, e] = std::array{args.hidden, args.ffn, args.gate.experts};
     return {moe::make_view<T>(gate_weight.data(), h, e),
             {moe::make_view<T>(w1.data(), e, h, f), moe::make_view<T>(b1.data(), e, f),
              moe::make_view<T>(w2.data(), e, f, h), moe::make_view<T>(b2.data(), e, h)}};
@@ -97,20 +97,20 @@ void host_layer(benchmark::State& state, layer_config const& config) {
 
   ffn_tensors params(args), grads(args);
   params.randomize(42);
-  std::size_t const n = std::size_t(args.tokens * args.hidden);
+  std::size_t const n = std::size_t(args.gate.tokens * args.hidden);
   std::vector<float> x(n), dy(n), y(n), dx(n);
   moe::bench::fill_random(std::span(x), 7);
   moe::bench::fill_random(std::span(dy), 8, 1e-3);
-  auto matrix = [&](auto* data) { return moe::make_view(data, args.tokens, args.hidden); };
+  auto matrix = [&](auto* data) { return moe::make_view(data, args.gate.tokens, args.hidden); };
   float const* const x_data = x.data();
   float const* const dy_data = dy.data();
   auto const p = params.views<float const>();
   auto const g = grads.views<float>();
-  layer.can_implement(matrix(x_data), p, matrix(y.data()), ws.view()).throw_if_failed();
+  layer.can_implement(moe::host, matrix(x_data), p, matrix(y.data()), ws.view()).throw_if_failed();
 
   // One untimed call: it finds how many assignments the router keeps, for the FLOP count.
   layer.forward(moe::host, matrix(x_data), p, matrix(y.data()), ws.view());
-  double const kept = double(args.tokens * top_k - layer.stats(moe::host, ws.view()).dropped);
+  double const kept = double(args.gate.tokens * top_k - layer.stats(moe::host, ws.view()).dropped);
 
   moe::bench::host_timer timer;
   moe::bench::timed_loop(state, timer, moe::bench::host_cache_flush::shared(), [&] {
@@ -120,8 +120,8 @@ void host_layer(benchmark::State& state, layer_config const& config) {
     benchmark::ClobberMemory();
   });
 
-  auto const [t, h, f, e] =
-      std::array{double(args.tokens), double(args.hidden), double(args.ffn), double(args.experts)};
+  auto const [t, h, f, e] = std::array{double(args.gate.tokens), double(args.hidden),
+                                       double(args.ffn), double(args.gate.experts)};
   double const forward_flops = 2 * t * h * e + 2 * 2 * kept * h * f;
   double const activation_bytes = double(sizeof(float)) * t * h;
   if constexpr (Pass == pass::forward)

@@ -99,15 +99,15 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
   index_t const tokens = c.tokens, h = m.hidden, f = m.ffn, e = m.experts;
   bool const backward = c.backward != 0;
 
-  moe::layer_args const args{.tokens = tokens,
+  moe::layer_args const args{.gate = {.tokens = tokens,
+                                      .experts = e,
+                                      .capacity_factor = 1.25f,
+                                      .normalize = moe::gating::renormalize::before_drops,
+                                      .aux_loss_coef = backward ? 0.01f : 0.0f,
+                                      .training = backward,
+                                      .eval_capacity_factor = 1.25f},
                              .hidden = h,
-                             .ffn = f,
-                             .experts = e,
-                             .capacity_factor = 1.25f,
-                             .normalize = moe::gating::renormalize::before_drops,
-                             .aux_loss_coef = backward ? 0.01f : 0.0f,
-                             .training = backward,
-                             .eval_capacity_factor = 1.25f};
+                             .ffn = f};
   if (auto const s = layer_type::can_implement(args); !s) {
     state.SkipWithError(("layer rejected: '" + s.argument() + "' " + s.message()).c_str());
     return;

@@ -72,19 +72,17 @@ void measure(model const& m, char const* gate_name, float factor, index_t tokens
              cudaStream_t stream, cublasHandle_t blas) {
   using layer_type = layer<Gate, Layout, comm::single_rank, expert_type>;
   cuda_backend const cuda{stream, blas};
-  layer_args full{.tokens = tokens,
+  layer_args full{.gate = {.tokens = tokens, .experts = m.experts, .capacity_factor = factor},
                   .hidden = m.hidden,
-                  .ffn = m.ffn,
-                  .experts = m.experts,
-                  .capacity_factor = factor};
-  if constexpr (std::is_same_v<Gate, gating::preset::deepseek_v3>) full.scaling_factor = 2.5f;
+                  .ffn = m.ffn};
+  if constexpr (std::is_same_v<Gate, gating::preset::deepseek_v3>) full.gate.scaling_factor = 2.5f;
   std::size_t const full_workspace = layer_type(full).template workspace_bytes<element_type>(cuda);
 
   layer_args a = full;
   a.hidden = m.hidden / scale;
   a.ffn = m.ffn / scale;
   layer_type const layer(a);
-  index_t const e = a.experts, h = a.hidden, f = a.ffn;
+  index_t const e = a.gate.experts, h = a.hidden, f = a.ffn;
   std::mt19937_64 rng(5);
   device_memory memory;
   auto* gate = memory.random<element_type>(h * e, rng);

@@ -45,7 +45,7 @@ using expert_t = forward_only_ffn;
 int main() {
   using layer_t =
       moe::layer<moe::gating::top_k<1>, moe::layout::capacity, moe::comm::single_rank, expert_t>;
-  layer_t const layer(moe::layer_args{.tokens = 4, .hidden = 2, .ffn = 2, .experts = 2});
+  layer_t const layer(moe::layer_args{.gate = {.tokens = 4, .experts = 2}, .hidden = 2, .ffn = 2});
   std::vector<float> buffer(64, 0.5f);
   auto const x = moe::make_view(static_cast<float const*>(buffer.data()), 4, 2);
   auto const dx = moe::make_view(buffer.data() + 8, 4, 2);

@@ -15,6 +15,6 @@ using layer_t = moe::layer<moe::gating::preset::mixtral, layout_t, moe::comm::si
                            moe::expert::ffn<moe::act::relu>>;
 
 int main() {
-  layer_t const layer(moe::layer_args{.tokens = 8, .hidden = 4, .ffn = 4, .experts = 4});
+  layer_t const layer(moe::layer_args{.gate = {.tokens = 8, .experts = 4}, .hidden = 4, .ffn = 4});
   return layer.k() == 2 ? 0 : 1;
 }

@@ -15,7 +15,7 @@ using element_t = int;
 int main() {
   using layer_t = moe::layer<moe::gating::top_k<1>, moe::layout::capacity, moe::comm::single_rank,
                              moe::expert::ffn<moe::act::relu>>;
-  layer_t const layer(moe::layer_args{.tokens = 4, .hidden = 2, .ffn = 2, .experts = 2});
+  layer_t const layer(moe::layer_args{.gate = {.tokens = 4, .experts = 2}, .hidden = 2, .ffn = 2});
   std::vector<element_t> buffer(16, element_t{1});
   auto const x = moe::make_view(static_cast<element_t const*>(buffer.data()), 4, 2);
   auto const y = moe::make_view(buffer.data() + 8, 4, 2);

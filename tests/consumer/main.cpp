@@ -18,7 +18,7 @@ int main() {
 
   using layer_t = moe::layer<moe::gating::top_k<2>, moe::layout::capacity, moe::comm::single_rank,
                              moe::expert::ffn<moe::act::gelu>>;
-  moe::layer_args const args{.tokens = 16, .hidden = 8, .ffn = 16, .experts = 4};
+  moe::layer_args const args{.gate = {.tokens = 16, .experts = 4}, .hidden = 8, .ffn = 16};
   if (auto const s = layer_t::can_implement(args); !s) {
     std::printf("can_implement: %s\n", s.message().c_str());
     return 1;

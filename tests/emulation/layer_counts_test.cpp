@@ -32,7 +32,7 @@ template <class Layout>
 using layer_of = layer<gating::top_k<2>, Layout, comm::single_rank, expert_type>;
 
 layer_args args_with_factor(float factor) {
-  return {.tokens = 64, .hidden = 32, .ffn = 48, .experts = 8, .capacity_factor = factor};
+  return {.gate = {.tokens = 64, .experts = 8, .capacity_factor = factor}, .hidden = 32, .ffn = 48};
 }
 
 /// One layer with its parameters, gradients, input and workspace in device memory.
@@ -48,15 +48,15 @@ struct layer_call {
 
   explicit layer_call(layer_args const& a)
       : layer(a),
-        tokens(a.tokens),
+        tokens(a.gate.tokens),
         hidden(a.hidden),
-        gate(count(a.hidden * a.experts)),
-        w1(count(a.experts * a.hidden * a.ffn)),
-        w2(count(a.experts * a.ffn * a.hidden)),
+        gate(count(a.hidden * a.gate.experts)),
+        w1(count(a.gate.experts * a.hidden * a.ffn)),
+        w2(count(a.gate.experts * a.ffn * a.hidden)),
         d_gate(gate.size()),
         d_w1(w1.size()),
         d_w2(w2.size()),
-        x(count(a.tokens * a.hidden)),
+        x(count(a.gate.tokens * a.hidden)),
         y(x.size()),
         dy(x.size()),
         dx(x.size()),
@@ -75,7 +75,7 @@ struct layer_call {
   }
 
   [[nodiscard]] layer_params<float const, expert_type> params() const {
-    index_t const e = layer.args().experts, h = hidden, f = layer.args().ffn;
+    index_t const e = layer.args().gate.experts, h = hidden, f = layer.args().ffn;
     return {make_view(static_cast<float const*>(gate.data()), h, e),
             {make_view(static_cast<float const*>(w1.data()), e, h, f),
              {},
@@ -83,7 +83,7 @@ struct layer_call {
              {}}};
   }
   [[nodiscard]] layer_params<float, expert_type> gradients() const {
-    index_t const e = layer.args().experts, h = hidden, f = layer.args().ffn;
+    index_t const e = layer.args().gate.experts, h = hidden, f = layer.args().ffn;
     return {make_view(d_gate.data(), h, e),
             {make_view(d_w1.data(), e, h, f), {}, make_view(d_w2.data(), e, f, h), {}}};
   }

@@ -28,7 +28,7 @@ struct glu_layer_storage {
   test::host_tensor<double> b2{biases ? experts * hidden : 0};
 
   glu_layer_storage(layer_args const& a, bool with_biases)
-      : hidden(a.hidden), ffn(a.ffn), experts(a.experts), biases(with_biases) {}
+      : hidden(a.hidden), ffn(a.ffn), experts(a.gate.experts), biases(with_biases) {}
 
   template <class Expert, class U>
   layer_params<U, Expert> views() {
@@ -51,7 +51,7 @@ void check_layer_gradients(layer_args const& args, bool biases) {
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
 
-  index_t const tokens = args.tokens, hidden = args.hidden;
+  index_t const tokens = args.gate.tokens, hidden = args.hidden;
   glu_layer_storage params(args, biases), grads(args, biases);
   for (auto* t : params.all()) t->randomize(rng, 0.8);
   for (auto* t : grads.all()) t->poison();
@@ -106,13 +106,13 @@ void check_layer_gradients(layer_args const& args, bool biases) {
 }  // namespace
 
 TEST_CASE("a layer of GLU experts on the host: backward matches finite differences") {
-  layer_args const args{.tokens = 10,
+  layer_args const args{.gate = {.tokens = 10,
+                                 .experts = 4,
+                                 .capacity_factor = 0.5f,
+                                 .aux_loss_coef = 0.2f,
+                                 .z_loss_coef = 0.1f},
                         .hidden = 4,
-                        .ffn = 3,
-                        .experts = 4,
-                        .capacity_factor = 0.5f,
-                        .aux_loss_coef = 0.2f,
-                        .z_loss_coef = 0.1f};
+                        .ffn = 3};
   SUBCASE("swiglu, capacity with drops, biases") {
     check_layer_gradients<expert::glu<act::silu>, layout::capacity>(args, true);
   }
@@ -128,10 +128,11 @@ TEST_CASE("a layer of GLU experts on the host: backward matches finite differenc
 
 TEST_CASE("a layer of GLU experts runs in float on the host") {
   using layer_t = layer<gating::top_k<2>, layout::capacity, comm::single_rank, expert::swiglu>;
-  layer_args const args{.tokens = 16, .hidden = 8, .ffn = 6, .experts = 4, .capacity_factor = 2};
+  layer_args const args{
+      .gate = {.tokens = 16, .experts = 4, .capacity_factor = 2}, .hidden = 8, .ffn = 6};
   layer_t const layer(args);
   std::mt19937_64 rng(test::fresh_seed());
-  index_t const t = args.tokens, h = args.hidden, f = args.ffn, e = args.experts;
+  index_t const t = args.gate.tokens, h = args.hidden, f = args.ffn, e = args.gate.experts;
   test::host_tensor<float> gate(h * e), w13(e * h * 2 * f), w2(e * f * h), x(t * h), y(t * h);
   for (auto* v : {&gate, &w13, &w2, &x}) v->randomize(rng, 0.5);
   y.poison();

@@ -181,39 +181,40 @@ inline fuzz_case decode_case(FuzzedDataProvider& in) {
   fuzz_case c;
   c.huge = in.ConsumeIntegralInRange(0, 7) == 0;
   layer_args& a = c.args;
-  a.tokens = decode_size(in, 12, c.huge);
+  a.gate.tokens = decode_size(in, 12, c.huge);
   a.hidden = decode_size(in, 6, c.huge);
   a.ffn = decode_size(in, 6, c.huge);
-  a.experts = decode_size(in, 8, c.huge);
-  a.top_k = in.ConsumeIntegralInRange(-1, 9);
-  a.capacity_factor = decode_float(in, 1.0f);
-  a.capacity_alignment = in.ConsumeIntegralInRange(0, 7) == 0 ? decode_size(in, 8, true) : 1;
+  a.gate.experts = decode_size(in, 8, c.huge);
+  a.gate.k = in.ConsumeIntegralInRange(-1, 9);
+  a.gate.capacity_factor = decode_float(in, 1.0f);
+  a.gate.capacity_alignment = in.ConsumeIntegralInRange(0, 7) == 0 ? decode_size(in, 8, true) : 1;
   a.expert_row_alignment = in.ConsumeIntegralInRange(0, 5) == 0 ? decode_size(in, 16, true) : 1;
-  a.normalize = static_cast<gating::renormalize>(in.ConsumeIntegralInRange(0, 2));
-  a.aux_loss_coef = decode_float(in, 0.01f);
-  a.z_loss_coef = decode_float(in, 0.0f);
-  a.training = in.ConsumeBool();
-  a.eval_capacity_factor = decode_float(in, 1.0f);
-  a.min_capacity = in.ConsumeIntegralInRange(0, 7) == 0 ? decode_size(in, 16, true) : 4;
-  a.groups = in.ConsumeIntegralInRange(0, 3) == 0 ? decode_size(in, 4, c.huge) : 1;
-  a.scaling_factor = decode_float(in, 1.0f);
-  a.jitter = decode_float(in, 0.0f);
-  a.jitter_on = in.ConsumeBool() ? gating::jitter_target::input : gating::jitter_target::logits;
-  a.gate_noise = decode_float(in, 0.0f);
-  a.seed = in.ConsumeIntegral<std::uint64_t>();
+  a.gate.normalize = static_cast<gating::renormalize>(in.ConsumeIntegralInRange(0, 2));
+  a.gate.aux_loss_coef = decode_float(in, 0.01f);
+  a.gate.z_loss_coef = decode_float(in, 0.0f);
+  a.gate.training = in.ConsumeBool();
+  a.gate.eval_capacity_factor = decode_float(in, 1.0f);
+  a.gate.min_capacity = in.ConsumeIntegralInRange(0, 7) == 0 ? decode_size(in, 16, true) : 4;
+  a.gate.groups = in.ConsumeIntegralInRange(0, 3) == 0 ? decode_size(in, 4, c.huge) : 1;
+  a.gate.scaling_factor = decode_float(in, 1.0f);
+  a.gate.jitter = decode_float(in, 0.0f);
+  a.gate.jitter_on =
+      in.ConsumeBool() ? gating::jitter_target::input : gating::jitter_target::logits;
+  a.gate.gate_noise = decode_float(in, 0.0f);
+  a.gate.seed = in.ConsumeIntegral<std::uint64_t>();
   switch (in.ConsumeIntegralInRange(0, 5)) {
     case 1:  // one value per expert
-      c.bias.resize(static_cast<std::size_t>(std::clamp<index_t>(a.experts, 0, 64)));
+      c.bias.resize(static_cast<std::size_t>(std::clamp<index_t>(a.gate.experts, 0, 64)));
       for (auto& b : c.bias) b = decode_float(in, in.ConsumeFloatingPointInRange(-1.0f, 1.0f));
-      a.expert_bias = {c.bias.data(), c.bias.size()};
+      a.gate.expert_bias = {c.bias.data(), c.bias.size()};
       break;
     case 2:  // null data behind a non-empty span
-      a.expert_bias = {static_cast<float const*>(nullptr),
-                       in.ConsumeIntegralInRange<std::size_t>(0, 9)};
+      a.gate.expert_bias = {static_cast<float const*>(nullptr),
+                            in.ConsumeIntegralInRange<std::size_t>(0, 9)};
       break;
     case 3:  // the wrong length
       c.bias.resize(in.ConsumeIntegralInRange<std::size_t>(0, 9));
-      a.expert_bias = {c.bias.data(), c.bias.size()};
+      a.gate.expert_bias = {c.bias.data(), c.bias.size()};
       break;
     default:
       break;  // none
@@ -223,7 +224,7 @@ inline fuzz_case decode_case(FuzzedDataProvider& in) {
                : in.ConsumeBool()             ? comm::topology{ranks, 1}
                                               : comm::topology{1, ranks};
   c.two_dh = in.ConsumeBool();
-  for (int r = 0; r < ranks; ++r) c.calls.push_back(decode_call(in, a.tokens));
+  for (int r = 0; r < ranks; ++r) c.calls.push_back(decode_call(in, a.gate.tokens));
   return c;
 }
 
@@ -333,22 +334,23 @@ template <class Layer>
 bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank_report& report) {
   std::size_t const ws_bytes = layer.workspace_bytes(host);
   if (ws_bytes > workspace_cap) return false;
-  index_t const k = std::clamp<index_t>(a.top_k, 2, 32);
+  index_t const k = std::clamp<index_t>(a.gate.k, 2, 32);
   index_t const work = moe::checked_add(
-      moe::checked_mul(moe::checked_mul(moe::checked_mul(a.tokens, k), a.hidden), a.ffn),
-      moe::checked_mul(moe::checked_mul(a.hidden, a.experts), std::max(a.tokens, a.ffn)));
+      moe::checked_mul(moe::checked_mul(moe::checked_mul(a.gate.tokens, k), a.hidden), a.ffn),
+      moe::checked_mul(moe::checked_mul(a.hidden, a.gate.experts), std::max(a.gate.tokens, a.ffn)));
   if (work > work_cap) return false;
   index_t const local_e = layer.expert_shape().experts;
   std::uint64_t rng = c.seed;
   owned<2> x({c.tokens, a.hidden}, c.x, rng, false);
   owned<2> y({c.tokens, a.hidden}, c.y, rng, true);
-  owned_bank<typename Layer::expert_type> p(a.hidden, a.experts, local_e, a.ffn, c.biases,
+  owned_bank<typename Layer::expert_type> p(a.hidden, a.gate.experts, local_e, a.ffn, c.biases,
                                             {c.gate_weight, c.w1, c.w2, c.b1, c.b2}, rng, false);
   std::vector<std::byte> ws(ws_bytes - std::min(ws_bytes, c.ws_short), std::byte{0x5a});
   workspace const w{c.ws_null ? nullptr : ws.data(), ws.size()};
 
   auto const params = p.template views<double const>();
-  report.forward_accepted = layer.template can_implement<double>(x.cview(), params, y.view, w).ok();
+  report.forward_accepted =
+      layer.template can_implement<double>(moe::host, x.cview(), params, y.view, w).ok();
   report.forward_threw = true;  // until forward returns
   auto forward = [&] {
     try {
@@ -361,8 +363,9 @@ bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank
   if (!succeeds(forward, &report.why)) return true;
   report.forward_threw = false;
   auto const stats = layer.stats(host, w);
-  if (stats.load.size() != static_cast<std::size_t>(a.experts)) fail("stats.load has a wrong size");
-  if (!a.training) return true;
+  if (stats.load.size() != static_cast<std::size_t>(a.gate.experts))
+    fail("stats.load has a wrong size");
+  if (!a.gate.training) return true;
 
   report.backward_ran = true;
   report.backward_threw = true;
@@ -371,7 +374,7 @@ bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank
   index_t const forward_tokens = x.view.extent(0);
   owned<2> dy({forward_tokens, a.hidden}, c.dy, rng, false);
   owned<2> dx({forward_tokens, a.hidden}, c.dx, rng, true);
-  owned_bank<typename Layer::expert_type> g(a.hidden, a.experts, local_e, a.ffn, c.g_biases,
+  owned_bank<typename Layer::expert_type> g(a.hidden, a.gate.experts, local_e, a.ffn, c.g_biases,
                                             {c.g_gate, c.g_w1, c.g_w2, fault::right, fault::right},
                                             rng, true);
   std::vector<std::byte> fresh(c.bwd_fresh_ws ? ws.size() : 0, std::byte{0});
@@ -405,7 +408,7 @@ void fuzz_one_rank(fuzz_case const& c) {
   std::size_t const ws_bytes = layer->workspace_bytes(host);
   // The workspace keeps a copy of x: fewer bytes means a size computation wrapped.
   if (static_cast<double>(ws_bytes) <
-      static_cast<double>(a.tokens) * static_cast<double>(a.hidden) * sizeof(double))
+      static_cast<double>(a.gate.tokens) * static_cast<double>(a.hidden) * sizeof(double))
     fail("workspace_bytes is smaller than the input it keeps");
   rank_report report;
   if (!run_calls(*layer, a, c.calls[0], report)) return;
@@ -456,7 +459,7 @@ void fuzz_world(fuzz_case const& c) {
     auto const& call = c.calls[static_cast<std::size_t>(r)];
     auto const& report = reports[static_cast<std::size_t>(r)];
     all_right = all_right && report.forward_accepted && call.forward_views_right() &&
-                (!a.training || call.backward_views_right()) &&
+                (!a.gate.training || call.backward_views_right()) &&
                 (!Layout::drops_tokens || call.tokens == c.calls[0].tokens);
   }
   if (all_right && std::count(built.begin(), built.end(), 1) == p)

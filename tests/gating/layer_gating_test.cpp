@@ -27,7 +27,7 @@ layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
   Layer const layer(args);
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  index_t const T = args.tokens, H = args.hidden;
+  index_t const T = args.gate.tokens, H = args.hidden;
   test::ffn_layer_storage<double> params(args, true), grads(args, true);
   params.randomize(rng, 0.8);
   test::host_tensor<double> x(T * H), dy(T * H), y(T * H), dx(T * H);
@@ -76,62 +76,62 @@ layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
 
 TEST_CASE("layer: a dropless preset with the ragged layout, bias, scaling and groups") {
   std::array<float, 4> const bias{0.2f, -0.1f, 0.0f, 0.3f};
-  layer_args const args{.tokens = 8,
+  layer_args const args{.gate = {.tokens = 8,
+                                 .experts = 4,
+                                 .capacity_factor = 0.25f,  // means nothing to a dropless gate
+                                 .aux_loss_coef = 0.3f,
+                                 .z_loss_coef = 0.1f,
+                                 .groups = 2,
+                                 .scaling_factor = 2.5f,
+                                 .expert_bias = bias},
                         .hidden = 4,
-                        .ffn = 5,
-                        .experts = 4,
-                        .capacity_factor = 0.25f,  // means nothing to a dropless gate
-                        .aux_loss_coef = 0.3f,
-                        .z_loss_coef = 0.1f,
-                        .groups = 2,
-                        .scaling_factor = 2.5f,
-                        .expert_bias = bias};
+                        .ffn = 5};
   auto const stats =
       check_layer<relu_layer<gating::preset::deepseek<2, 2, 1>, layout::ragged>>(args, 31);
   CHECK(stats.dropped == 0);
   auto const mixtral = check_layer<relu_layer<gating::preset::mixtral, layout::ragged>>(
-      {.tokens = 8, .hidden = 4, .ffn = 5, .experts = 4, .aux_loss_coef = 0.2f}, 32);
+      {.gate = {.tokens = 8, .experts = 4, .aux_loss_coef = 0.2f}, .hidden = 4, .ffn = 5}, 32);
   CHECK(mixtral.dropped == 0);
 }
 
 TEST_CASE("layer: GShard with local groups and random routing on the capacity layout") {
   // f = 0.5 with GShard's rule: C_g = ⌊4 · 0.5 / 4⌋ = 0 → 4, C = 2 · 4 = 8. Tutel's rule at
   // this factor would give 0 slots: the workspace must be sized by the gate's rule.
-  layer_args const args{.tokens = 8,
+  layer_args const args{.gate = {.tokens = 8,
+                                 .experts = 4,
+                                 .capacity_factor = 0.5f,
+                                 .aux_loss_coef = 0.3f,
+                                 .groups = 2,
+                                 .seed = 7},
                         .hidden = 4,
-                        .ffn = 5,
-                        .experts = 4,
-                        .capacity_factor = 0.5f,
-                        .aux_loss_coef = 0.3f,
-                        .groups = 2,
-                        .seed = 7};
+                        .ffn = 5};
   auto const stats = check_layer<relu_layer<gating::preset::gshard, layout::capacity>>(args, 33);
   CHECK(stats.capacity == 8);
   CHECK(stats.expert_rows == 4 * 8);
 }
 
 TEST_CASE("layer: training and evaluation capacity factors, and noise") {
-  layer_args args{.tokens = 12,
+  layer_args args{.gate = {.tokens = 12,
+                           .experts = 4,
+                           .capacity_factor = 0.5f,
+                           .eval_capacity_factor = 2.0f,
+                           .jitter = 0.1f,
+                           .gate_noise = 1.0f,
+                           .seed = 3},
                   .hidden = 4,
-                  .ffn = 5,
-                  .experts = 4,
-                  .capacity_factor = 0.5f,
-                  .eval_capacity_factor = 2.0f,
-                  .jitter = 0.1f,
-                  .gate_noise = 1.0f,
-                  .seed = 3};
+                  .ffn = 5};
   using layer_t = relu_layer<gating::preset::tutel, layout::capacity>;
-  args.top_k = 2;
+  args.gate.k = 2;
   auto stats = check_layer<layer_t>(args, 34);
   CHECK(stats.capacity == 2 * 1);  // 2 · ⌊0.5 · ⌈12/4⌉⌋
-  args.training = false;
+  args.gate.training = false;
   stats = check_layer<layer_t>(args, 34);
   CHECK(stats.capacity == 2 * 6);  // 2 · ⌊2 · 3⌋
   CHECK(stats.dropped == 0);
   // A layer rejects the knobs the gate rejects, naming them.
-  args.groups = 5;
+  args.gate.groups = 5;
   CHECK(layer_t::can_implement(args).argument() == "groups");
-  args.groups = 1;
-  args.jitter = 1.5f;
+  args.gate.groups = 1;
+  args.gate.jitter = 1.5f;
   CHECK(layer_t::can_implement(args).argument() == "jitter");
 }

@@ -44,12 +44,12 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
   CAPTURE(t.ranks_per_node);
   CAPTURE(t.nodes);
   int const w = t.size();
-  index_t const tokens = args.tokens, global_tokens = tokens * w, h = args.hidden;
-  index_t const e = args.experts, local_e = e / w, f = args.ffn;
+  index_t const tokens = args.gate.tokens, global_tokens = tokens * w, h = args.hidden;
+  index_t const e = args.gate.experts, local_e = e / w, f = args.ffn;
   std::mt19937_64 rng(seed);
 
   layer_args global_args = args;
-  global_args.tokens = global_tokens;
+  global_args.gate.tokens = global_tokens;
   test::ffn_layer_storage<double> params(global_args, true), grads(global_args, true);
   params.randomize(rng, 0.5);
   if (uniform_gate) std::fill(params.gate_weight.data.begin(), params.gate_weight.data.end(), 0.0);
@@ -128,12 +128,12 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
 }
 
 layer_args small_args(index_t experts) {
-  return {.tokens = 6,
+  return {.gate = {.tokens = 6,
+                   .experts = experts,
+                   .capacity_factor = 0.0f,  // dynamic: nothing dropped, on one rank or many
+                   .normalize = gating::renormalize::before_drops},
           .hidden = 5,
-          .ffn = 7,
-          .experts = experts,
-          .capacity_factor = 0.0f,  // dynamic: nothing dropped, on one rank or many
-          .normalize = gating::renormalize::before_drops};
+          .ffn = 7};
 }
 
 }  // namespace
@@ -193,11 +193,11 @@ TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
   std::vector<int> rejected(2, 0);
   CHECK_THROWS_AS(two.run([&](simulated_world::rank_communicator& comm) {
     parallel_t layer(args, comm);
-    test::host_tensor<float> x(args.tokens * args.hidden), y(args.tokens * args.hidden);
+    test::host_tensor<float> x(args.gate.tokens * args.hidden), y(args.gate.tokens * args.hidden);
     // One generator per rank: the ranks are threads (ThreadSanitizer saw them share one).
     std::mt19937_64 rank_rng(2 + static_cast<std::uint64_t>(comm.rank()));
     x.randomize(rank_rng);
-    index_t const tokens = comm.rank() == 0 ? args.tokens : args.tokens - 1;
+    index_t const tokens = comm.rank() == 0 ? args.gate.tokens : args.gate.tokens - 1;
     auto p = layer_params<float const, expert_t>{
         make_view(static_cast<float const*>(params.gate_weight.data.data()), args.hidden, 4),
         {make_view(static_cast<float const*>(params.w1.data.data()) +

@@ -81,7 +81,7 @@ constexpr index_t width_factor =
 
 template <class Expert>
 param_shapes shapes_of(layer_args const& a, bool biases) {
-  return {a.hidden, a.ffn, a.experts, width_factor<Expert> * a.ffn, biases};
+  return {a.hidden, a.ffn, a.gate.experts, width_factor<Expert> * a.ffn, biases};
 }
 
 char const* const param_names[5] = {"d gate_weight", "d w1", "d b1", "d w2", "d b2"};
@@ -293,7 +293,7 @@ device_results<T> run_on_device(Layer const& layer, cuda_backend cuda, layer_inp
 /// One configuration of a comparison.
 struct case_config {
   layer_args args;
-  index_t call_tokens;  // ≤ args.tokens
+  index_t call_tokens;  // ≤ args.gate.tokens
   bool starve = false;  // the last expert receives no token
   bool expect_drops = false;
   bool biases = true;
@@ -311,10 +311,10 @@ void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t
                                                        : 5e-2;
   layer_args const& a = c.args;
   INFO("seed " << seed << ", " << std::string(dtype_traits<T>::name) << ", T " << c.call_tokens
-               << " of " << a.tokens << ", H " << a.hidden << ", F " << a.ffn << ", E " << a.experts
-               << ", k " << a.top_k << ", f " << a.capacity_factor << ", capacity alignment "
-               << a.capacity_alignment << ", row alignment " << a.expert_row_alignment
-               << (c.starve ? ", last expert starved" : "")
+               << " of " << a.gate.tokens << ", H " << a.hidden << ", F " << a.ffn << ", E "
+               << a.gate.experts << ", k " << a.gate.k << ", f " << a.gate.capacity_factor
+               << ", capacity alignment " << a.gate.capacity_alignment << ", row alignment "
+               << a.expert_row_alignment << (c.starve ? ", last expert starved" : "")
                << (c.biases ? ", biases" : ", no biases"));
   std::mt19937_64 rng(seed);
   param_shapes const shapes = shapes_of<Expert>(a, c.biases);
@@ -335,7 +335,7 @@ void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t
   for (std::size_t n = 0; n < 5; ++n)
     expect_close(ref.grads[n], widen(got.grads[n]), tolerance, param_names[n]);
   if (c.starve) {  // zero, not garbage, for the expert that received nothing
-    index_t const e = a.experts - 1, w = shapes.width;
+    index_t const e = a.gate.experts - 1, w = shapes.width;
     auto zero = [](std::vector<T> const& v, index_t from, index_t n) {
       return std::all_of(v.begin() + from, v.begin() + from + n,
                          [](T value) { return to_accumulate(value) == 0.0f; });
@@ -371,21 +371,21 @@ void compare_in_float_and_bfloat16(case_config const& c, cudaStream_t stream, cu
 }
 
 // H ≤ 64, F ≤ 128, T ≤ 96, E ≤ 8: the host reference stays cheap.
-layer_args const capacity_args{.tokens = 96,
+layer_args const capacity_args{.gate = {.tokens = 96,
+                                        .experts = 8,
+                                        .capacity_factor = 1.0f,
+                                        .aux_loss_coef = 0.01f,
+                                        .z_loss_coef = 0.001f},
                                .hidden = 64,
-                               .ffn = 128,
-                               .experts = 8,
-                               .capacity_factor = 1.0f,
-                               .aux_loss_coef = 0.01f,
-                               .z_loss_coef = 0.001f};
+                               .ffn = 128};
 
-layer_args const ragged_args{.tokens = 96,
+layer_args const ragged_args{.gate = {.tokens = 96,
+                                      .experts = 8,
+                                      .capacity_factor = 1.0f,  // ignored by a dropless layout
+                                      .aux_loss_coef = 0.01f,
+                                      .z_loss_coef = 0.001f},
                              .hidden = 64,
-                             .ffn = 64,
-                             .experts = 8,
-                             .capacity_factor = 1.0f,  // ignored by a dropless layout
-                             .aux_loss_coef = 0.01f,
-                             .z_loss_coef = 0.001f};
+                             .ffn = 64};
 
 template <class Change>
 layer_args with(layer_args a, Change change) {
@@ -415,14 +415,15 @@ TEST_CASE("the capacity layer (top-2, ffn<gelu>) on the CUDA backend matches the
   }
   SUBCASE("dynamic capacity (factor 0): C is the largest load, nothing dropped") {
     compare_in_float_and_bfloat16<capacity_layer>(
-        {.args = with(capacity_args, [](auto& a) { a.capacity_factor = 0; }), .call_tokens = 80},
+        {.args = with(capacity_args, [](auto& a) { a.gate.capacity_factor = 0; }),
+         .call_tokens = 80},
         s.stream, blas.get());
   }
   SUBCASE("capped dynamic capacity (factor −1) and a capacity alignment") {
     compare_in_float_and_bfloat16<capacity_layer>({.args = with(capacity_args,
                                                                 [](auto& a) {
-                                                                  a.capacity_factor = -1.0f;
-                                                                  a.capacity_alignment = 8;
+                                                                  a.gate.capacity_factor = -1.0f;
+                                                                  a.gate.capacity_alignment = 8;
                                                                 }),
                                                    .call_tokens = 96},
                                                   s.stream, blas.get());
@@ -431,8 +432,8 @@ TEST_CASE("the capacity layer (top-2, ffn<gelu>) on the CUDA backend matches the
     compare_in_float_and_bfloat16<capacity_layer>(
         {.args = with(capacity_args,
                       [](auto& a) {
-                        a.capacity_factor = 1.25f;
-                        a.normalize = gating::renormalize::after_drops;
+                        a.gate.capacity_factor = 1.25f;
+                        a.gate.normalize = gating::renormalize::after_drops;
                       }),
          .call_tokens = 96,
          .starve = true,
@@ -458,7 +459,7 @@ TEST_CASE("the ragged layer (glu<silu>) on the CUDA backend matches the host lay
   SUBCASE("top-any, k = 3, rows padded to 16") {
     compare_in_float_and_bfloat16<ragged_any_layer>({.args = with(ragged_args,
                                                                   [](auto& a) {
-                                                                    a.top_k = 3;
+                                                                    a.gate.k = 3;
                                                                     a.expert_row_alignment = 16;
                                                                   }),
                                                      .call_tokens = 96},
@@ -466,7 +467,7 @@ TEST_CASE("the ragged layer (glu<silu>) on the CUDA backend matches the host lay
   }
   SUBCASE("top-any, k = 1, no padding, no biases") {
     compare_in_float_and_bfloat16<ragged_any_layer>(
-        {.args = with(ragged_args, [](auto& a) { a.top_k = 1; }),
+        {.args = with(ragged_args, [](auto& a) { a.gate.k = 1; }),
          .call_tokens = 77,
          .biases = false},
         s.stream, blas.get());
@@ -492,9 +493,9 @@ TEST_CASE(
     compare_in_float_and_bfloat16<preset_capacity_layer<gating::preset::gshard>>(
         {.args = with(capacity_args,
                       [](auto& a) {
-                        a.capacity_factor = 2.0f;
-                        a.groups = 2;
-                        a.seed = 5;
+                        a.gate.capacity_factor = 2.0f;
+                        a.gate.groups = 2;
+                        a.gate.seed = 5;
                       }),
          .call_tokens = 96},
         s.stream, blas.get());
@@ -503,8 +504,8 @@ TEST_CASE(
     compare_with_host<preset_capacity_layer<gating::preset::deepspeed>, float>(
         {.args = with(capacity_args,
                       [](auto& a) {
-                        a.capacity_factor = 0.75f;
-                        a.seed = 11;
+                        a.gate.capacity_factor = 0.75f;
+                        a.gate.seed = 11;
                       }),
          .call_tokens = 96,
          .expect_drops = true},
@@ -518,24 +519,24 @@ TEST_CASE(
     compare_with_host<preset_ragged_layer<gating::preset::deepseek_v3>, float>(
         {.args = with(ragged_args,
                       [](auto& a) {
-                        a.experts = 16;
-                        a.groups = 2;
-                        a.scaling_factor = 2.5f;
+                        a.gate.experts = 16;
+                        a.gate.groups = 2;
+                        a.gate.scaling_factor = 2.5f;
                       }),
          .call_tokens = 96},
         s.stream, blas.get());
   }
   SUBCASE("qwen3: top-8 of 16, renormalised, dropless") {
     compare_with_host<preset_ragged_layer<gating::preset::qwen3>, float>(
-        {.args = with(ragged_args, [](auto& a) { a.experts = 16; }), .call_tokens = 64}, s.stream,
-        blas.get());
+        {.args = with(ragged_args, [](auto& a) { a.gate.experts = 16; }), .call_tokens = 64},
+        s.stream, blas.get());
   }
   SUBCASE("top-2 with jitter on x and Gaussian logit noise, in training") {
     compare_in_float_and_bfloat16<capacity_layer>({.args = with(capacity_args,
                                                                 [](auto& a) {
-                                                                  a.jitter = 0.1f;
-                                                                  a.gate_noise = 1.0f;
-                                                                  a.seed = 3;
+                                                                  a.gate.jitter = 0.1f;
+                                                                  a.gate.gate_noise = 1.0f;
+                                                                  a.gate.seed = 3;
                                                                 }),
                                                    .call_tokens = 96},
                                                   s.stream, blas.get());
@@ -566,7 +567,7 @@ void check_graph_replay() {
   std::mt19937_64 rng(seed);
   layer_args const args = capacity_args;
   Layer const layer(args);
-  index_t const tokens = args.tokens, h = args.hidden;
+  index_t const tokens = args.gate.tokens, h = args.hidden;
   param_shapes const shapes = shapes_of<Expert>(args, true);
   layer_inputs<T> first(shapes, tokens, false, rng);
   device_params<T> params(shapes), grads(shapes);
@@ -685,7 +686,7 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
   std::mt19937_64 rng(seed);
   layer_args const args = capacity_args;
   Layer const layer(args);
-  index_t const tokens = args.tokens, h = args.hidden, e = args.experts;
+  index_t const tokens = args.gate.tokens, h = args.hidden, e = args.gate.experts;
   param_shapes const shapes = shapes_of<Expert>(args, true);
   layer_inputs<T> const in(shapes, tokens, false, rng);
   device_params<T> params(shapes), grads(shapes);
@@ -767,6 +768,42 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
     test::expect_rejected(backward(cuda, cdy(tokens, h), p, g, tokens, h, good_ws.first(bytes - 1)),
                           "ws");
     test::expect_rejected(backward(no_blas, cdy(tokens, h), p, g, tokens, h, good_ws), "cuda.blas");
+    CHECK(all_poisoned(dx.download(s.stream)));
+    for (auto const& t : grads.download(s.stream)) CHECK(all_poisoned(t));
+  }
+
+  SUBCASE("can_implement says what forward and backward would throw, and writes nothing") {
+    auto yv = [&](index_t t, index_t c) { return make_view(y.data(), t, c); };
+    auto dxv = [&](index_t t, index_t c) { return make_view(dx.data(), t, c); };
+    CHECK(layer.can_implement(cuda, cx(tokens, h), p, yv(tokens, h), good_ws).ok());
+    CHECK(layer.can_implement(cuda, cx(tokens + 1, h), p, yv(tokens + 1, h), good_ws).argument() ==
+          "x");
+    CHECK(layer.can_implement(cuda, cx(tokens, h), p, yv(tokens - 1, h), good_ws).argument() ==
+          "y");
+    CHECK(layer.can_implement(cuda, cx(tokens, h), p, yv(tokens, h), good_ws.first(bytes - 1))
+              .argument() == "ws");
+    CHECK(layer.can_implement(no_blas, cx(tokens, h), p, yv(tokens, h), good_ws).argument() ==
+          "cuda.blas");
+    CHECK(layer.can_implement(cuda, cdy(tokens, h), p, dxv(tokens, h), g, good_ws).ok());
+    CHECK(layer.can_implement(cuda, cdy(tokens, h), p, dxv(tokens, h - 1), g, good_ws).argument() ==
+          "dx");
+    CHECK(layer.can_implement(no_blas, cdy(tokens, h), p, dxv(tokens, h), g, good_ws).argument() ==
+          "cuda.blas");
+    // Local groups: x and dy alike must fill them (the CUDA backward did not check dy's).
+    layer_args grouped = args;
+    grouped.gate.groups = 2;
+    Layer const grouped_layer(grouped);
+    std::size_t const grouped_bytes = grouped_layer.workspace_bytes<T>(cuda);
+    device_array<std::byte> grouped_ws(grouped_bytes);
+    workspace const gws{grouped_ws.data(), grouped_bytes};
+    CHECK(grouped_layer.can_implement(cuda, cx(tokens - 1, h), p, yv(tokens - 1, h), gws)
+              .argument() == "x");
+    CHECK(grouped_layer.can_implement(cuda, cdy(tokens - 1, h), p, dxv(tokens - 1, h), g, gws)
+              .argument() == "dy");
+    test::expect_rejected(
+        [&] { grouped_layer.backward(cuda, cdy(tokens - 1, h), p, dxv(tokens - 1, h), g, gws); },
+        "dy");
+    CHECK(all_poisoned(y.download(s.stream)));
     CHECK(all_poisoned(dx.download(s.stream)));
     for (auto const& t : grads.download(s.stream)) CHECK(all_poisoned(t));
   }

@@ -45,7 +45,7 @@ void check_gradients(layer_args const& args, bool biases) {
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
 
-  index_t const tokens = args.tokens, hidden = args.hidden;
+  index_t const tokens = args.gate.tokens, hidden = args.hidden;
   test::ffn_layer_storage<double> params(args, biases), grads(args, biases);
   params.randomize(rng, 0.8);
   test::host_tensor<double> x(tokens * hidden), dy(tokens * hidden), y(tokens * hidden),
@@ -94,13 +94,13 @@ void check_gradients(layer_args const& args, bool biases) {
 TEST_CASE("layer backward matches finite differences: every activation, with drops") {
   // T = 12, E = 4, k = 2, f = 1: C = 2·⌊1·3⌋ = 6 of 24 assignments over 4 experts: with
   // random routing some expert almost surely overflows.
-  layer_args const args{.tokens = 12,
+  layer_args const args{.gate = {.tokens = 12,
+                                 .experts = 4,
+                                 .capacity_factor = 0.5f,
+                                 .aux_loss_coef = 0.3f,
+                                 .z_loss_coef = 0.2f},
                         .hidden = 5,
-                        .ffn = 7,
-                        .experts = 4,
-                        .capacity_factor = 0.5f,
-                        .aux_loss_coef = 0.3f,
-                        .z_loss_coef = 0.2f};
+                        .ffn = 7};
   SUBCASE("relu") {
     check_gradients<expert::ffn<act::relu>>(args, true);
   }
@@ -122,39 +122,39 @@ TEST_CASE("layer backward matches finite differences: every activation, with dro
 }
 
 TEST_CASE("layer backward matches finite differences: renormalisation and top_any") {
-  layer_args args{.tokens = 10,
+  layer_args args{.gate = {.tokens = 10,
+                           .experts = 5,
+                           .k = 3,
+                           .capacity_factor = 0.7f,
+                           .aux_loss_coef = 0.1f,
+                           .z_loss_coef = 0.05f},
                   .hidden = 4,
-                  .ffn = 6,
-                  .experts = 5,
-                  .top_k = 3,
-                  .capacity_factor = 0.7f,
-                  .aux_loss_coef = 0.1f,
-                  .z_loss_coef = 0.05f};
+                  .ffn = 6};
   using any = gating::top_any<>;
   SUBCASE("before drops") {
-    args.normalize = gating::renormalize::before_drops;
+    args.gate.normalize = gating::renormalize::before_drops;
     check_gradients<expert::ffn<act::gelu>, any>(args, true);
   }
   SUBCASE("after drops") {
-    args.normalize = gating::renormalize::after_drops;
+    args.gate.normalize = gating::renormalize::after_drops;
     check_gradients<expert::ffn<act::silu>, any>(args, true);
   }
   SUBCASE("dynamic capacity, aligned") {
-    args.capacity_factor = 0;
-    args.capacity_alignment = 4;
+    args.gate.capacity_factor = 0;
+    args.gate.capacity_alignment = 4;
     check_gradients<expert::ffn<act::gelu>, any>(args, true);
   }
   SUBCASE("k = 1") {
-    args.top_k = 1;
+    args.gate.k = 1;
     check_gradients<expert::ffn<act::gelu>, any>(args, false);
   }
   SUBCASE("ragged, after drops (none), rows padded to 4") {
-    args.normalize = gating::renormalize::after_drops;
+    args.gate.normalize = gating::renormalize::after_drops;
     args.expert_row_alignment = 4;
     check_gradients<expert::ffn<act::silu>, any, layout::ragged>(args, true);
   }
   SUBCASE("ragged, k = 1") {
-    args.top_k = 1;
+    args.gate.k = 1;
     check_gradients<expert::ffn<act::gelu>, any, layout::ragged>(args, false);
   }
 }

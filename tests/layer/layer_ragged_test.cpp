@@ -74,7 +74,7 @@ template <class Act>
 std::vector<double> direct_output(layer_args const& a, int k, index_t tokens,
                                   test::ffn_layer_storage<double> const& p,
                                   test::host_tensor<double> const& x) {
-  index_t const H = a.hidden, F = a.ffn, E = a.experts;
+  index_t const H = a.hidden, F = a.ffn, E = a.gate.experts;
   std::vector<double> y(tokens * H, 0.0), scores(E), inner(F);
   std::vector<index_t> order(E);
   for (index_t t = 0; t < tokens; ++t) {
@@ -113,8 +113,8 @@ std::vector<double> direct_output(layer_args const& a, int k, index_t tokens,
 void favour(layer_args const& a, inputs& in, std::vector<index_t> const& favoured, index_t tokens) {
   for (index_t t = 0; t < tokens; ++t) in.x.data[t * a.hidden] = 1.0;
   auto& w = in.params.gate_weight.data;
-  for (index_t e = 0; e < a.experts; ++e) w[e] = 0;
-  for (index_t i = a.experts; i < a.hidden * a.experts; ++i) w[i] *= 0.1;
+  for (index_t e = 0; e < a.gate.experts; ++e) w[e] = 0;
+  for (index_t i = a.gate.experts; i < a.hidden * a.gate.experts; ++i) w[i] *= 0.1;
   for (std::size_t i = 0; i < favoured.size(); ++i)
     w[favoured[i]] = 2.0 - 0.5 * static_cast<double>(i);
 }
@@ -132,16 +132,17 @@ TEST_CASE("the ragged layer equals the capacity layer that drops nothing, bit fo
   auto const seed = test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  layer_args args{.tokens = 12,
-                  .hidden = 5,
-                  .ffn = 7,
-                  .experts = 4,
-                  .capacity_factor = 8.0f,  // C = 2·⌊8·3⌋ = 48 ≥ every load: nothing dropped
-                  .aux_loss_coef = 0.3f,
-                  .z_loss_coef = 0.2f};
+  layer_args args{
+      .gate = {.tokens = 12,
+               .experts = 4,
+               .capacity_factor = 8.0f,  // C = 2·⌊8·3⌋ = 48 ≥ every load: nothing dropped
+               .aux_loss_coef = 0.3f,
+               .z_loss_coef = 0.2f},
+      .hidden = 5,
+      .ffn = 7};
 
   auto compare = [&]<class Gate>(Gate, layer_args const& a, index_t tokens, index_t alignment) {
-    INFO("tokens " << tokens << ", alignment " << alignment << ", k " << a.top_k);
+    INFO("tokens " << tokens << ", alignment " << alignment << ", k " << a.gate.k);
     inputs in(a, tokens, rng);
     pass<layer_of<Gate, layout::capacity>> dense(a, tokens, in.params, in.x, in.dy);
     layer_args ragged_args = a;
@@ -155,7 +156,7 @@ TEST_CASE("the ragged layer equals the capacity layer that drops nothing, bit fo
     index_t padded = 0;
     for (auto l : dense.load) padded += layout::padded_rows(l, alignment);
     CHECK(ragged.stats.expert_rows == padded);
-    CHECK(dense.stats.expert_rows == a.experts * dense.stats.capacity);
+    CHECK(dense.stats.expert_rows == a.gate.experts * dense.stats.capacity);
     CHECK(ragged.stats.aux_loss == dense.stats.aux_loss);
     CHECK(ragged.stats.z_loss == dense.stats.z_loss);
     CHECK(ragged.stats.loss == dense.stats.loss);
@@ -173,15 +174,15 @@ TEST_CASE("the ragged layer equals the capacity layer that drops nothing, bit fo
     compare(gating::top_k<2>{}, args, 5, 8);
   }
   SUBCASE("top-3 of 5, renormalised, one token") {
-    args.experts = 5;
-    args.top_k = 3;
-    args.normalize = gating::renormalize::after_drops;
+    args.gate.experts = 5;
+    args.gate.k = 3;
+    args.gate.normalize = gating::renormalize::after_drops;
     compare(gating::top_any<>{}, args, 10, 3);
     compare(gating::top_any<>{}, args, 1, 2);
   }
   SUBCASE("one expert") {
-    args.experts = 1;
-    args.top_k = 1;
+    args.gate.experts = 1;
+    args.gate.k = 1;
     compare(gating::top_any<>{}, args, 12, 5);
   }
 }
@@ -195,8 +196,9 @@ TEST_CASE("the ragged layer drops nothing where the capacity layer would") {
   auto const seed = test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  layer_args const args{.tokens = 16, .hidden = 6, .ffn = 5, .experts = 4, .capacity_factor = 1.0f};
-  index_t const T = args.tokens;
+  layer_args const args{
+      .gate = {.tokens = 16, .experts = 4, .capacity_factor = 1.0f}, .hidden = 6, .ffn = 5};
+  index_t const T = args.gate.tokens;
   inputs in(args, T, rng);
   favour(args, in, {0}, T);
 
@@ -232,14 +234,14 @@ TEST_CASE("the ragged layer gives zero gradients to experts that received no tok
   auto const seed = test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  layer_args const args{.tokens = 7, .hidden = 4, .ffn = 6, .experts = 4};
-  inputs in(args, args.tokens, rng);
-  favour(args, in, {0, 1}, args.tokens);
+  layer_args const args{.gate = {.tokens = 7, .experts = 4}, .hidden = 4, .ffn = 6};
+  inputs in(args, args.gate.tokens, rng);
+  favour(args, in, {0, 1}, args.gate.tokens);
   for (index_t alignment : {1, 16}) {
     layer_args a = args;
     a.expert_row_alignment = alignment;
     using layer_t = layer_of<gating::top_k<2>, layout::ragged, expert::ffn<act::silu>>;
-    pass<layer_t> ragged(a, a.tokens, in.params, in.x, in.dy);
+    pass<layer_t> ragged(a, a.gate.tokens, in.params, in.x, in.dy);
     CHECK(ragged.load == std::vector<std::int64_t>{7, 7, 0, 0});
     CHECK(ragged.stats.expert_rows == 2 * layout::padded_rows(7, alignment));
     auto const& g = ragged.grads;
@@ -259,7 +261,7 @@ TEST_CASE("the ragged layer gives zero gradients to experts that received no tok
 
 TEST_CASE("expert_row_alignment: checked, ragged only, and it sizes the workspace") {
   layer_args const good{
-      .tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .capacity_factor = 1.25f};
+      .gate = {.tokens = 16, .experts = 4, .capacity_factor = 1.25f}, .hidden = 8, .ffn = 12};
   using ragged_t = layer_of<gating::top_k<2>, layout::ragged>;
   using dense_t = layer_of<gating::top_k<2>, layout::capacity>;
   auto with = [&](auto change) {
@@ -280,9 +282,9 @@ TEST_CASE("expert_row_alignment: checked, ragged only, and it sizes the workspac
   CHECK(ragged_t::can_implement(with([](auto& a) { a.expert_row_alignment = 128; })).ok());
   // No capacity applies to the ragged layout: a factor that gives the capacity layout zero
   // slots (⌊0.1·⌈16/4⌉⌋ = 0) is no reason to refuse it.
-  CHECK_FALSE(dense_t::can_implement(with([](auto& a) { a.capacity_factor = 0.1f; })).ok());
-  CHECK(ragged_t::can_implement(with([](auto& a) { a.capacity_factor = 0.1f; })).ok());
-  CHECK(ragged_t::can_implement(with([](auto& a) { a.capacity_factor = -3; })).ok());
+  CHECK_FALSE(dense_t::can_implement(with([](auto& a) { a.gate.capacity_factor = 0.1f; })).ok());
+  CHECK(ragged_t::can_implement(with([](auto& a) { a.gate.capacity_factor = 0.1f; })).ok());
+  CHECK(ragged_t::can_implement(with([](auto& a) { a.gate.capacity_factor = -3; })).ok());
 
   // The workspace holds T·k + E·(alignment − 1) rows: padding costs rows of workspace.
   ragged_t const plain(good);
@@ -294,20 +296,21 @@ TEST_CASE("expert_row_alignment: checked, ragged only, and it sizes the workspac
   // short is refused before anything is written.
   std::mt19937_64 rng(test::fresh_seed());
   layer_args const a = with([](auto& a) { a.expert_row_alignment = 128; });
-  inputs in(a, a.tokens, rng);
-  favour(a, in, {2, 3}, a.tokens);
+  inputs in(a, a.gate.tokens, rng);
+  favour(a, in, {2, 3}, a.gate.tokens);
   host_buffer ws(padded.workspace_bytes(host));
-  test::host_tensor<double> y(a.tokens * a.hidden);
+  test::host_tensor<double> y(a.gate.tokens * a.hidden);
   y.poison();
   auto const p = in.params.params<gelu_ffn>();
   expect_rejected(
       [&] {
-        padded.forward(host, in.x.cview(a.tokens, a.hidden), p, y.view(a.tokens, a.hidden),
-                       ws.view().first(ws.size() - 1));
+        padded.forward(host, in.x.cview(a.gate.tokens, a.hidden), p,
+                       y.view(a.gate.tokens, a.hidden), ws.view().first(ws.size() - 1));
       },
       "ws");
   CHECK(y.is_poisoned());
-  padded.forward(host, in.x.cview(a.tokens, a.hidden), p, y.view(a.tokens, a.hidden), ws.view());
+  padded.forward(host, in.x.cview(a.gate.tokens, a.hidden), p, y.view(a.gate.tokens, a.hidden),
+                 ws.view());
   auto const stats = padded.stats(host, ws.view());
   CHECK(stats.expert_rows == 2 * 128);
   CHECK(stats.dropped == 0);

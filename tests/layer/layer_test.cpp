@@ -22,7 +22,8 @@ using ffn_t = expert::ffn<act::gelu>;
 using layer_t = layer<gating::top_k<2>, layout::capacity, comm::single_rank, ffn_t>;
 using any_layer_t = layer<gating::top_any<>, layout::capacity, comm::single_rank, ffn_t>;
 
-layer_args const good{.tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .capacity_factor = 1.25f};
+layer_args const good{
+    .gate = {.tokens = 16, .experts = 4, .capacity_factor = 1.25f}, .hidden = 8, .ffn = 12};
 
 /// Expects `call` to throw invalid_argument naming `argument`, quoted in its message.
 template <class Call>
@@ -40,35 +41,36 @@ TEST_CASE("bad layer arguments are rejected, naming the argument") {
     return a;
   };
   CHECK(layer_t::can_implement(good).ok());
-  expect_rejected([&] { any_layer_t{with([](auto& a) { a.top_k = 5; })}; }, "k");  // k > E
-  expect_rejected([&] { any_layer_t{with([](auto& a) { a.top_k = 0; })}; }, "k");
-  expect_rejected([&] { layer_t{with([](auto& a) { a.top_k = 3; })}; }, "k");  // ≠ static k
+  expect_rejected([&] { any_layer_t{with([](auto& a) { a.gate.k = 5; })}; }, "k");  // k > E
+  expect_rejected([&] { any_layer_t{with([](auto& a) { a.gate.k = 0; })}; }, "k");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.gate.k = 3; })}; }, "k");  // ≠ static k
   expect_rejected(
       [&] { layer<gating::top_k<8>, layout::capacity, comm::single_rank, ffn_t>{good}; }, "k");
-  expect_rejected([&] { layer_t{with([](auto& a) { a.experts = 0; })}; }, "experts");
-  expect_rejected([&] { layer_t{with([](auto& a) { a.capacity_factor = NAN; })}; },
+  expect_rejected([&] { layer_t{with([](auto& a) { a.gate.experts = 0; })}; }, "experts");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.gate.capacity_factor = NAN; })}; },
                   "capacity_factor");
   expect_rejected(
       [&] {
-        layer_t{with([](auto& a) { a.capacity_factor = std::numeric_limits<float>::infinity(); })};
+        layer_t{
+            with([](auto& a) { a.gate.capacity_factor = std::numeric_limits<float>::infinity(); })};
       },
       "capacity_factor");
   // ⌊0.1·⌈16/4⌉⌋ = 0: capacity 0 would drop every token.
-  expect_rejected([&] { layer_t{with([](auto& a) { a.capacity_factor = 0.1f; })}; },
+  expect_rejected([&] { layer_t{with([](auto& a) { a.gate.capacity_factor = 0.1f; })}; },
                   "capacity_factor");
-  expect_rejected([&] { layer_t{with([](auto& a) { a.tokens = 0; })}; }, "tokens");
+  expect_rejected([&] { layer_t{with([](auto& a) { a.gate.tokens = 0; })}; }, "tokens");
   expect_rejected([&] { layer_t{with([](auto& a) { a.hidden = -1; })}; }, "hidden");
   expect_rejected([&] { layer_t{with([](auto& a) { a.ffn = 0; })}; }, "ffn");
-  expect_rejected([&] { layer_t{with([](auto& a) { a.capacity_alignment = 0; })}; },
+  expect_rejected([&] { layer_t{with([](auto& a) { a.gate.capacity_alignment = 0; })}; },
                   "capacity_alignment");
-  CHECK(layer_t::can_implement(with([](auto& a) { a.capacity_factor = 0; })).ok());  // dynamic
-  CHECK(layer_t::can_implement(with([](auto& a) { a.capacity_factor = -1; })).ok());
+  CHECK(layer_t::can_implement(with([](auto& a) { a.gate.capacity_factor = 0; })).ok());  // dynamic
+  CHECK(layer_t::can_implement(with([](auto& a) { a.gate.capacity_factor = -1; })).ok());
 }
 
 TEST_CASE("bad views are rejected before anything is written") {
   layer_t const layer(good);
   std::mt19937_64 rng(test::fresh_seed());
-  index_t const T = good.tokens, H = good.hidden;
+  index_t const T = good.gate.tokens, H = good.hidden;
   test::ffn_layer_storage<float> params(good, true), grads(good, true);
   params.randomize(rng, 0.5);
   test::host_tensor<float> x(T * H), y(T * H), dy(T * H), dx(T * H), wide(T * (H + 1));
@@ -94,13 +96,13 @@ TEST_CASE("bad views are rejected before anything is written") {
         forward(make_view(static_cast<float const*>(nullptr), T, H), p, y.view(T, H), ws.view()),
         "x");
     auto no_gate = p;
-    no_gate.gate_weight = make_view(static_cast<float const*>(nullptr), H, good.experts);
+    no_gate.gate_weight = make_view(static_cast<float const*>(nullptr), H, good.gate.experts);
     expect_rejected(forward(x.cview(T, H), no_gate, y.view(T, H), ws.view()), "params.gate_weight");
     auto bad_w1 = p;
-    bad_w1.expert.w1 = make_view(p.expert.w1.data_handle(), good.experts, good.ffn, H);
+    bad_w1.expert.w1 = make_view(p.expert.w1.data_handle(), good.gate.experts, good.ffn, H);
     expect_rejected(forward(x.cview(T, H), bad_w1, y.view(T, H), ws.view()), "params.expert.w1");
     auto bad_b2 = p;
-    bad_b2.expert.b2 = make_view(p.expert.b2.data_handle(), good.experts, H - 1);
+    bad_b2.expert.b2 = make_view(p.expert.b2.data_handle(), good.gate.experts, H - 1);
     expect_rejected(forward(x.cview(T, H), bad_b2, y.view(T, H), ws.view()), "params.expert.b2");
     expect_rejected(forward(x.cview(T, H), p, y.view(T, H), ws.view().first(ws.size() - 1)), "ws");
     test::host_tensor<float> big(2 * T * H);
@@ -117,7 +119,7 @@ TEST_CASE("bad views are rejected before anything is written") {
     expect_rejected(
         [&] { layer.backward(host, dy.cview(T, H), p, dx.view(T, H - 1), g, ws.view()); }, "dx");
     auto bad_g = g;
-    bad_g.expert.w2 = make_view(g.expert.w2.data_handle(), good.experts, H, good.ffn);
+    bad_g.expert.w2 = make_view(g.expert.w2.data_handle(), good.gate.experts, H, good.ffn);
     expect_rejected(
         [&] { layer.backward(host, dy.cview(T, H), p, dx.view(T, H), bad_g, ws.view()); },
         "gradients.expert.w2");
@@ -164,9 +166,9 @@ TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded"
   // The float reference runs on the same rounded inputs, so routing is identical and the
   // two differ by the final rounding of y alone: the host accumulates in double either way.
   layer_args const args{
-      .tokens = 32, .hidden = 16, .ffn = 24, .experts = 4, .capacity_factor = 2.0f};
+      .gate = {.tokens = 32, .experts = 4, .capacity_factor = 2.0f}, .hidden = 16, .ffn = 24};
   layer_t const layer(args);
-  index_t const T = args.tokens, H = args.hidden;
+  index_t const T = args.gate.tokens, H = args.hidden;
   host_buffer ws(layer.workspace_bytes(host));
 
   auto check_as = [&]<class E>(E, double tolerance) {
@@ -202,17 +204,17 @@ TEST_CASE("sizes whose workspace does not fit int64 are rejected, naming the arg
       layer<gating::top_any<>, layout::ragged, comm::single_rank, expert::ffn<act::relu>>;
   index_t const huge = index_t{1} << 62;
   // T = 2^62 once gave a workspace of 14,080 bytes and a forward that wrote past it.
-  layer_args const big{.tokens = huge,
+  layer_args const big{.gate = {.tokens = huge,
+                                .experts = 8,
+                                .k = 3,
+                                .capacity_factor = 0.75f,
+                                .capacity_alignment = 7},
                        .hidden = 3,
-                       .ffn = 12,
-                       .experts = 8,
-                       .top_k = 3,
-                       .capacity_factor = 0.75f,
-                       .capacity_alignment = 7};
+                       .ffn = 12};
   CHECK(relu_layer_t::can_implement(big).argument() == "tokens");
   expect_rejected([&] { relu_layer_t{big}; }, "tokens");
 
-  layer_args const fine{.tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .top_k = 2};
+  layer_args const fine{.gate = {.tokens = 16, .experts = 4, .k = 2}, .hidden = 8, .ffn = 12};
   REQUIRE(relu_layer_t::can_implement(fine).ok());
   auto with = [&](auto change) {
     layer_args a = fine;
@@ -222,30 +224,31 @@ TEST_CASE("sizes whose workspace does not fit int64 are rejected, naming the arg
   CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.hidden = huge; })).argument() ==
         "hidden");
   CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.ffn = huge; })).argument() == "ffn");
-  CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.experts = huge; })).argument() ==
+  CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.gate.experts = huge; })).argument() ==
         "experts");
   // Each fits alone; their product, the expert weights E·H·F, does not.
   CHECK(relu_layer_t::can_implement(with([&](auto& a) {
           a.hidden = index_t{1} << 20;
           a.ffn = index_t{1} << 20;
-          a.experts = index_t{1} << 14;
+          a.gate.experts = index_t{1} << 14;
         })).argument() == "ffn");
   // A huge finite factor: the float-to-integer step of the capacity was undefined.
   for (float f : {1e30f, std::numeric_limits<float>::max(), 1e19f, 1e15f}) {
     CAPTURE(f);
-    CHECK(relu_layer_t::can_implement(with([&](auto& a) { a.capacity_factor = f; })).argument() ==
-          "capacity_factor");
-    expect_rejected([&] { relu_layer_t{with([&](auto& a) { a.capacity_factor = f; })}; },
+    CHECK(relu_layer_t::can_implement(with([&](auto& a) {
+            a.gate.capacity_factor = f;
+          })).argument() == "capacity_factor");
+    expect_rejected([&] { relu_layer_t{with([&](auto& a) { a.gate.capacity_factor = f; })}; },
                     "capacity_factor");
   }
   // A capped dynamic factor of any size is fine: the capacity is at most the largest load.
-  CHECK(relu_layer_t::can_implement(with([](auto& a) { a.capacity_factor = -1e30f; })).ok());
+  CHECK(relu_layer_t::can_implement(with([](auto& a) { a.gate.capacity_factor = -1e30f; })).ok());
   // An alignment of 2^62 once passed can_implement and threw after writing the workspace.
   CHECK(relu_layer_t::can_implement(with([&](auto& a) {
-          a.capacity_alignment = huge;
+          a.gate.capacity_alignment = huge;
         })).argument() == "capacity_alignment");
   CHECK(relu_layer_t::can_implement(with([](auto& a) {
-          a.capacity_alignment = index_t{1} << 50;
+          a.gate.capacity_alignment = index_t{1} << 50;
         })).argument() == "capacity_alignment");
   CHECK(ragged_layer_t::can_implement(with([&](auto& a) {
           a.expert_row_alignment = huge;
@@ -254,53 +257,91 @@ TEST_CASE("sizes whose workspace does not fit int64 are rejected, naming the arg
           a.expert_row_alignment = index_t{1} << 50;
         })).argument() == "expert_row_alignment");
   CHECK(ragged_layer_t::can_implement(with([&](auto& a) {
-          a.tokens = index_t{1} << 50;
+          a.gate.tokens = index_t{1} << 50;
         })).argument() == "tokens");
   CHECK(ragged_layer_t::can_implement(fine).ok());
 }
 
+namespace {
+
+/// One host layer with random float parameters and inputs, poisoned outputs, and a
+/// workspace: the calls of the tests below, `t` tokens each.
+struct host_call {
+  layer_t layer;
+  index_t hidden;
+  test::ffn_layer_storage<float> params, grads;
+  test::host_tensor<float> x, y, dy, dx;
+  host_buffer ws;
+
+  explicit host_call(layer_args const& a)
+      : layer(a),
+        hidden(a.hidden),
+        params(a, true),
+        grads(a, true),
+        x(size(a)),
+        y(size(a)),
+        dy(size(a)),
+        dx(size(a)),
+        ws(layer.workspace_bytes(host)) {
+    std::mt19937_64 rng(test::fresh_seed());
+    params.randomize(rng, 0.5);
+    x.randomize(rng);
+    dy.randomize(rng);
+    y.poison();
+    dx.poison();
+  }
+  static index_t size(layer_args const& a) { return a.gate.tokens * a.hidden; }
+  status can_forward(index_t t) {
+    return layer.can_implement<float>(host, x.cview(t, hidden), params.params<ffn_t>(),
+                                      y.view(t, hidden), ws.view());
+  }
+  void forward(index_t t) {
+    layer.forward(host, x.cview(t, hidden), params.params<ffn_t>(), y.view(t, hidden), ws.view());
+  }
+  status can_backward(index_t t, index_t dx_width) {
+    return layer.can_implement<float>(host, dy.cview(t, hidden), params.params<ffn_t>(),
+                                      dx.view(t, dx_width), grads.gradients<ffn_t>(), ws.view());
+  }
+  void backward(index_t t) {
+    layer.backward(host, dy.cview(t, hidden), params.params<ffn_t>(), dx.view(t, hidden),
+                   grads.gradients<ffn_t>(), ws.view());
+  }
+};
+
+}  // namespace
+
 TEST_CASE("can_implement and forward agree on tokens that do not fill the local groups") {
-  layer_args const grouped{
-      .tokens = 16, .hidden = 8, .ffn = 12, .experts = 4, .capacity_factor = 1.25f, .groups = 2};
-  layer_t const layer(grouped);
-  std::mt19937_64 rng(test::fresh_seed());
-  index_t const H = grouped.hidden;
-  test::ffn_layer_storage<float> params(grouped, true);
-  params.randomize(rng, 0.5);
-  test::host_tensor<float> x(16 * H), y(16 * H);
-  x.randomize(rng);
-  y.poison();
-  host_buffer ws(layer.workspace_bytes(host));
-  auto const p = params.params<ffn_t>();
-  status const s = layer.can_implement<float>(x.cview(3, H), p, y.view(3, H), ws.view());
-  CHECK_FALSE(s.ok());
-  CHECK(s.argument() == "x");
-  expect_rejected([&] { layer.forward(host, x.cview(3, H), p, y.view(3, H), ws.view()); }, "x");
-  CHECK(y.is_poisoned());
-  CHECK(layer.can_implement<float>(x.cview(4, H), p, y.view(4, H), ws.view()).ok());
+  host_call c({.gate = {.tokens = 16, .experts = 4, .capacity_factor = 1.25f, .groups = 2},
+               .hidden = 8,
+               .ffn = 12});
+  CHECK(c.can_forward(3).argument() == "x");
+  expect_rejected([&] { c.forward(3); }, "x");
+  CHECK(c.y.is_poisoned());
+  CHECK(c.can_forward(4).ok());
+}
+
+TEST_CASE("can_implement of a backward call says what backward would throw") {
+  host_call c(good);
+  std::memset(c.ws.view().data(), 0, c.ws.view().size());  // holds no forward call
+  CHECK(c.can_backward(4, c.hidden).argument() == "ws");
+  c.forward(4);
+  CHECK(c.can_backward(4, c.hidden).ok());
+  CHECK(c.can_backward(8, c.hidden).argument() == "dy");  // not the forward call's tokens
+  expect_rejected([&] { c.backward(8); }, "dy");
+  CHECK(c.can_backward(4, c.hidden + 1).argument() == "dx");
+  CHECK(c.dx.is_poisoned());
 }
 
 TEST_CASE("can_implement and forward agree on a non-finite expert_bias") {
   // layer_args_fuzz: can_implement(views) accepted a call whose host router then threw.
   float const bias[4] = {0.0f, std::numeric_limits<float>::infinity(), 0.0f, 0.0f};
-  layer_args const args{
-      .tokens = 4, .hidden = 8, .ffn = 12, .experts = 4, .expert_bias = span<float const>(bias, 4)};
-  layer_t const layer(args);  // the bias's size is right; its values are the call's
-  std::mt19937_64 rng(test::fresh_seed());
-  index_t const H = args.hidden;
-  test::ffn_layer_storage<float> params(args, true);
-  params.randomize(rng, 0.5);
-  test::host_tensor<float> x(4 * H), y(4 * H);
-  x.randomize(rng);
-  y.poison();
-  host_buffer ws(layer.workspace_bytes(host));
-  auto const p = params.params<ffn_t>();
-  status const s = layer.can_implement<float>(x.cview(4, H), p, y.view(4, H), ws.view());
-  CHECK_FALSE(s.ok());
-  CHECK(s.argument() == "expert_bias");
-  expect_rejected([&] { layer.forward(host, x.cview(4, H), p, y.view(4, H), ws.view()); },
-                  "expert_bias");
-  CHECK(y.is_poisoned());
+  // The bias's size is right, so the layer is built; its values are the call's to check.
+  host_call c({.gate = {.tokens = 4, .experts = 4, .expert_bias = span<float const>(bias, 4)},
+               .hidden = 8,
+               .ffn = 12});
+  CHECK(c.can_forward(4).argument() == "expert_bias");
+  expect_rejected([&] { c.forward(4); }, "expert_bias");
+  CHECK(c.y.is_poisoned());
 }
 
 TEST_CASE("an empty test tensor can be poisoned") {

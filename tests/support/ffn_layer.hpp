@@ -19,7 +19,7 @@ struct ffn_layer_storage {
   host_tensor<T> b2{biases ? experts * hidden : 0};
 
   ffn_layer_storage(layer_args const& a, bool with_biases)
-      : hidden(a.hidden), ffn(a.ffn), experts(a.experts), biases(with_biases) {}
+      : hidden(a.hidden), ffn(a.ffn), experts(a.gate.experts), biases(with_biases) {}
 
   template <class Expert, class U>
   layer_params<U, Expert> views_as() {

@@ -57,12 +57,12 @@ namespace moe::gating {
 
 /// What the T of one call (x's rows) must be under `args`: at least 1 and a multiple of the
 /// local groups. The router and every entry point that takes x run this one check.
-inline status check_call_tokens(gate_args const& args, index_t tokens) {
-  if (tokens < 1) return status::failure("x", "has no tokens");
+inline status check_call_tokens(gate_args const& args, index_t tokens, char const* argument = "x") {
+  if (tokens < 1) return status::failure(argument, "has no tokens");
   if (args.groups > 1 && tokens % args.groups != 0)
-    return status::failure("x", "has " + std::to_string(tokens) +
-                                    " tokens, not a multiple of the " +
-                                    std::to_string(args.groups) + " local groups");
+    return status::failure(argument, "has " + std::to_string(tokens) +
+                                         " tokens, not a multiple of the " +
+                                         std::to_string(args.groups) + " local groups");
   return {};
 }
 

@@ -66,11 +66,6 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
 
   static expert::expert_shape shape_of(layer_type const& l) noexcept { return l.expert_shape(); }
 
-  static gating::capacity_args capacity_args_of(layer_type const& l, index_t tokens) {
-    gating::gate_args const g = layer_type::gate_args_of(l.args_);
-    return gating::capacity_args_of(g, Gate{}.k(g), gating::capacity_of<Gate>::rounding, tokens);
-  }
-
   /// Rows of the largest expert batch: what the workspace is sized for.
   static index_t max_rows(layer_type const& l) { return l.max_expert_rows(); }
 
@@ -88,20 +83,22 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
     };
     device_state<T> s;
     // First what does not depend on T, so that `stats` can find it without knowing T.
-    s.routing = gating::carve_device_routing(carver, a.tokens, tokens, a.experts, k, g.groups);
-    s.begin = integers(a.experts);
-    s.rows = integers(a.experts);
+    s.routing =
+        gating::carve_device_routing(carver, a.gate.tokens, tokens, a.gate.experts, k, g.groups);
+    s.begin = integers(a.gate.experts);
+    s.rows = integers(a.gate.experts);
     s.total_rows = carver.take<std::int64_t>(1);
     s.route_scratch = bytes(std::max(gating::route_workspace_bytes<T>(Gate{}, g, h),
                                      gating::route_backward_workspace_bytes<T>(Gate{}, g, h)));
     s.layout_scratch = bytes(layout::gather_workspace_bytes(most));
-    s.x = make_view(carver.take<T>(a.tokens * h), tokens, h);
+    s.x = make_view(carver.take<T>(a.gate.tokens * h), tokens, h);
     s.dispatched = batch();
     s.expert_out = batch();
     s.d_expert_out = batch();
     s.d_dispatched = batch();
-    s.d_weight = make_view(carver.take<float>(a.tokens * k), tokens, k);
-    s.d_logits = make_view(carver.take<float>(a.tokens * a.experts), tokens, a.experts);
+    s.d_weight = make_view(carver.take<float>(a.gate.tokens * k), tokens, k);
+    s.d_logits =
+        make_view(carver.take<float>(a.gate.tokens * a.gate.experts), tokens, a.gate.experts);
     s.expert = Expert::template carve_device_state<T>(carver, shape_of(l), most, rows,
                                                       expert::expert_pass::training);
     return s;
@@ -113,7 +110,7 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
                   "moe::layer: Expert has no CUDA backend for this element type. Include its "
                   "kernels header (<moe/expert/kernels/ffn.cuh>, <moe/expert/kernels/glu.cuh>).");
     workspace_carver counter;
-    (void)carve<T>(l, counter, l.args_.tokens, max_rows(l));
+    (void)carve<T>(l, counter, l.args_.gate.tokens, max_rows(l));
     return counter.bytes();
   }
 
@@ -130,9 +127,9 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
   static batch_shape shape_of_batch(layer_type const& l, cuda_backend cuda,
                                     device_state<T> const& s, index_t tokens) {
     batch_shape b;
-    index_t const experts = l.args_.experts;
+    index_t const experts = l.args_.gate.experts;
     if constexpr (Layout::drops_tokens) {
-      gating::capacity_args const cap = capacity_args_of(l, tokens);
+      gating::capacity_args const cap = layer_type::sizes::capacity_args_of(l.args_, tokens);
       b.capacity = gating::is_dynamic_capacity(cap)
                        ? gating::read_summary(cuda, s.routing).capacity  // synchronises
                        : gating::resolve_capacity(cap, 0);
@@ -158,7 +155,7 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
   template <class T>
   static auto segments_of(layer_type const& l, device_state<T> const& s, batch_shape const& b) {
     if constexpr (Layout::drops_tokens)
-      return expert::uniform_segments{.experts = l.args_.experts,
+      return expert::uniform_segments{.experts = l.args_.gate.experts,
                                       .capacity = b.capacity,
                                       .claimed = {s.rows.data(), s.rows.size()}};
     else
@@ -167,28 +164,13 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
   }
 
   template <class T>
-  static void check_workspace(layer_type const& l, cuda_backend cuda, workspace ws) {
-    std::size_t const needed = workspace_bytes<T>(l, cuda);
-    MOE_EXPECTS(ws.size() >= needed && ws.data() != nullptr, "ws",
-                "holds " + std::to_string(ws.size()) + " bytes; " + std::to_string(needed) +
-                    " are needed (workspace_bytes<T>(cuda))");
-  }
-
-  template <class T>
   static void forward(layer_type const& l, cuda_backend cuda, matrix_view<T const> x,
                       typename layer_type::template params<T> const& p, matrix_view<T> y,
                       workspace ws) {
     static_assert(dtype_traits<std::remove_cv_t<T>>::device_supported,
                   "moe::layer: the CUDA backend takes float, __half or __nv_bfloat16 elements.");
-    MOE_EXPECTS(cuda.blas != nullptr, "cuda.blas", "no cuBLAS handle: pass one (moe::blas_handle)");
+    l.template can_implement<T>(cuda, x, p, y, ws).throw_if_failed();
     index_t const tokens = x.extent(0);
-    MOE_EXPECTS(tokens >= 1 && tokens <= l.args_.tokens, "x",
-                "has " + std::to_string(tokens) + " tokens; the layer takes 1 to " +
-                    std::to_string(l.args_.tokens));
-    check_extents(x, "x", {tokens, l.args_.hidden}).throw_if_failed();
-    check_extents(y, "y", {tokens, l.args_.hidden}).throw_if_failed();
-    l.check_params(p, "params").throw_if_failed();
-    check_workspace<T>(l, cuda, ws);
 
     workspace_carver sizing(ws);
     device_state<T> s = carve<T>(l, sizing, tokens, max_rows(l));
@@ -213,16 +195,8 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
   static void backward(layer_type const& l, cuda_backend cuda, matrix_view<T const> dy,
                        typename layer_type::template params<T> const& p, matrix_view<T> dx,
                        typename layer_type::template gradients<T> const& grads, workspace ws) {
-    MOE_EXPECTS(cuda.blas != nullptr, "cuda.blas", "no cuBLAS handle: pass one (moe::blas_handle)");
+    l.template can_implement<T>(cuda, dy, p, dx, grads, ws).throw_if_failed();
     index_t const tokens = dy.extent(0);
-    MOE_EXPECTS(tokens >= 1 && tokens <= l.args_.tokens, "dy",
-                "has " + std::to_string(tokens) + " tokens; the layer takes 1 to " +
-                    std::to_string(l.args_.tokens));
-    check_extents(dy, "dy", {tokens, l.args_.hidden}).throw_if_failed();
-    check_extents(dx, "dx", {tokens, l.args_.hidden}).throw_if_failed();
-    l.check_params(p, "params").throw_if_failed();
-    l.check_params(grads, "gradients").throw_if_failed();
-    check_workspace<T>(l, cuda, ws);
 
     workspace_carver sizing(ws);
     device_state<T> s = carve<T>(l, sizing, tokens, max_rows(l));
@@ -244,15 +218,15 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
 
   static layer_stats stats(layer_type const& l, cuda_backend cuda, workspace ws, index_t tokens) {
     layer_args const& a = l.args_;
-    MOE_EXPECTS(tokens >= 1 && tokens <= a.tokens, "tokens",
-                "must be the forward call's, 1 to " + std::to_string(a.tokens));
+    MOE_EXPECTS(tokens >= 1 && tokens <= a.gate.tokens, "tokens",
+                "must be the forward call's, 1 to " + std::to_string(a.gate.tokens));
     MOE_EXPECTS(ws.data() != nullptr, "ws", "null: no forward call's state");
     // The prefix of `carve`, which does not depend on the element type.
     auto prefix = [&](workspace_carver& carver) {
-      gating::device_routing const r =
-          gating::carve_device_routing(carver, a.tokens, tokens, a.experts, l.k(), a.groups);
-      (void)carver.take<std::int64_t>(a.experts);  // begin
-      (void)carver.take<std::int64_t>(a.experts);  // rows
+      gating::device_routing const r = gating::carve_device_routing(
+          carver, a.gate.tokens, tokens, a.gate.experts, l.k(), a.gate.groups);
+      (void)carver.take<std::int64_t>(a.gate.experts);  // begin
+      (void)carver.take<std::int64_t>(a.gate.experts);  // rows
       return std::pair{r, carver.take<std::int64_t>(1)};
     };
     {
@@ -266,7 +240,7 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
     auto const [r, total_rows] = prefix(carver);
 
     gating::routing_summary const summary = gating::read_summary(cuda, r);  // synchronises
-    index_t rows = a.experts * summary.capacity;
+    index_t rows = a.gate.experts * summary.capacity;
     if constexpr (!Layout::drops_tokens) {
       std::int64_t total = 0;
       MOE_CUDA_TRY(
@@ -280,8 +254,8 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
             .dropped = summary.dropped,
             .aux_loss = summary.aux_loss,
             .z_loss = summary.z_loss,
-            .loss = a.aux_loss_coef * summary.aux_loss + a.z_loss_coef * summary.z_loss,
-            .load = {r.load.data_handle(), static_cast<std::size_t>(a.experts)}};
+            .loss = a.gate.aux_loss_coef * summary.aux_loss + a.gate.z_loss_coef * summary.z_loss,
+            .load = {r.load.data_handle(), static_cast<std::size_t>(a.gate.experts)}};
   }
 
  private:
@@ -294,7 +268,7 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
   static void lay_out(layer_type const& l, cuda_backend cuda, device_state<T> const& s,
                       index_t tokens) {
     layout::layout_args const a{.tokens = tokens,
-                                .experts = l.args_.experts,
+                                .experts = l.args_.gate.experts,
                                 .k = l.k(),
                                 .capacity = 0,
                                 .row_alignment = l.args_.expert_row_alignment};
