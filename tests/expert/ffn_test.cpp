@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Hand-computed forward and backward of the FFN expert on the host, and its activations.
 
-#include "../support/random.hpp"
+#include "two_layer_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -39,11 +39,8 @@ TEST_CASE("ffn forward and backward by hand: one expert, one used row of two") {
       make_view(b2.data(), 1, 1)};
   CHECK(ffn::check(p, shape, "p").ok());
 
-  workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 2, 2);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 2, 2);
+  test::owned_host_state<ffn> const host_state(shape, 2);
+  auto const& state = host_state.state;
 
   std::array<double, 2> in{2, 9};  // row 1 is outside the expert's segment: ignored
   std::array<double, 2> out{-1, -1};
@@ -83,11 +80,8 @@ TEST_CASE("an expert that received no row gets zero gradients, not garbage") {
                                            b2.cview(2, 3)};
   expert::ffn_params<double> const g{dw1.view(2, 3, 4), db1.view(2, 4), dw2.view(2, 4, 3),
                                      db2.view(2, 3)};
-  workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 4, 4);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 4, 4);
+  test::owned_host_state<ffn> const host_state(shape, 4);
+  auto const& state = host_state.state;
   // The capacity layout's batch with C = 2: expert 0 holds rows [0, 2), expert 1 received
   // nothing (its rows [2, 4) are no expert's).
   std::array<std::int64_t, 2> const begin{0, 2}, rows{2, 0};
@@ -127,11 +121,8 @@ TEST_CASE("ffn over a batch with gaps: each expert's segment, padding rows zero"
     std::array<std::int64_t, 2> const counts{2, 1};
     expert::row_segments const segments{begin, counts};
     for (auto* t : {&r.out, &r.d_in, &r.dw1, &r.db1, &r.dw2, &r.db2}) t->poison();
-    workspace_carver counter;
-    (void)ffn::carve_host_state(counter, shape, rows, rows);
-    host_buffer buffer(counter.bytes());
-    workspace_carver carver(buffer.view());
-    auto const state = ffn::carve_host_state(carver, shape, rows, rows);
+    test::owned_host_state<ffn> const host_state(shape, rows);
+    auto const& state = host_state.state;
     ffn::forward(host, shape, p, segments, r.in.cview(rows, 3), r.out.view(rows, 3), state);
     ffn::backward(host, shape, p, segments, r.in.cview(rows, 3), r.d_out.cview(rows, 3),
                   r.d_in.view(rows, 3),
@@ -178,11 +169,8 @@ TEST_CASE("ffn rejects segments that overlap or leave the batch, writing nothing
   std::array<double, 2> const w1{1, 2}, w2{3, 4};
   expert::ffn_params<double const> const p{
       make_view(w1.data(), 2, 1, 1), {}, make_view(w2.data(), 2, 1, 1), {}};
-  workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 4, 4);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 4, 4);
+  test::owned_host_state<ffn> const host_state(shape, 4);
+  auto const& state = host_state.state;
   std::array<double, 4> const in{1, 2, 3, 4};
   test::host_tensor<double> out(4);
 
