@@ -7,7 +7,7 @@
 //   gated   (expert::glu, glu.hpp):  F1 = 2·F,  pre = [gate | up],  h = act(gate) ⊙ up
 //
 // Each policy keeps its own parameter names (ffn_params: w1, b1; glu_params: w13, b13); the
-// code below sees either as the first GEMM's weight and bias of width F1 (`first_layer`).
+// backends see either as the first GEMM's weight and bias of width F1 (detail::first_layer).
 //
 // Host backend: forward and backward over the expert batch (expert::row_segments: each
 // expert's segment of an (rows, hidden) matrix), in float64. Experts that received no row
@@ -66,6 +66,8 @@ using ffn_params = two_layer_params<T, false>;
 template <class T>
 using glu_params = two_layer_params<T, true>;
 
+namespace detail {
+
 /// The first GEMM's weight and bias under one name (w1, b1, of width F1): what the backends
 /// compute with.
 template <class T>
@@ -76,6 +78,8 @@ template <class T>
 ffn_params<T> first_layer(glu_params<T> const& p) noexcept {
   return {p.w13, p.b13, p.w2, p.b2};
 }
+
+}  // namespace detail
 
 /// The two-GEMM expert with activation `Act` (act::relu, act::gelu, act::silu).
 /// @tparam Gated false: expert::ffn; true: expert::glu, whose first GEMM is [gate | up]
@@ -103,7 +107,7 @@ struct two_layer {
     std::string const prefix = std::string(name) + ".";
     std::string const w1_name = Gated ? "w13" : "w1", b1_name = Gated ? "b13" : "b1";
     index_t const f1 = first_width(s);
-    ffn_params<T> const layers = first_layer(p);
+    ffn_params<T> const layers = detail::first_layer(p);
     if (auto st = check_extents(layers.w1, (prefix + w1_name).c_str(), {s.experts, s.hidden, f1});
         !st)
       return st;
@@ -191,7 +195,8 @@ struct two_layer {
                       matrix_view<std::type_identity_t<T>> out,
                       device_state<std::type_identity_t<T>> const& state) {
     check_forward(cuda, s, p, segments, in, out, state).throw_if_failed();
-    detail::cuda_backend_of<two_layer>::forward(cuda, s, first_layer(p), segments, in, out, state);
+    detail::cuda_backend_of<two_layer>::forward(cuda, s, detail::first_layer(p), segments, in, out,
+                                                state);
   }
 
   /// Backward on the CUDA backend, after `forward` with the same state and segments: d_in
@@ -209,8 +214,8 @@ struct two_layer {
       matrix_view<std::type_identity_t<T> const> d_out, matrix_view<std::type_identity_t<T>> d_in,
       params<G> const& g, device_state<std::type_identity_t<T>> const& state) {
     check_backward(cuda, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
-    detail::cuda_backend_of<two_layer>::backward(cuda, s, first_layer(p), segments, in, d_out, d_in,
-                                                 first_layer(g), state);
+    detail::cuda_backend_of<two_layer>::backward(cuda, s, detail::first_layer(p), segments, in,
+                                                 d_out, d_in, detail::first_layer(g), state);
   }
 
   // --- host backend ---------------------------------------------------------------------
@@ -227,7 +232,7 @@ struct two_layer {
                       matrix_view<double> out, host_state const& state) {
     check_batch(s, segments, in, out, state).throw_if_failed();
     std::fill_n(out.data_handle(), element_count(out), 0.0);
-    ffn_params<T const> const layers = first_layer(p);
+    ffn_params<T const> const layers = detail::first_layer(p);
     index_t const f1 = first_width(s);
     for (index_t e = 0; e < s.experts; ++e) {
       index_t const first = segments.begin[e], n = segments.rows[e];
@@ -264,8 +269,8 @@ struct two_layer {
     check_batch(s, segments, in, d_in, state).throw_if_failed();
     check_extents(d_out, "d_out", {in.extent(0), s.hidden}).throw_if_failed();
     std::fill_n(d_in.data_handle(), element_count(d_in), 0.0);
-    ffn_params<T const> const layers = first_layer(p);
-    ffn_params<G> const grads = first_layer(g);
+    ffn_params<T const> const layers = detail::first_layer(p);
+    ffn_params<G> const grads = detail::first_layer(g);
     index_t const f1 = first_width(s);
     auto store = [](auto& view, double v) {
       view = from_accumulate<G>(static_cast<accumulate_t<G>>(v));

@@ -203,7 +203,7 @@ void launch_over_experts(typename K::params p, cuda_backend const& cuda) {
 }
 
 /// The CUDA backend of the two-GEMM expert, on the first GEMM's weight of width F1 (see
-/// first_layer). Its caller (two_layer) has checked every argument; nothing here throws but
+/// detail::first_layer). Its caller (two_layer) has checked every argument; nothing here throws but
 /// cuda_error and cublas_error.
 /// @tparam Gated false: ffn; true: glu, whose first GEMM's columns are [gate | up]
 template <act::activation Act, bool Gated>
