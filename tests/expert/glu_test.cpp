@@ -115,47 +115,28 @@ void check_expert_gradients(bool biases) {
 }  // namespace
 
 TEST_CASE("glu forward and backward by hand: [gate | up] halves, one used row of two") {
-  using glu = expert::glu<act::relu>;  // ReGLU: exact numbers
-  expert::expert_shape const shape{.experts = 1, .hidden = 1, .ffn = 2};
-  //                       gate      up
-  std::array<double, 4> const w13{1, -1, 2, 0.5}, b13{0.5, 0.5, 0, 1};
-  std::array<double, 2> const w2{3, 4};
-  std::array<double, 1> const b2{1};
-  expert::glu_params<double const> const p{
-      make_view(w13.data(), 1, 1, 4), make_view(b13.data(), 1, 4), make_view(w2.data(), 1, 2, 1),
-      make_view(b2.data(), 1, 1)};
-  CHECK(glu::check(p, shape, "p").ok());
-
-  test::owned_host_state<glu> const host_state(shape, 2);
-  auto const& state = host_state.state;
-
-  std::array<double, 2> const in{2, 9};  // row 1 is outside the expert's segment: ignored
-  std::array<double, 2> out{-1, -1};
-  std::array<std::int64_t, 1> const begin{0}, rows{1};
-  expert::row_segments const segments{begin, rows};
-  glu::forward(host, shape, p, segments, make_view(in.data(), 2, 1), make_view(out.data(), 2, 1),
-               state);
+  // ReGLU: exact numbers. x = 2 in row 0; row 1 (x = 9) is outside the expert's segment.
+  auto const r = test::run_by_hand<expert::glu<act::relu>>({.ffn = 2,
+                                                            // W13: gate | up
+                                                            .w1 = {1, -1, 2, 0.5},
+                                                            // b13: gate | up
+                                                            .b1 = {0.5, 0.5, 0, 1},
+                                                            .w2 = {3, 4},
+                                                            .b2 = {1},
+                                                            .in = {2, 9},
+                                                            .d_out = {1, 7}});
   // gate = 2·(1, −1) + (0.5, 0.5) = (2.5, −1.5); up = 2·(2, 0.5) + (0, 1) = (4, 2);
   // h = relu(gate) ⊙ up = (10, 0); out = 10·3 + 0·4 + 1 = 31.
-  CHECK(out[0] == Approx(31));
-  CHECK(out[1] == 0);
-
-  std::array<double, 2> const d_out{1, 7};
-  std::array<double, 2> d_in{-1, -1}, dw2{-1, -1};
-  std::array<double, 4> dw13{-1, -1, -1, -1}, db13{-1, -1, -1, -1};
-  std::array<double, 1> db2{-1};
-  expert::glu_params<double> const g{make_view(dw13.data(), 1, 1, 4), make_view(db13.data(), 1, 4),
-                                     make_view(dw2.data(), 1, 2, 1), make_view(db2.data(), 1, 1)};
-  glu::backward(host, shape, p, segments, make_view(in.data(), 2, 1), make_view(d_out.data(), 2, 1),
-                make_view(d_in.data(), 2, 1), g, state);
+  CHECK(r.out[0] == Approx(31));
+  CHECK(r.out[1] == 0);
   // dh = d_out · W2ᵀ = (3, 4); dg = dh ⊙ up ⊙ relu'(gate) = (12, 0); du = dh ⊙ relu(gate) =
   // (7.5, 0); dW2 = h = (10, 0); db2 = 1; dW13 = x · [dg | du] = (24, 0 | 15, 0);
   // db13 = (12, 0 | 7.5, 0); d_in = [dg | du] · W13ᵀ = 12·1 + 0·(−1) + 7.5·2 + 0·0.5 = 27.
-  CHECK(dw2 == std::array<double, 2>{10, 0});
-  CHECK(db2[0] == 1);
-  CHECK(dw13 == std::array<double, 4>{24, 0, 15, 0});
-  CHECK(db13 == std::array<double, 4>{12, 0, 7.5, 0});
-  CHECK(d_in == std::array<double, 2>{27, 0});
+  CHECK(r.w2 == std::vector<double>{10, 0});
+  CHECK(r.b2[0] == 1);
+  CHECK(r.w1 == std::vector<double>{24, 0, 15, 0});
+  CHECK(r.b1 == std::vector<double>{12, 0, 7.5, 0});
+  CHECK(r.d_in == std::vector<double>{27, 0});
 }
 
 TEST_CASE("glu rejects a W13 that is not (experts, hidden, 2·ffn)") {
