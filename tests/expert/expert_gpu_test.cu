@@ -15,6 +15,7 @@
 #include "../support/device.hpp"
 #include "../support/expect.hpp"
 #include "../support/random.hpp"
+#include "two_layer_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -112,21 +113,7 @@ batch make_batch(batch_kind kind, index_t experts) {
   return b;
 }
 
-/// Host storage of a two-GEMM expert's parameters: W1 is (E, H, F1).
-template <class T>
-struct expert_tensors {
-  expert::expert_shape shape;
-  index_t width;
-  bool biases;
-  test::host_tensor<T> w1{shape.experts * shape.hidden * width};
-  test::host_tensor<T> b1{biases ? shape.experts * width : 0};
-  test::host_tensor<T> w2{shape.experts * shape.ffn * shape.hidden};
-  test::host_tensor<T> b2{biases ? shape.experts * shape.hidden : 0};
-
-  std::vector<test::host_tensor<T>*> all() { return {&w1, &b1, &w2, &b2}; }
-};
-
-/// The same on the device.
+/// A two-GEMM expert's parameters on the device: W1 is (E, H, F1).
 template <class T>
 struct device_tensors {
   expert::expert_shape shape;
@@ -150,27 +137,6 @@ struct device_tensors {
             bias(b2, shape.hidden)};
   }
 };
-
-template <class X, class U>
-typename X::template params<U> host_views(expert_tensors<std::remove_const_t<U>>& t) {
-  index_t const e = t.shape.experts;
-  auto bias = [&](auto& b, index_t n) {
-    return t.biases ? make_view(static_cast<U*>(b.data.data()), e, n) : matrix_view<U>{};
-  };
-  return {make_view(static_cast<U*>(t.w1.data.data()), e, t.shape.hidden, t.width),
-          bias(t.b1, t.width),
-          make_view(static_cast<U*>(t.w2.data.data()), e, t.shape.ffn, t.shape.hidden),
-          bias(t.b2, t.shape.hidden)};
-}
-
-template <class X>
-constexpr index_t width_factor() {
-  if constexpr (requires { typename X::template params<float>; } &&
-                std::is_same_v<typename X::template params<float>, expert::glu_params<float>>)
-    return 2;
-  else
-    return 1;
-}
 
 /// What one device run gives back.
 template <class T, class G>
@@ -241,9 +207,9 @@ void compare_with_host(batch_kind kind, bool biases, expert::expert_shape const&
                << (biases ? "biases" : "no biases") << ", E " << shape.experts);
   std::mt19937_64 rng(seed);
   batch const b = make_batch(kind, shape.experts);
-  index_t const rows = b.rows, h = shape.hidden, width = width_factor<X>() * shape.ffn;
+  index_t const rows = b.rows, h = shape.hidden, width = X::first_width(shape);
 
-  expert_tensors<T> host_params{shape, width, biases};
+  test::two_layer_tensors<T> host_params{shape, width, biases};
   for (auto* t : host_params.all()) t->randomize(rng, 0.5);
   test::host_tensor<T> in(rows * h), d_out(rows * h);
   in.randomize(rng);  // rows of no expert hold values too: they must not leak
@@ -256,18 +222,15 @@ void compare_with_host(batch_kind kind, bool biases, expert::expert_shape const&
     in_d.data[i] = to_accumulate(in.data[i]);
     d_out_d.data[i] = to_accumulate(d_out.data[i]);
   }
-  expert_tensors<double> grads_ref{shape, width, biases};
+  test::two_layer_tensors<double> grads_ref{shape, width, biases};
   {
-    workspace_carver counter;
-    (void)X::carve_host_state(counter, shape, rows, rows);
-    host_buffer buffer(counter.bytes());
-    workspace_carver carver(buffer.view());
-    auto const state = X::carve_host_state(carver, shape, rows, rows);
+    test::owned_host_state<X> const host_state(shape, rows);
+    auto const& state = host_state.state;
     expert::row_segments const segments{b.begin, b.counts};
-    auto const p = host_views<X, T const>(host_params);
+    auto const p = host_params.template views<X, T const>();
     X::forward(host, shape, p, segments, in_d.cview(rows, h), out_ref.view(rows, h), state);
     X::backward(host, shape, p, segments, in_d.cview(rows, h), d_out_d.cview(rows, h),
-                d_in_ref.view(rows, h), host_views<X, double>(grads_ref), state);
+                d_in_ref.view(rows, h), grads_ref.template views<X, double>(), state);
   }
 
   // Device, twice: the second backward must agree bit for bit (determinism).
@@ -399,7 +362,7 @@ TEST_CASE("a uniform batch's forward and backward replay from a CUDA graph, bit 
   batch const b = make_batch(batch_kind::uniform_counted, shape.experts);
   index_t const rows = b.rows;
 
-  expert_tensors<T> host_params{shape, width, true};
+  test::two_layer_tensors<T> host_params{shape, width, true};
   for (auto* t : host_params.all()) t->randomize(rng, 0.5);
   device_tensors<T> params{shape, width, true};
   device_tensors<T> grads{shape, width, true};

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Hand-computed forward and backward of the FFN expert on the host, and its activations.
 
-#include "../support/random.hpp"
+#include "two_layer_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -31,44 +31,24 @@ TEST_CASE("activations and their derivatives") {
 }
 
 TEST_CASE("ffn forward and backward by hand: one expert, one used row of two") {
-  using ffn = expert::ffn<act::relu>;
-  expert::expert_shape const shape{.experts = 1, .hidden = 1, .ffn = 2};
-  std::array<double, 2> const w1{1, -1}, b1{0.5, 0.5}, w2{3, 4}, b2{1};
-  expert::ffn_params<double const> const p{
-      make_view(w1.data(), 1, 1, 2), make_view(b1.data(), 1, 2), make_view(w2.data(), 1, 2, 1),
-      make_view(b2.data(), 1, 1)};
-  CHECK(ffn::check(p, shape, "p").ok());
-
-  workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 2, 2);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 2, 2);
-
-  std::array<double, 2> in{2, 9};  // row 1 is outside the expert's segment: ignored
-  std::array<double, 2> out{-1, -1};
-  std::array<std::int64_t, 1> const begin{0}, rows{1};
-  expert::row_segments const segments{begin, rows};
-  ffn::forward(host, shape, p, segments, make_view(std::as_const(in).data(), 2, 1),
-               make_view(out.data(), 2, 1), state);
+  // x = 2 in row 0; row 1 (x = 9) is outside the expert's segment: ignored.
+  auto const r = test::run_by_hand<expert::ffn<act::relu>>({.ffn = 2,
+                                                            .w1 = {1, -1},
+                                                            .b1 = {0.5, 0.5},
+                                                            .w2 = {3, 4},
+                                                            .b2 = {1},
+                                                            .in = {2, 9},
+                                                            .d_out = {1, 7}});
   // pre = (2·1 + 0.5, 2·(−1) + 0.5) = (2.5, −1.5); relu → (2.5, 0); out = 2.5·3 + 0·4 + 1.
-  CHECK(out[0] == Approx(8.5));
-  CHECK(out[1] == 0);
-
-  std::array<double, 2> const d_out{1, 7};
-  std::array<double, 2> d_in{-1, -1}, dw1{-1, -1}, db1{-1, -1}, dw2{-1, -1};
-  std::array<double, 1> db2{-1};
-  expert::ffn_params<double> const g{make_view(dw1.data(), 1, 1, 2), make_view(db1.data(), 1, 2),
-                                     make_view(dw2.data(), 1, 2, 1), make_view(db2.data(), 1, 1)};
-  ffn::backward(host, shape, p, segments, make_view(std::as_const(in).data(), 2, 1),
-                make_view(d_out.data(), 2, 1), make_view(d_in.data(), 2, 1), g, state);
+  CHECK(r.out[0] == Approx(8.5));
+  CHECK(r.out[1] == 0);
   // d_pre = (3·1, 4·1·relu'(−1.5)) = (3, 0); dW2 = act = (2.5, 0); db2 = 1;
   // dW1 = x · d_pre = (6, 0); db1 = (3, 0); d_in = d_pre · W1ᵀ = 3.
-  CHECK(dw2 == std::array<double, 2>{2.5, 0});
-  CHECK(db2[0] == 1);
-  CHECK(dw1 == std::array<double, 2>{6, 0});
-  CHECK(db1 == std::array<double, 2>{3, 0});
-  CHECK(d_in == std::array<double, 2>{3, 0});
+  CHECK(r.w2 == std::vector<double>{2.5, 0});
+  CHECK(r.b2[0] == 1);
+  CHECK(r.w1 == std::vector<double>{6, 0});
+  CHECK(r.b1 == std::vector<double>{3, 0});
+  CHECK(r.d_in == std::vector<double>{3, 0});
 }
 
 TEST_CASE("an expert that received no row gets zero gradients, not garbage") {
@@ -83,11 +63,8 @@ TEST_CASE("an expert that received no row gets zero gradients, not garbage") {
                                            b2.cview(2, 3)};
   expert::ffn_params<double> const g{dw1.view(2, 3, 4), db1.view(2, 4), dw2.view(2, 4, 3),
                                      db2.view(2, 3)};
-  workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 4, 4);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 4, 4);
+  test::owned_host_state<ffn> const host_state(shape, 4);
+  auto const& state = host_state.state;
   // The capacity layout's batch with C = 2: expert 0 holds rows [0, 2), expert 1 received
   // nothing (its rows [2, 4) are no expert's).
   std::array<std::int64_t, 2> const begin{0, 2}, rows{2, 0};
@@ -127,11 +104,8 @@ TEST_CASE("ffn over a batch with gaps: each expert's segment, padding rows zero"
     std::array<std::int64_t, 2> const counts{2, 1};
     expert::row_segments const segments{begin, counts};
     for (auto* t : {&r.out, &r.d_in, &r.dw1, &r.db1, &r.dw2, &r.db2}) t->poison();
-    workspace_carver counter;
-    (void)ffn::carve_host_state(counter, shape, rows, rows);
-    host_buffer buffer(counter.bytes());
-    workspace_carver carver(buffer.view());
-    auto const state = ffn::carve_host_state(carver, shape, rows, rows);
+    test::owned_host_state<ffn> const host_state(shape, rows);
+    auto const& state = host_state.state;
     ffn::forward(host, shape, p, segments, r.in.cview(rows, 3), r.out.view(rows, 3), state);
     ffn::backward(host, shape, p, segments, r.in.cview(rows, 3), r.d_out.cview(rows, 3),
                   r.d_in.view(rows, 3),
@@ -178,11 +152,8 @@ TEST_CASE("ffn rejects segments that overlap or leave the batch, writing nothing
   std::array<double, 2> const w1{1, 2}, w2{3, 4};
   expert::ffn_params<double const> const p{
       make_view(w1.data(), 2, 1, 1), {}, make_view(w2.data(), 2, 1, 1), {}};
-  workspace_carver counter;
-  (void)ffn::carve_host_state(counter, shape, 4, 4);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = ffn::carve_host_state(carver, shape, 4, 4);
+  test::owned_host_state<ffn> const host_state(shape, 4);
+  auto const& state = host_state.state;
   std::array<double, 4> const in{1, 2, 3, 4};
   test::host_tensor<double> out(4);
 

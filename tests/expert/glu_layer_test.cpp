@@ -3,7 +3,7 @@
 // either layout, and the layer's backward through it matches finite differences of every
 // parameter (gate, W13, b13, W2, b2) and of x, with tokens dropped and with padded rows.
 
-#include "../support/random.hpp"
+#include "two_layer_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -77,29 +77,11 @@ void check_layer_gradients(layer_args const& args, bool biases) {
   auto const dropped = layer.stats(host, ws.view()).dropped;
   if (!Layout::drops_tokens) CHECK(dropped == 0);
 
-  double const eps = 1e-6;
-  auto numeric = [&](double& v) {
-    double const saved = v;
-    v = saved + eps;
-    double const up = objective();
-    v = saved - eps;
-    double const down = objective();
-    v = saved;
-    return (up - down) / (2 * eps);
-  };
-  auto expect_close = [](double analytic, double numeric_value, char const* what, std::size_t i) {
-    double const scale = std::max({1.0, std::abs(analytic), std::abs(numeric_value)});
-    INFO(what << "[" << i << "]: analytic " << analytic << ", numeric " << numeric_value);
-    CHECK(std::abs(analytic - numeric_value) <= 1e-6 * scale);
-  };
-  char const* names[] = {"d_gate_weight", "d_w13", "d_b13", "d_w2", "d_b2"};
-  auto const all_params = params.all();
-  auto const all_grads = grads.all();
-  for (std::size_t n = 0; n < all_params.size(); ++n)
-    for (std::size_t i = 0; i < all_params[n]->data.size(); ++i)
-      expect_close(all_grads[n]->data[i], numeric(all_params[n]->data[i]), names[n], i);
-  for (std::size_t i = 0; i < x.data.size(); ++i)
-    expect_close(dx.data[i], numeric(x.data[i]), "dx", i);
+  auto values = params.all(), gradients = grads.all();
+  values.push_back(&x);
+  gradients.push_back(&dx);
+  test::check_gradients(objective, values, gradients,
+                        {"d_gate_weight", "d_w13", "d_b13", "d_w2", "d_b2", "dx"});
   CHECK(layer.stats(host, ws.view()).dropped == dropped);  // no selection boundary crossed
 }
 

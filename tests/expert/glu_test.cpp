@@ -3,7 +3,7 @@
 // layout of W13, finite-difference checks of every gradient of both two-GEMM experts over a
 // batch with padding rows and an expert with no rows, and the concept checks.
 
-#include "../support/random.hpp"
+#include "two_layer_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -58,35 +58,11 @@ static_assert(!expert::cuda_expert<forward_only_expert, float>);
 
 namespace {
 
-/// Owned parameters (or gradients) of a bank of two-GEMM experts: W1 is (E, H, width) with
-/// width F (ffn) or 2·F (glu, [gate | up]).
-struct expert_storage {
-  expert::expert_shape shape;
-  index_t width;
-  bool biases;
-  test::host_tensor<double> w1{shape.experts * shape.hidden * width};
-  test::host_tensor<double> b1{biases ? shape.experts * width : 0};
-  test::host_tensor<double> w2{shape.experts * shape.ffn * shape.hidden};
-  test::host_tensor<double> b2{biases ? shape.experts * shape.hidden : 0};
-
-  template <class X, class U>
-  typename X::template params<U> views() {
-    auto const e = shape.experts;
-    auto bias = [&](test::host_tensor<double>& b, index_t n) {
-      return biases ? make_view(static_cast<U*>(b.data.data()), e, n) : matrix_view<U>{};
-    };
-    return {make_view(static_cast<U*>(w1.data.data()), e, shape.hidden, width), bias(b1, width),
-            make_view(static_cast<U*>(w2.data.data()), e, shape.ffn, shape.hidden),
-            bias(b2, shape.hidden)};
-  }
-  std::vector<test::host_tensor<double>*> all() { return {&w1, &b1, &w2, &b2}; }
-};
-
 /// Central differences of ⟨d_out, out⟩ against X's backward, for every parameter and input,
 /// on a batch of 11 rows: expert 0 rows [1, 4), expert 1 none, expert 2 rows [5, 9); rows
 /// 0, 4, 9 and 10 are no expert's and hold values that must not leak.
 template <class X>
-void check_expert_gradients(index_t width_factor, bool biases) {
+void check_expert_gradients(bool biases) {
   auto const seed = test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
@@ -95,8 +71,8 @@ void check_expert_gradients(index_t width_factor, bool biases) {
   std::array<std::int64_t, 3> const begin{1, 4, 5}, counts{3, 0, 4};
   expert::row_segments const segments{begin, counts};
 
-  expert_storage params{shape, width_factor * shape.ffn, biases};
-  expert_storage grads{shape, width_factor * shape.ffn, biases};
+  index_t const w = X::first_width(shape);
+  test::two_layer_tensors<double> params{shape, w, biases}, grads{shape, w, biases};
   for (auto* t : params.all()) t->randomize(rng, 0.8);
   for (auto* t : grads.all()) t->poison();
   test::host_tensor<double> in(rows * h), d_out(rows * h), out(rows * h), d_in(rows * h);
@@ -104,11 +80,8 @@ void check_expert_gradients(index_t width_factor, bool biases) {
   d_out.randomize(rng);
   d_in.poison();
 
-  workspace_carver counter;
-  (void)X::carve_host_state(counter, shape, rows, rows);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = X::carve_host_state(carver, shape, rows, rows);
+  test::owned_host_state<X> const host_state(shape, rows);
+  auto const& state = host_state.state;
   auto const p = params.views<X, double const>();
 
   auto objective = [&] {
@@ -124,32 +97,11 @@ void check_expert_gradients(index_t width_factor, bool biases) {
   X::backward(host, shape, p, segments, in.cview(rows, h), d_out.cview(rows, h), d_in.view(rows, h),
               grads.views<X, double>(), state);
 
-  double const eps = 1e-6;
-  auto numeric = [&](double& v) {
-    double const saved = v;
-    v = saved + eps;
-    double const up = objective();
-    v = saved - eps;
-    double const down = objective();
-    v = saved;
-    return (up - down) / (2 * eps);
-  };
-  auto expect_close = [](double analytic, double numeric_value, char const* what, std::size_t i) {
-    double const scale = std::max({1.0, std::abs(analytic), std::abs(numeric_value)});
-    INFO(what << "[" << i << "]: analytic " << analytic << ", numeric " << numeric_value);
-    CHECK(std::abs(analytic - numeric_value) <= 1e-6 * scale);
-  };
-  char const* names[] = {"d_w1", "d_b1", "d_w2", "d_b2"};
-  auto const all_params = params.all();
-  auto const all_grads = grads.all();
-  for (std::size_t n = 0; n < all_params.size(); ++n)
-    for (std::size_t i = 0; i < all_params[n]->data.size(); ++i)
-      expect_close(all_grads[n]->data[i], numeric(all_params[n]->data[i]), names[n], i);
-  for (std::size_t i = 0; i < in.data.size(); ++i)
-    expect_close(d_in.data[i], numeric(in.data[i]), "d_in", i);
+  test::check_gradients(objective, {&params.w1, &params.b1, &params.w2, &params.b2, &in},
+                        {&grads.w1, &grads.b1, &grads.w2, &grads.b2, &d_in},
+                        {"d_w1", "d_b1", "d_w2", "d_b2", "d_in"});
 
   // Expert 1 received nothing: its gradients are zero, exactly.
-  index_t const w = params.width;
   for (index_t i = h * w; i < 2 * h * w; ++i) CHECK(grads.w1.data[i] == 0);
   for (index_t i = shape.ffn * h; i < 2 * shape.ffn * h; ++i) CHECK(grads.w2.data[i] == 0);
   if (biases) {
@@ -163,50 +115,28 @@ void check_expert_gradients(index_t width_factor, bool biases) {
 }  // namespace
 
 TEST_CASE("glu forward and backward by hand: [gate | up] halves, one used row of two") {
-  using glu = expert::glu<act::relu>;  // ReGLU: exact numbers
-  expert::expert_shape const shape{.experts = 1, .hidden = 1, .ffn = 2};
-  //                       gate      up
-  std::array<double, 4> const w13{1, -1, 2, 0.5}, b13{0.5, 0.5, 0, 1};
-  std::array<double, 2> const w2{3, 4};
-  std::array<double, 1> const b2{1};
-  expert::glu_params<double const> const p{
-      make_view(w13.data(), 1, 1, 4), make_view(b13.data(), 1, 4), make_view(w2.data(), 1, 2, 1),
-      make_view(b2.data(), 1, 1)};
-  CHECK(glu::check(p, shape, "p").ok());
-
-  workspace_carver counter;
-  (void)glu::carve_host_state(counter, shape, 2, 2);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = glu::carve_host_state(carver, shape, 2, 2);
-
-  std::array<double, 2> const in{2, 9};  // row 1 is outside the expert's segment: ignored
-  std::array<double, 2> out{-1, -1};
-  std::array<std::int64_t, 1> const begin{0}, rows{1};
-  expert::row_segments const segments{begin, rows};
-  glu::forward(host, shape, p, segments, make_view(in.data(), 2, 1), make_view(out.data(), 2, 1),
-               state);
+  // ReGLU: exact numbers. x = 2 in row 0; row 1 (x = 9) is outside the expert's segment.
+  auto const r = test::run_by_hand<expert::glu<act::relu>>({.ffn = 2,
+                                                            // W13: gate | up
+                                                            .w1 = {1, -1, 2, 0.5},
+                                                            // b13: gate | up
+                                                            .b1 = {0.5, 0.5, 0, 1},
+                                                            .w2 = {3, 4},
+                                                            .b2 = {1},
+                                                            .in = {2, 9},
+                                                            .d_out = {1, 7}});
   // gate = 2·(1, −1) + (0.5, 0.5) = (2.5, −1.5); up = 2·(2, 0.5) + (0, 1) = (4, 2);
   // h = relu(gate) ⊙ up = (10, 0); out = 10·3 + 0·4 + 1 = 31.
-  CHECK(out[0] == Approx(31));
-  CHECK(out[1] == 0);
-
-  std::array<double, 2> const d_out{1, 7};
-  std::array<double, 2> d_in{-1, -1}, dw2{-1, -1};
-  std::array<double, 4> dw13{-1, -1, -1, -1}, db13{-1, -1, -1, -1};
-  std::array<double, 1> db2{-1};
-  expert::glu_params<double> const g{make_view(dw13.data(), 1, 1, 4), make_view(db13.data(), 1, 4),
-                                     make_view(dw2.data(), 1, 2, 1), make_view(db2.data(), 1, 1)};
-  glu::backward(host, shape, p, segments, make_view(in.data(), 2, 1), make_view(d_out.data(), 2, 1),
-                make_view(d_in.data(), 2, 1), g, state);
+  CHECK(r.out[0] == Approx(31));
+  CHECK(r.out[1] == 0);
   // dh = d_out · W2ᵀ = (3, 4); dg = dh ⊙ up ⊙ relu'(gate) = (12, 0); du = dh ⊙ relu(gate) =
   // (7.5, 0); dW2 = h = (10, 0); db2 = 1; dW13 = x · [dg | du] = (24, 0 | 15, 0);
   // db13 = (12, 0 | 7.5, 0); d_in = [dg | du] · W13ᵀ = 12·1 + 0·(−1) + 7.5·2 + 0·0.5 = 27.
-  CHECK(dw2 == std::array<double, 2>{10, 0});
-  CHECK(db2[0] == 1);
-  CHECK(dw13 == std::array<double, 4>{24, 0, 15, 0});
-  CHECK(db13 == std::array<double, 4>{12, 0, 7.5, 0});
-  CHECK(d_in == std::array<double, 2>{27, 0});
+  CHECK(r.w2 == std::vector<double>{10, 0});
+  CHECK(r.b2[0] == 1);
+  CHECK(r.w1 == std::vector<double>{24, 0, 15, 0});
+  CHECK(r.b1 == std::vector<double>{12, 0, 7.5, 0});
+  CHECK(r.d_in == std::vector<double>{27, 0});
 }
 
 TEST_CASE("glu rejects a W13 that is not (experts, hidden, 2·ffn)") {
@@ -223,19 +153,19 @@ TEST_CASE("glu rejects a W13 that is not (experts, hidden, 2·ffn)") {
 
 TEST_CASE("expert backward matches finite differences, padding rows and an empty expert") {
   SUBCASE("glu<silu>, biases") {
-    check_expert_gradients<expert::glu<act::silu>>(2, true);
+    check_expert_gradients<expert::glu<act::silu>>(true);
   }
   SUBCASE("glu<gelu>, no biases") {
-    check_expert_gradients<expert::glu<act::gelu>>(2, false);
+    check_expert_gradients<expert::glu<act::gelu>>(false);
   }
   SUBCASE("glu<silu>, no biases") {
-    check_expert_gradients<expert::glu<act::silu>>(2, false);
+    check_expert_gradients<expert::glu<act::silu>>(false);
   }
   SUBCASE("ffn<gelu>, biases") {
-    check_expert_gradients<expert::ffn<act::gelu>>(1, true);
+    check_expert_gradients<expert::ffn<act::gelu>>(true);
   }
   SUBCASE("ffn<silu>, no biases") {
-    check_expert_gradients<expert::ffn<act::silu>>(1, false);
+    check_expert_gradients<expert::ffn<act::silu>>(false);
   }
 }
 
@@ -253,11 +183,8 @@ TEST_CASE("glu in float and bfloat16 parameters: the host accumulates in double"
   for (std::size_t i = 0; i < w2.data.size(); ++i) w2d.data[i] = to_accumulate(w2.data[i]);
   in.randomize(rng);
   std::array<std::int64_t, 2> const begin{0, 2}, rows{2, 2};
-  workspace_carver counter;
-  (void)glu::carve_host_state(counter, shape, 4, 4);
-  host_buffer buffer(counter.bytes());
-  workspace_carver carver(buffer.view());
-  auto const state = glu::carve_host_state(carver, shape, 4, 4);
+  test::owned_host_state<glu> const host_state(shape, 4);
+  auto const& state = host_state.state;
   test::host_tensor<double> a(12), b(12);
   glu::forward(
       host, shape,

@@ -29,27 +29,18 @@ namespace moe::expert::kernels {
 /// backward reads) and writes the activation, rounded to T, for the second GEMM.
 /// @tparam Gated false: ffn (F1 = F); true: glu (F1 = 2·F, [gate | up])
 template <act::activation Act, bool Gated, class T>
-struct activation_forward {
-  static constexpr int threads = 256;
+struct activation_forward : span_kernel {
   struct params {
-    segment_table segments;
-    index_t first_expert;  // this launch: experts [first_expert, first_expert + experts)
-    index_t experts;
-    index_t longest;  // rows of the longest span, for the grid
-    index_t ffn;      // F
-    float* pre;       // (rows, F1) device memory: x · W1 on entry, + b1 on exit
-    T const* bias;    // (experts, F1) device memory, or null
-    T* activated;     // (rows, F) device memory
+    span_launch spans;
+    index_t ffn;    // F
+    float* pre;     // (rows, F1) device memory: x · W1 on entry, + b1 on exit
+    T const* bias;  // (experts, F1) device memory, or null
+    T* activated;   // (rows, F) device memory
   };
-  static dim3 grid(params const& p) {
-    return {span_blocks(p.longest), static_cast<unsigned>(p.experts)};
-  }
-  static dim3 block(params const&) { return {threads}; }
-  static std::size_t smem_bytes(params const&) { return 0; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const e = p.first_expert + blockIdx.y;
-    expert_rows const r = rows_of(p.segments, e);
+    index_t const e = p.spans.block_expert();
+    expert_rows const r = rows_of(p.spans.segments, e);
     index_t const width = Gated ? 2 * p.ffn : p.ffn;
     T const* bias = p.bias != nullptr ? p.bias + e * width : nullptr;
     for (index_t row = r.span_begin + blockIdx.x; row < r.span_end; row += gridDim.x) {
@@ -85,27 +76,17 @@ struct activation_forward {
 /// gradient of the pre-activation in float (in place: each thread reads its dh before it
 /// writes) and, unless T is float, rounded to T for the GEMMs.
 template <act::activation Act, bool Gated, class T>
-struct activation_backward {
-  static constexpr int threads = 256;
+struct activation_backward : span_kernel {
   struct params {
-    segment_table segments;
-    index_t first_expert;
-    index_t experts;
-    index_t longest;
+    span_launch spans;
     index_t ffn;       // F
     float const* pre;  // (rows, F1) device memory, forward's
     float* d_pre;      // (rows, F1) device memory: dh in [0, F) on entry, d_pre on exit
     T* d_pre_t;        // (rows, F1) device memory, or null when T is float
   };
-  static dim3 grid(params const& p) {
-    return {span_blocks(p.longest), static_cast<unsigned>(p.experts)};
-  }
-  static dim3 block(params const&) { return {threads}; }
-  static std::size_t smem_bytes(params const&) { return 0; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const e = p.first_expert + blockIdx.y;
-    expert_rows const r = rows_of(p.segments, e);
+    expert_rows const r = rows_of(p.spans.segments, p.spans.block_expert());
     index_t const width = Gated ? 2 * p.ffn : p.ffn;
     for (index_t row = r.span_begin + blockIdx.x; row < r.span_end; row += gridDim.x) {
       bool const claimed = r.claims(row);

@@ -20,26 +20,17 @@ namespace moe::expert::kernels {
 /// out[row, :] = bias[e, :] on expert e's segment (left alone when there is no bias) and 0
 /// on the rest of its span.
 template <class T>
-struct fill_rows {
-  static constexpr int threads = 256;
+struct fill_rows : span_kernel {
   struct params {
-    segment_table segments;
-    index_t first_expert;
-    index_t experts;
-    index_t longest;
+    span_launch spans;
     index_t cols;
     T* out;         // (rows, cols) device memory
     T const* bias;  // (experts, cols) device memory, or null
   };
-  static dim3 grid(params const& p) {
-    return {span_blocks(p.longest), static_cast<unsigned>(p.experts)};
-  }
-  static dim3 block(params const&) { return {threads}; }
-  static std::size_t smem_bytes(params const&) { return 0; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const e = p.first_expert + blockIdx.y;
-    expert_rows const r = rows_of(p.segments, e);
+    index_t const e = p.spans.block_expert();
+    expert_rows const r = rows_of(p.spans.segments, e);
     for (index_t row = r.span_begin + blockIdx.x; row < r.span_end; row += gridDim.x) {
       bool const claimed = r.claims(row);
       if (claimed && p.bias == nullptr) continue;
@@ -59,23 +50,21 @@ struct column_sums {
   static constexpr int columns = 32;
   static constexpr int lanes = 8;
   struct params {
-    segment_table segments;
-    index_t first_expert;
-    index_t experts;
+    span_launch spans;  // its `longest` unused: the grid is over columns
     index_t cols;
     Src const* src;  // (rows, cols) device memory
     G* out;          // (experts, cols) device memory
   };
   static dim3 grid(params const& p) {
     return {static_cast<unsigned>((p.cols + columns - 1) / columns),
-            static_cast<unsigned>(p.experts)};
+            static_cast<unsigned>(p.spans.experts)};
   }
   static dim3 block(params const&) { return {columns, lanes}; }
   static std::size_t smem_bytes(params const&) { return columns * lanes * sizeof(float); }
 
   __device__ void operator()(params const& p, char* smem) const {
-    index_t const e = p.first_expert + blockIdx.y;
-    expert_rows const r = rows_of(p.segments, e);
+    index_t const e = p.spans.block_expert();
+    expert_rows const r = rows_of(p.spans.segments, e);
     index_t const c = static_cast<index_t>(blockIdx.x) * columns + threadIdx.x;
     float sum = 0;
     if (c < p.cols)

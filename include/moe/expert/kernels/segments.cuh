@@ -72,6 +72,37 @@ inline unsigned span_blocks(index_t longest) noexcept {
   return static_cast<unsigned>(std::min(longest, most));
 }
 
+/// The experts one launch of a span kernel covers, in the batch `segments` describes.
+struct span_launch {
+  segment_table segments;
+  index_t first_expert;  // this launch: experts [first_expert, first_expert + experts)
+  index_t experts;
+  index_t longest;  // rows of the longest span, for the grid
+
+  /// The expert of this block.
+  [[nodiscard]] MOE_DEVICE MOE_FORCEINLINE index_t block_expert() const {
+    return first_expert + static_cast<index_t>(blockIdx.y);
+  }
+};
+
+/// The launch shape of a kernel whose params hold a `span_launch spans`: one expert per
+/// blockIdx.y, blocks along x striding over its span's rows, `threads` along a row.
+struct span_kernel {
+  static constexpr int threads = 256;
+  template <class Params>
+  static dim3 grid(Params const& p) {
+    return {span_blocks(p.spans.longest), static_cast<unsigned>(p.spans.experts)};
+  }
+  template <class Params>
+  static dim3 block(Params const&) {
+    return {threads};
+  }
+  template <class Params>
+  static std::size_t smem_bytes(Params const&) {
+    return 0;
+  }
+};
+
 /// Calls `body(first, count)` for consecutive ranges of at most max_grid_experts experts.
 template <class Body>
 void for_each_expert_range(index_t experts, Body&& body) {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The CUDA backend of the two-GEMM experts, ffn (F1 = F) and glu (F1 = 2·F, [gate | up]):
-// the sequence of cuBLAS GEMMs and kernels, shared by kernels/ffn.cuh and kernels/glu.cuh.
+// The CUDA backend of the two-GEMM expert (two_layer.hpp), both policies: ffn (F1 = F) and
+// glu (F1 = 2·F, [gate | up]): the sequence of cuBLAS GEMMs and kernels. kernels/ffn.cuh and
+// kernels/glu.cuh include it under the policies' names.
 //
 //   forward   pre (float)  = in · W1                      GEMM, float output
 //             activated    = act(pre + b1)  (glu: act(g) ⊙ u)    activation_forward
@@ -30,10 +31,10 @@
 #include <moe/expert/activation.hpp>
 #include <moe/expert/concepts.hpp>
 #include <moe/expert/device_state.hpp>
-#include <moe/expert/ffn.hpp>
 #include <moe/expert/kernels/activation.cuh>
 #include <moe/expert/kernels/rows.cuh>
 #include <moe/expert/kernels/segments.cuh>
+#include <moe/expert/two_layer.hpp>
 
 #include <cuda_runtime.h>
 
@@ -46,21 +47,23 @@ namespace moe::expert::detail {
 
 /// How the kernels see a batch, and what the host knows of it.
 struct batch_plan {
-  kernels::segment_table table;
-  index_t longest = 0;    // rows of the longest span
-  bool has_gaps = false;  // rows that no GEMM writes (a ragged batch's rows of no expert)
+  kernels::span_launch spans;  // all experts; launch_over_experts splits them
+  bool has_gaps = false;       // rows that no GEMM writes (a ragged batch's rows of no expert)
 };
 
 template <element T>
 batch_plan plan_batch(cuda_backend const&, expert_shape const& s, uniform_segments const& segments,
                       device_state<T> const&) {
-  return {.table = {.experts = s.experts,
-                    .total_rows = segments.total_rows(),
-                    .capacity = segments.capacity,
-                    .begin = nullptr,
-                    .rows = segments.claimed.empty() ? nullptr : segments.claimed.data()},
-          .longest = segments.capacity,
-          .has_gaps = false};
+  return {
+      .spans = {.segments = {.experts = s.experts,
+                             .total_rows = segments.total_rows(),
+                             .capacity = segments.capacity,
+                             .begin = nullptr,
+                             .rows = segments.claimed.empty() ? nullptr : segments.claimed.data()},
+                .first_expert = 0,
+                .experts = s.experts,
+                .longest = segments.capacity},
+      .has_gaps = false};
 }
 
 /// A ragged batch: copies the segments into the state on the device (store_segments) and
@@ -70,16 +73,19 @@ batch_plan plan_batch(cuda_backend const& cuda, expert_shape const& s, row_segme
                       device_state<T> const& state) {
   index_t const experts = s.experts;
   index_t const total = state.pre_activation.extent(0);
-  batch_plan plan{.table = {.experts = experts,
-                            .total_rows = total,
-                            .capacity = -1,
-                            .begin = state.segment_begin.data(),
-                            .rows = state.segment_rows.data()}};
+  batch_plan plan{.spans = {.segments = {.experts = experts,
+                                         .total_rows = total,
+                                         .capacity = -1,
+                                         .begin = state.segment_begin.data(),
+                                         .rows = state.segment_rows.data()},
+                            .first_expert = 0,
+                            .experts = experts,
+                            .longest = 0}};
   index_t claimed = 0;
   for (index_t e = 0; e < experts; ++e) {
     index_t const span_begin = e == 0 ? 0 : segments.begin[e];
     index_t const span_end = e + 1 < experts ? segments.begin[e + 1] : total;
-    plan.longest = std::max(plan.longest, span_end - span_begin);
+    plan.spans.longest = std::max(plan.spans.longest, span_end - span_begin);
     claimed += segments.rows[e];
   }
   plan.has_gaps = claimed < total;
@@ -186,32 +192,29 @@ void zero_empty_experts(cuda_backend const& cuda, uniform_segments const& segmen
         data, 0, static_cast<std::size_t>(segments.experts * per_expert) * sizeof(G), cuda.stream));
 }
 
-/// Launches a span kernel `K` once per range of experts; `p` has everything but the range.
+/// Launches a span kernel `K` once per range of experts, which it sets in `p.spans`.
 template <class K>
 void launch_over_experts(typename K::params p, cuda_backend const& cuda) {
-  kernels::for_each_expert_range(p.segments.experts, [&](index_t first, index_t count) {
-    p.first_expert = first;
-    p.experts = count;
+  kernels::for_each_expert_range(p.spans.segments.experts, [&](index_t first, index_t count) {
+    p.spans.first_expert = first;
+    p.spans.experts = count;
     launch<K>(p, cuda.stream);
   });
 }
 
-/// The CUDA backend of a two-GEMM expert. Its callers (ffn, glu) have checked every
-/// argument; nothing here throws but cuda_error and cublas_error.
+/// The CUDA backend of the two-GEMM expert, on the first GEMM's weight of width F1 (see
+/// detail::first_layer). Its caller (two_layer) has checked every argument; nothing here throws but
+/// cuda_error and cublas_error.
 /// @tparam Gated false: ffn; true: glu, whose first GEMM's columns are [gate | up]
-template <bool Gated, act::activation Act>
-struct cuda_two_layer {
-  static constexpr index_t width(expert_shape const& s) noexcept {
-    return Gated ? 2 * s.ffn : s.ffn;
-  }
-
+template <act::activation Act, bool Gated>
+struct cuda_backend_of<two_layer<Act, Gated>> {
   template <element T, segment_description Segments>
   static void forward(cuda_backend cuda, expert_shape const& s, ffn_params<T const> const& p,
                       Segments const& segments, matrix_view<T const> in, matrix_view<T> out,
                       device_state<T> const& state) {
     static_assert(dtype_traits<std::remove_cv_t<T>>::device_supported,
                   "moe::expert: the CUDA backend takes float, __half or __nv_bfloat16.");
-    index_t const hidden = s.hidden, ffn = s.ffn, f1 = width(s);
+    index_t const hidden = s.hidden, ffn = s.ffn, f1 = two_layer<Act, Gated>::first_width(s);
     if (in.extent(0) == 0 || s.experts == 0) return;
     batch_plan const plan = plan_batch(cuda, s, segments, state);
 
@@ -221,10 +224,7 @@ struct cuda_two_layer {
         0.0f, batch_rows(state.pre_activation.data_handle(), f1));
 
     launch_over_experts<kernels::activation_forward<Act, Gated, T>>(
-        {.segments = plan.table,
-         .first_expert = 0,
-         .experts = 0,
-         .longest = plan.longest,
+        {.spans = plan.spans,
          .ffn = ffn,
          .pre = state.pre_activation.data_handle(),
          .bias = is_present(p.b1) ? p.b1.data_handle() : nullptr,
@@ -233,10 +233,7 @@ struct cuda_two_layer {
 
     bool const with_bias = is_present(p.b2);
     if (with_bias || plan.has_gaps)
-      launch_over_experts<kernels::fill_rows<T>>({.segments = plan.table,
-                                                  .first_expert = 0,
-                                                  .experts = 0,
-                                                  .longest = plan.longest,
+      launch_over_experts<kernels::fill_rows<T>>({.spans = plan.spans,
                                                   .cols = hidden,
                                                   .out = out.data_handle(),
                                                   .bias = with_bias ? p.b2.data_handle() : nullptr},
@@ -255,7 +252,7 @@ struct cuda_two_layer {
                        device_state<T> const& state) {
     static_assert(dtype_traits<std::remove_cv_t<T>>::device_supported,
                   "moe::expert: the CUDA backend takes float, __half or __nv_bfloat16.");
-    index_t const hidden = s.hidden, ffn = s.ffn, f1 = width(s);
+    index_t const hidden = s.hidden, ffn = s.ffn, f1 = two_layer<Act, Gated>::first_width(s);
     if (s.experts == 0) return;
     batch_plan const plan = plan_batch(cuda, s, segments, state);
     constexpr bool separate_cast = !std::is_same_v<std::remove_cv_t<T>, float>;
@@ -271,10 +268,7 @@ struct cuda_two_layer {
         per_expert(p.w2.data_handle(), hidden, ffn * hidden), 0.0f,
         batch_rows(state.d_pre_activation.data_handle(), f1));
     launch_over_experts<kernels::activation_backward<Act, Gated, T>>(
-        {.segments = plan.table,
-         .first_expert = 0,
-         .experts = 0,
-         .longest = plan.longest,
+        {.spans = plan.spans,
          .ffn = ffn,
          .pre = state.pre_activation.data_handle(),
          .d_pre = state.d_pre_activation.data_handle(),
@@ -292,9 +286,7 @@ struct cuda_two_layer {
         per_expert(g.w2.data_handle(), hidden, ffn * hidden));
     zero_empty_experts(cuda, segments, g.w2.data_handle(), ffn * hidden);
     if (is_present(g.b2))
-      launch_over_experts<kernels::column_sums<T, G>>({.segments = plan.table,
-                                                       .first_expert = 0,
-                                                       .experts = 0,
+      launch_over_experts<kernels::column_sums<T, G>>({.spans = plan.spans,
                                                        .cols = hidden,
                                                        .src = d_out.data_handle(),
                                                        .out = g.b2.data_handle()},
@@ -311,9 +303,7 @@ struct cuda_two_layer {
     zero_empty_experts(cuda, segments, g.w1.data_handle(), hidden * f1);
     if (is_present(g.b1))
       launch_over_experts<kernels::column_sums<float, G>>(
-          {.segments = plan.table,
-           .first_expert = 0,
-           .experts = 0,
+          {.spans = plan.spans,
            .cols = f1,
            .src = state.d_pre_activation.data_handle(),
            .out = g.b1.data_handle()},
@@ -321,14 +311,8 @@ struct cuda_two_layer {
 
     // d_in = d_pre · W1ᵀ; zero on rows no GEMM writes.
     if (plan.has_gaps)
-      launch_over_experts<kernels::fill_rows<T>>({.segments = plan.table,
-                                                  .first_expert = 0,
-                                                  .experts = 0,
-                                                  .longest = plan.longest,
-                                                  .cols = hidden,
-                                                  .out = d_in.data_handle(),
-                                                  .bias = nullptr},
-                                                 cuda);
+      launch_over_experts<kernels::fill_rows<T>>(
+          {.spans = plan.spans, .cols = hidden, .out = d_in.data_handle(), .bias = nullptr}, cuda);
     expert_gemms(
         cuda, segments,
         [&](index_t n) {
