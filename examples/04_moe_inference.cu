@@ -153,16 +153,22 @@ void print_rate(char const* label, index_t tokens, double seconds_per_call) {
               static_cast<double>(tokens) / seconds_per_call);
 }
 
+/// Whether a layer can be built with `args`; if not, says which argument is wrong.
+template <class Layout>
+bool can_build(moe::layer_args const& args) {
+  auto const s = layer_t<Layout>::can_implement(args);
+  if (!s)
+    std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
+                 s.message().c_str());
+  return s.ok();
+}
+
 /// Without a GPU: a layer of Mixtral's proportions at 1/32 of its widths on the host backend.
 template <class Layout>
 int run_on_host() {
   constexpr index_t hidden = 128, ffn = 448, most_tokens = 256;
   moe::layer_args const args = args_for(most_tokens, hidden, ffn);
-  if (auto const s = layer_t<Layout>::can_implement(args); !s) {
-    std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
-    return EXIT_FAILURE;
-  }
+  if (!can_build<Layout>(args)) return EXIT_FAILURE;
   layer_t<Layout> const layer(args);
   moe::host_buffer ws(layer.workspace_bytes(moe::host));  // once, for the largest call
   weights const w(hidden, ffn);
@@ -273,11 +279,7 @@ int run_on_gpu() {
               static_cast<long long>(experts));
 
   moe::layer_args const args = args_for(most_tokens, hidden, ffn);
-  if (auto const s = layer_t<Layout>::can_implement(args); !s) {
-    std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
-    return EXIT_FAILURE;
-  }
+  if (!can_build<Layout>(args)) return EXIT_FAILURE;
   layer_t<Layout> const layer(args);
 
   owned_stream const stream;  // outlives the handle and the buffers, which use it

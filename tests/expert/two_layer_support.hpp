@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 // What the two-GEMM experts' tests share: owned parameters of either policy (W1 of width F1:
-// F for ffn, 2·F for glu), an owned host state, one run of a hand-computed case, and the
-// central-difference check of every element of a set of tensors against their gradients.
+// F for ffn, 2·F for glu), an owned host state, and one run of a hand-computed case.
 
+#include "../support/finite_differences.hpp"
 #include "../support/random.hpp"
 
 #include <doctest/doctest.h>
@@ -109,33 +109,6 @@ by_hand_result run_by_hand(by_hand_case const& c) {
   r.w2 = grads.w2.data;
   r.b2 = grads.b2.data;
   return r;
-}
-
-/// Checks every element of `values[n]` against `gradients[n]` by central differences of
-/// `objective` (a double() callable that reads the values), to 1e-6 relative to the larger
-/// of 1, |analytic| and |numeric|; `names[n]` names tensor n in the failure message.
-template <class Objective>
-void check_gradients(Objective&& objective, std::vector<host_tensor<double>*> const& values,
-                     std::vector<host_tensor<double>*> const& gradients,
-                     std::vector<char const*> const& names) {
-  double const eps = 1e-6;
-  auto numeric = [&](double& v) {
-    double const saved = v;
-    v = saved + eps;
-    double const up = objective();
-    v = saved - eps;
-    double const down = objective();
-    v = saved;
-    return (up - down) / (2 * eps);
-  };
-  for (std::size_t n = 0; n < values.size(); ++n)
-    for (std::size_t i = 0; i < values[n]->data.size(); ++i) {
-      double const analytic = gradients[n]->data[i];
-      double const numeric_value = numeric(values[n]->data[i]);
-      double const scale = std::max({1.0, std::abs(analytic), std::abs(numeric_value)});
-      INFO(names[n] << "[" << i << "]: analytic " << analytic << ", numeric " << numeric_value);
-      CHECK(std::abs(analytic - numeric_value) <= 1e-6 * scale);
-    }
 }
 
 }  // namespace moe::test

@@ -3,7 +3,7 @@
 // local groups, scaling, bias, noise), the workspace is sized by the gate's own capacity rule,
 // presets run forward and backward, and the gradients match finite differences.
 
-#include "../support/ffn_layer.hpp"
+#include "../support/layer_storage.hpp"
 
 #include <doctest/doctest.h>
 
@@ -28,7 +28,7 @@ layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
   index_t const T = args.gate.tokens, H = args.hidden;
-  test::ffn_layer_storage<double> params(args, true), grads(args, true);
+  test::layer_storage<double> params(args, true), grads(args, true);
   params.randomize(rng, 0.8);
   test::host_tensor<double> x(T * H), dy(T * H), y(T * H), dx(T * H);
   x.randomize(rng, 1.0);

@@ -7,7 +7,7 @@
 // gate's is a sum of per-rank partial sums), so they agree to rounding there and exactly
 // when k = 1.
 
-#include "../support/ffn_layer.hpp"
+#include "../support/layer_storage.hpp"
 #include "../support/random.hpp"
 
 #include <moe/moe.hpp>
@@ -50,7 +50,7 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
 
   layer_args global_args = args;
   global_args.gate.tokens = global_tokens;
-  test::ffn_layer_storage<double> params(global_args, true), grads(global_args, true);
+  test::layer_storage<double> params(global_args, true), grads(global_args, true);
   params.randomize(rng, 0.5);
   if (uniform_gate) std::fill(params.gate_weight.data.begin(), params.gate_weight.data.end(), 0.0);
   test::host_tensor<double> x(global_tokens * h), dy(global_tokens * h);
@@ -70,7 +70,7 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
 
   // W ranks: rank r routes tokens [r·T, (r+1)·T) and holds experts [r·E_l, (r+1)·E_l).
   test::host_tensor<double> y(global_tokens * h), dx(global_tokens * h);
-  test::ffn_layer_storage<double> ep_grads(global_args, true);
+  test::layer_storage<double> ep_grads(global_args, true);
   std::vector<test::host_tensor<double>> gate_grads(w, test::host_tensor<double>(h * e));
   y.poison();
   dx.poison();
@@ -187,7 +187,7 @@ TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
   // With a capacity, every rank must route as many tokens.
   simulated_world two({.ranks_per_node = 2, .nodes = 1});
   layer_args const args = small_args(4);
-  test::ffn_layer_storage<float> params(args, false);
+  test::layer_storage<float> params(args, false);
   std::mt19937_64 rng(1);
   params.randomize(rng, 0.5);
   std::vector<int> rejected(2, 0);

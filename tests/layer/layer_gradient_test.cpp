@@ -4,7 +4,8 @@
 // the softmax, the aux loss and the z-loss, with tokens dropped (capacity layout) and with
 // none dropped and padded rows (ragged layout).
 
-#include "../support/ffn_layer.hpp"
+#include "../support/finite_differences.hpp"
+#include "../support/layer_storage.hpp"
 
 #include <doctest/doctest.h>
 
@@ -17,26 +18,8 @@ namespace {
 
 using namespace moe;
 
-/// The objective whose gradient backward computes: ⟨dy, y⟩ + the layer's weighted losses.
-template <class Layer>
-double objective(Layer const& layer, matrix_view<double const> x,
-                 typename Layer::template params<double> const& p, matrix_view<double const> dy,
-                 test::host_tensor<double>& y, workspace ws) {
-  auto const tokens = x.extent(0), hidden = x.extent(1);
-  layer.forward(host, x, p, y.view(tokens, hidden), ws);
-  double sum = 0;
-  for (index_t t = 0; t < tokens; ++t)
-    for (index_t h = 0; h < hidden; ++h) sum += dy(t, h) * y.data[t * hidden + h];
-  return sum + layer.stats(host, ws).loss;
-}
-
-/// Central differences of `objective` against the analytic gradient, element by element.
-void expect_close(double analytic, double numeric, char const* what, std::size_t i) {
-  double const scale = std::max({1.0, std::abs(analytic), std::abs(numeric)});
-  INFO(what << "[" << i << "]: analytic " << analytic << ", numeric " << numeric);
-  CHECK(std::abs(analytic - numeric) <= 1e-6 * scale);
-}
-
+/// Backward of a layer of `Expert`s against central differences of its objective ⟨dy, y⟩ +
+/// the layer's weighted losses, for every parameter and x.
 template <class Expert, class Gate = gating::top_k<2>, class Layout = layout::capacity>
 void check_gradients(layer_args const& args, bool biases) {
   using layer_t = layer<Gate, Layout, comm::single_rank, Expert>;
@@ -46,7 +29,7 @@ void check_gradients(layer_args const& args, bool biases) {
   std::mt19937_64 rng(seed);
 
   index_t const tokens = args.gate.tokens, hidden = args.hidden;
-  test::ffn_layer_storage<double> params(args, biases), grads(args, biases);
+  test::layer_storage<double> params(args, biases, Expert{}), grads(args, biases, Expert{});
   params.randomize(rng, 0.8);
   test::host_tensor<double> x(tokens * hidden), dy(tokens * hidden), y(tokens * hidden),
       dx(tokens * hidden);
@@ -54,36 +37,30 @@ void check_gradients(layer_args const& args, bool biases) {
   dy.randomize(rng, 1.0);
   for (auto* g : grads.all()) g->poison();
   dx.poison();
+  y.poison();
 
   host_buffer ws(layer.workspace_bytes(host));
   auto const p = params.template params<Expert>();
-  (void)objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y, ws.view());
+  auto objective = [&] {
+    layer.forward(host, x.cview(tokens, hidden), p, y.view(tokens, hidden), ws.view());
+    double sum = 0;
+    for (std::size_t i = 0; i < y.data.size(); ++i) sum += dy.data[i] * y.data[i];
+    return sum + layer.stats(host, ws.view()).loss;
+  };
+  (void)objective();
+  for (double v : y.data) CHECK(std::isfinite(v));
   layer.backward(host, dy.cview(tokens, hidden), p, dx.view(tokens, hidden),
                  grads.template gradients<Expert>(), ws.view());
   auto const dropped = layer.stats(host, ws.view()).dropped;
   if (!Layout::drops_tokens) CHECK(dropped == 0);
 
-  double const eps = 1e-6;
-  auto numeric = [&](double& v) {
-    double const saved = v;
-    v = saved + eps;
-    double const up =
-        objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y, ws.view());
-    v = saved - eps;
-    double const down =
-        objective(layer, x.cview(tokens, hidden), p, dy.cview(tokens, hidden), y, ws.view());
-    v = saved;
-    return (up - down) / (2 * eps);
-  };
-
-  char const* names[] = {"d_gate_weight", "d_w1", "d_b1", "d_w2", "d_b2"};
-  auto const all_params = params.all();
-  auto const all_grads = grads.all();
-  for (std::size_t n = 0; n < all_params.size(); ++n)
-    for (std::size_t i = 0; i < all_params[n]->data.size(); ++i)
-      expect_close(all_grads[n]->data[i], numeric(all_params[n]->data[i]), names[n], i);
-  for (std::size_t i = 0; i < x.data.size(); ++i)
-    expect_close(dx.data[i], numeric(x.data[i]), "dx", i);
+  auto values = params.all(), gradients = grads.all();
+  values.push_back(&x);
+  gradients.push_back(&dx);
+  bool const gated = params.first_width != args.ffn;
+  test::check_gradients(
+      objective, values, gradients,
+      {"d_gate_weight", gated ? "d_w13" : "d_w1", gated ? "d_b13" : "d_b1", "d_w2", "d_b2", "dx"});
   // The routing of the last evaluation is that of the analytic pass: the check did not
   // cross a selection boundary, and the case did drop tokens where it meant to.
   CHECK(layer.stats(host, ws.view()).dropped == dropped);
@@ -156,5 +133,26 @@ TEST_CASE("layer backward matches finite differences: renormalisation and top_an
   SUBCASE("ragged, k = 1") {
     args.gate.k = 1;
     check_gradients<expert::ffn<act::gelu>, any, layout::ragged>(args, false);
+  }
+}
+
+TEST_CASE("a layer of GLU experts on the host: backward matches finite differences") {
+  layer_args const args{.gate = {.tokens = 10,
+                                 .experts = 4,
+                                 .capacity_factor = 0.5f,
+                                 .aux_loss_coef = 0.2f,
+                                 .z_loss_coef = 0.1f},
+                        .hidden = 4,
+                        .ffn = 3};
+  SUBCASE("swiglu, capacity with drops, biases") {
+    check_gradients<expert::glu<act::silu>>(args, true);
+  }
+  SUBCASE("geglu, capacity, no biases") {
+    check_gradients<expert::glu<act::gelu>>(args, false);
+  }
+  SUBCASE("swiglu, ragged, rows padded to 4") {
+    auto padded = args;
+    padded.expert_row_alignment = 4;
+    check_gradients<expert::glu<act::silu>, gating::top_k<2>, layout::ragged>(padded, true);
   }
 }

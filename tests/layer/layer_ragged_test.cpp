@@ -5,7 +5,7 @@
 // expert_row_alignment.
 
 #include "../support/expect.hpp"
-#include "../support/ffn_layer.hpp"
+#include "../support/layer_storage.hpp"
 
 #include <doctest/doctest.h>
 
@@ -33,9 +33,9 @@ struct pass {
   layer_stats stats;
   std::vector<std::int64_t> load;
   test::host_tensor<double> y, dx;
-  test::ffn_layer_storage<double> grads;
+  test::layer_storage<double> grads;
 
-  pass(layer_args const& args, index_t tokens, test::ffn_layer_storage<double>& params,
+  pass(layer_args const& args, index_t tokens, test::layer_storage<double>& params,
        test::host_tensor<double> const& x, test::host_tensor<double> const& dy)
       : y(tokens * args.hidden), dx(tokens * args.hidden), grads(args, params.biases) {
     using Expert = typename Layer::expert_type;
@@ -56,7 +56,7 @@ struct pass {
 
 /// Random parameters, x and dy for `args`, at `tokens` tokens.
 struct inputs {
-  test::ffn_layer_storage<double> params;
+  test::layer_storage<double> params;
   test::host_tensor<double> x, dy;
 
   inputs(layer_args const& args, index_t tokens, std::mt19937_64& rng, bool biases = true)
@@ -72,7 +72,7 @@ struct inputs {
 /// and each selected expert applied to x_t alone.
 template <class Act>
 std::vector<double> direct_output(layer_args const& a, int k, index_t tokens,
-                                  test::ffn_layer_storage<double> const& p,
+                                  test::layer_storage<double> const& p,
                                   test::host_tensor<double> const& x) {
   index_t const H = a.hidden, F = a.ffn, E = a.gate.experts;
   std::vector<double> y(tokens * H, 0.0), scores(E), inner(F);

@@ -4,7 +4,7 @@
 // state of an earlier forward survives a rejected call.
 
 #include "../support/expect.hpp"
-#include "../support/ffn_layer.hpp"
+#include "../support/layer_storage.hpp"
 
 #include <doctest/doctest.h>
 
@@ -71,7 +71,7 @@ TEST_CASE("bad views are rejected before anything is written") {
   layer_t const layer(good);
   std::mt19937_64 rng(test::fresh_seed());
   index_t const T = good.gate.tokens, H = good.hidden;
-  test::ffn_layer_storage<float> params(good, true), grads(good, true);
+  test::layer_storage<float> params(good, true), grads(good, true);
   params.randomize(rng, 0.5);
   test::host_tensor<float> x(T * H), y(T * H), dy(T * H), dx(T * H), wide(T * (H + 1));
   x.randomize(rng);
@@ -145,7 +145,7 @@ TEST_CASE("bad views are rejected before anything is written") {
 TEST_CASE("forward takes fewer tokens than the layer was sized for, and mutable inputs") {
   layer_t const layer(good);
   std::mt19937_64 rng(test::fresh_seed());
-  test::ffn_layer_storage<float> params(good, false);
+  test::layer_storage<float> params(good, false);
   params.randomize(rng, 0.5);
   index_t const T = 5, H = good.hidden;
   test::host_tensor<float> x(T * H), y(T * H);
@@ -173,9 +173,9 @@ TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded"
 
   auto check_as = [&]<class E>(E, double tolerance) {
     std::mt19937_64 rng(test::fresh_seed());
-    test::ffn_layer_storage<E> p(args, true);
+    test::layer_storage<E> p(args, true);
     p.randomize(rng, 0.4);
-    test::ffn_layer_storage<float> reference(args, true);
+    test::layer_storage<float> reference(args, true);
     auto const src = p.all(), dst = reference.all();
     for (std::size_t n = 0; n < src.size(); ++n)
       for (std::size_t i = 0; i < src[n]->data.size(); ++i)
@@ -269,7 +269,7 @@ namespace {
 struct host_call {
   layer_t layer;
   index_t hidden;
-  test::ffn_layer_storage<float> params, grads;
+  test::layer_storage<float> params, grads;
   test::host_tensor<float> x, y, dy, dx;
   host_buffer ws;
 

@@ -217,7 +217,7 @@ class layer {
                 matrix_view<T> dx, gradients<T> const& g, workspace ws) const {
     static_assert(expert::trainable_expert<Expert>,
                   "moe::layer::backward: Expert has no backward (it is not a "
-                  "moe::expert::trainable_expert). Give it backward(...) as expert/ffn.hpp "
+                  "moe::expert::trainable_expert). Give it backward(...) as expert/two_layer.hpp "
                   "does, or use the layer for inference only.");
     if constexpr (is_element<T>() && expert::trainable_expert<Expert>)
       backend_of<Backend>::backward(*this, on, dy, p, dx, g, ws);
