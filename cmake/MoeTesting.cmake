@@ -344,6 +344,15 @@ function(_moe_add_consumer_build name cmake project fixture cache build_root)
   set_tests_properties(${name} PROPERTIES LABELS cpu FIXTURES_REQUIRED ${fixture})
 endfunction()
 
+# The fixture <fixture> of consumer builds: test <name> runs consumer-test.cmake's step
+# <step>; ARGN adds -D arguments for the script.
+function(_moe_add_consumer_fixture name step fixture)
+  add_test(NAME ${name}
+    COMMAND "${CMAKE_COMMAND}" -DSTEP=${step} ${ARGN}
+      -P "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
+  set_tests_properties(${name} PROPERTIES LABELS cpu FIXTURES_SETUP ${fixture})
+endfunction()
+
 #[[ moe_add_consumer_test()
 
 Proves, by building, each way a stranger consumes moe. Every consumer test configures a
@@ -379,7 +388,6 @@ function(moe_add_consumer_test)
   set(MOE_CONAN "" CACHE FILEPATH "Conan 2, for the consumer.conan tests; empty for none")
   set(dir "${CMAKE_CURRENT_BINARY_DIR}/consumers")
   set(consumer_source "${PROJECT_SOURCE_DIR}/tests/consumer")
-  set(script "${MOE_CMAKE_SCRIPTS_DIR}/consumer-test.cmake")
 
   # What the consumer's configure needs to know about this build (the same compilers, so
   # that the test checks the package and not a different toolchain), as an initial-cache
@@ -433,11 +441,8 @@ function(moe_add_consumer_test)
   # --- cmake --install of this build, then find_package ---
   if(MOE_INSTALL)
     set(prefix "${dir}/install-prefix")
-    add_test(NAME consumer.install
-      COMMAND "${CMAKE_COMMAND}" -DSTEP=install "-DCONFIG=$<CONFIG>"
-        "-DBUILD_DIR=${PROJECT_BINARY_DIR}" "-DPREFIX=${prefix}" -P "${script}")
-    set_tests_properties(consumer.install PROPERTIES
-      LABELS cpu FIXTURES_SETUP moe_consumer_prefix)
+    _moe_add_consumer_fixture(consumer.install install moe_consumer_prefix "-DCONFIG=$<CONFIG>"
+      "-DBUILD_DIR=${PROJECT_BINARY_DIR}" "-DPREFIX=${prefix}")
     foreach(cmake suffix IN ZIP_LISTS cmakes suffixes)
       _moe_add_consumer_build(consumer.find_package${suffix} "${cmake}" "${consumer_source}"
         moe_consumer_prefix "${cache}" "${dir}" "-DPREFIX=${prefix}")
@@ -451,11 +456,8 @@ function(moe_add_consumer_test)
 
   # --- FetchContent of a source archive ---
   set(archive "${dir}/moe-${PROJECT_VERSION}.tar.gz")
-  add_test(NAME consumer.source_archive
-    COMMAND "${CMAKE_COMMAND}" -DSTEP=archive "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}"
-      "-DARCHIVE=${archive}" "-DVERSION=${PROJECT_VERSION}" -P "${script}")
-  set_tests_properties(consumer.source_archive PROPERTIES
-    LABELS cpu FIXTURES_SETUP moe_source_archive)
+  _moe_add_consumer_fixture(consumer.source_archive archive moe_source_archive
+    "-DSOURCE_DIR=${PROJECT_SOURCE_DIR}" "-DARCHIVE=${archive}" "-DVERSION=${PROJECT_VERSION}")
   foreach(cmake suffix IN ZIP_LISTS cmakes suffixes)
     _moe_add_consumer_build(consumer.fetch_content${suffix} "${cmake}"
       "${consumer_source}/fetch_content" moe_source_archive "${cache}" "${dir}"

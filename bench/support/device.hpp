@@ -8,6 +8,7 @@
 // Like fixture.hpp, it uses the runtime API and cuBLAS only, so it compiles with the host
 // compiler; only benchmarks that found a GPU construct its types.
 
+#include "../../tests/support/device_memory.hpp"
 #include "fixture.hpp"
 
 #include <moe/core/blas.hpp>
@@ -32,37 +33,10 @@ namespace moe::bench {
 
 // --- device memory and streams -----------------------------------------------------------
 
-/// `count` elements of T in device memory, freed at scope exit.
+// The GPU tests' owned memory and stream: one definition for both trees.
 template <class T>
-class device_array {
- public:
-  explicit device_array(std::size_t count) : count_(count) {
-    void* data = nullptr;  // the runtime API has no typed cudaMalloc (cuda_runtime.h has)
-    if (count > 0) MOE_CUDA_TRY(cudaMalloc(&data, count * sizeof(T)));
-    data_ = static_cast<T*>(data);
-  }
-  device_array(device_array const&) = delete;
-  device_array& operator=(device_array const&) = delete;
-  ~device_array() {
-    if (data_ != nullptr) MOE_CUDA_TRY_LOG(cudaFree(data_));
-  }
-
-  [[nodiscard]] T* data() const noexcept { return data_; }
-  [[nodiscard]] std::size_t size() const noexcept { return count_; }
-
- private:
-  T* data_ = nullptr;
-  std::size_t count_ = 0;
-};
-
-/// A non-blocking stream of its own, destroyed at scope exit.
-struct owned_stream {
-  cudaStream_t stream = nullptr;
-  owned_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-  owned_stream(owned_stream const&) = delete;
-  owned_stream& operator=(owned_stream const&) = delete;
-  ~owned_stream() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(stream)); }
-};
+using device_array = test::device_buffer<T>;
+using test::owned_stream;
 
 // --- random device data ------------------------------------------------------------------
 

@@ -21,6 +21,7 @@
 # configures and builds the consumer.
 
 cmake_minimum_required(VERSION 3.25)
+include("${CMAKE_CURRENT_LIST_DIR}/source-files.cmake")
 
 function(run)
   execute_process(COMMAND ${ARGN} RESULT_VARIABLE result)
@@ -40,20 +41,8 @@ if(STEP STREQUAL "install")
 
 elseif(STEP STREQUAL "archive")
   # Only what a release archive holds: no build trees, no editor or tool state.
-  set(files "")
   find_program(GIT git)
-  if(GIT AND EXISTS "${SOURCE_DIR}/.git")
-    execute_process(
-      COMMAND "${GIT}" -C "${SOURCE_DIR}" ls-files --cached --others --exclude-standard
-      RESULT_VARIABLE result OUTPUT_VARIABLE output ERROR_QUIET)
-    if(result EQUAL 0)
-      string(REPLACE "\n" ";" files "${output}")
-    endif()
-  endif()
-  if(NOT files)  # not a git checkout (itself an archive): everything but build trees
-    file(GLOB_RECURSE files RELATIVE "${SOURCE_DIR}" "${SOURCE_DIR}/*")
-    list(FILTER files EXCLUDE REGEX "^(build[^/]*|\\.git)/")
-  endif()
+  moe_source_files(files "${SOURCE_DIR}" "${GIT}")
 
   cmake_path(GET ARCHIVE PARENT_PATH work)
   set(top "moe-${VERSION}")

@@ -15,34 +15,14 @@ endif()
 set(pattern "^(include|tests|examples|bench)/.*\\.(hpp|cuh|h|cpp|cu)$")
 
 # Files git tracks or would track: generated and ignored files stay out of the check.
+include("${CMAKE_CURRENT_LIST_DIR}/source-files.cmake")
+moe_source_files(candidates "${SOURCE_DIR}" "${GIT}")
 set(files "")
-set(listed FALSE)
-if(GIT AND EXISTS "${SOURCE_DIR}/.git")
-  execute_process(
-    COMMAND "${GIT}" -C "${SOURCE_DIR}" ls-files --cached --others --exclude-standard
-    RESULT_VARIABLE result
-    OUTPUT_VARIABLE output
-    ERROR_QUIET)
-  if(result EQUAL 0)
-    set(listed TRUE)
-    string(REPLACE "\n" ";" candidates "${output}")
-    foreach(file IN LISTS candidates)
-      if(file MATCHES "${pattern}" AND EXISTS "${SOURCE_DIR}/${file}")
-        list(APPEND files "${file}")
-      endif()
-    endforeach()
+foreach(file IN LISTS candidates)
+  if(file MATCHES "${pattern}" AND EXISTS "${SOURCE_DIR}/${file}")
+    list(APPEND files "${file}")
   endif()
-endif()
-if(NOT listed)  # a source tarball: take everything under the four folders
-  file(GLOB_RECURSE candidates RELATIVE "${SOURCE_DIR}"
-    "${SOURCE_DIR}/include/*" "${SOURCE_DIR}/tests/*"
-    "${SOURCE_DIR}/examples/*" "${SOURCE_DIR}/bench/*")
-  foreach(file IN LISTS candidates)
-    if(file MATCHES "${pattern}")
-      list(APPEND files "${file}")
-    endif()
-  endforeach()
-endif()
+endforeach()
 
 list(LENGTH files count)
 if(count EQUAL 0)

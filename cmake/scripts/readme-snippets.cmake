@@ -9,26 +9,14 @@
 # snippets are the code ctest builds, and cannot drift from it (STYLE §22).
 
 cmake_minimum_required(VERSION 3.25)
+include("${CMAKE_CURRENT_LIST_DIR}/source-files.cmake")
 
 if(NOT EXISTS "${SOURCE_DIR}/README.md")
   message(FATAL_ERROR "readme snippets: no README.md in ${SOURCE_DIR}")
 endif()
 file(READ "${SOURCE_DIR}/README.md" readme)
 
-# The files git tracks or would track; outside a git checkout, everything but build trees.
-set(files "")
-if(GIT AND EXISTS "${SOURCE_DIR}/.git")
-  execute_process(
-    COMMAND "${GIT}" -C "${SOURCE_DIR}" ls-files --cached --others --exclude-standard
-    RESULT_VARIABLE result OUTPUT_VARIABLE output ERROR_QUIET)
-  if(result EQUAL 0)
-    string(REPLACE "\n" ";" files "${output}")
-  endif()
-endif()
-if(NOT files)
-  file(GLOB_RECURSE files RELATIVE "${SOURCE_DIR}" "${SOURCE_DIR}/*")
-  list(FILTER files EXCLUDE REGEX "^(build[^/]*|\\.git)/")
-endif()
+moe_source_files(files "${SOURCE_DIR}" "${GIT}")
 list(REMOVE_ITEM files README.md)
 
 set(marker "^([ \t]*)(//|#)[ \t]*example-")

@@ -20,47 +20,61 @@ namespace moe {
 /// Run-time tag of an element type, for messages and type-erased dispatch.
 enum class dtype : std::uint8_t { f64, f32, f16, bf16 };
 
+/// The name of a run-time tag, for messages.
+constexpr char const* name_of(dtype d) noexcept {
+  switch (d) {
+    case dtype::f64:
+      return "double";
+    case dtype::f32:
+      return "float";
+    case dtype::f16:
+      return "half";
+    case dtype::bf16:
+      return "bfloat16";
+  }
+  return "unknown";
+}
+
 /// dtype_traits<T> describes an element type: its run-time tag, its name, the type that
 /// accumulates it, and the conversions to and from float (or double for double).
 template <class T>
 struct dtype_traits;
 
-template <>
-struct dtype_traits<double> {
-  static constexpr dtype tag = dtype::f64;
-  static constexpr char const* name = "double";
-  using accumulate_type = double;
-  static constexpr bool device_supported = false;  // the CUDA backend takes float, half, bf16
-  MOE_HOST_DEVICE static constexpr double to_accumulate(double v) noexcept { return v; }
-  MOE_HOST_DEVICE static constexpr double from_accumulate(double v) noexcept { return v; }
+namespace detail {
+
+/// What every dtype_traits holds besides the conversions; the name is name_of(tag).
+template <dtype Tag, class Accumulate, bool DeviceSupported>
+struct dtype_description {
+  static constexpr dtype tag = Tag;
+  static constexpr char const* name = name_of(Tag);
+  using accumulate_type = Accumulate;
+  static constexpr bool device_supported = DeviceSupported;
 };
 
-template <>
-struct dtype_traits<float> {
-  static constexpr dtype tag = dtype::f32;
-  static constexpr char const* name = "float";
-  using accumulate_type = float;
-  static constexpr bool device_supported = true;
-  MOE_HOST_DEVICE static constexpr float to_accumulate(float v) noexcept { return v; }
-  MOE_HOST_DEVICE static constexpr float from_accumulate(float v) noexcept { return v; }
+/// The traits of a type that accumulates as itself: both conversions are the identity.
+template <class T, dtype Tag, bool DeviceSupported>
+struct self_accumulating : dtype_description<Tag, T, DeviceSupported> {
+  MOE_HOST_DEVICE static constexpr T to_accumulate(T v) noexcept { return v; }
+  MOE_HOST_DEVICE static constexpr T from_accumulate(T v) noexcept { return v; }
 };
 
+}  // namespace detail
+
+// The CUDA backend takes float, half and bfloat16; double is the host backend's alone.
 template <>
-struct dtype_traits<__half> {
-  static constexpr dtype tag = dtype::f16;
-  static constexpr char const* name = "half";
-  using accumulate_type = float;
-  static constexpr bool device_supported = true;
+struct dtype_traits<double> : detail::self_accumulating<double, dtype::f64, false> {};
+
+template <>
+struct dtype_traits<float> : detail::self_accumulating<float, dtype::f32, true> {};
+
+template <>
+struct dtype_traits<__half> : detail::dtype_description<dtype::f16, float, true> {
   MOE_HOST_DEVICE static float to_accumulate(__half v) noexcept { return __half2float(v); }
   MOE_HOST_DEVICE static __half from_accumulate(float v) noexcept { return __float2half_rn(v); }
 };
 
 template <>
-struct dtype_traits<__nv_bfloat16> {
-  static constexpr dtype tag = dtype::bf16;
-  static constexpr char const* name = "bfloat16";
-  using accumulate_type = float;
-  static constexpr bool device_supported = true;
+struct dtype_traits<__nv_bfloat16> : detail::dtype_description<dtype::bf16, float, true> {
   MOE_HOST_DEVICE static float to_accumulate(__nv_bfloat16 v) noexcept {
     return __bfloat162float(v);
   }
@@ -98,20 +112,5 @@ MOE_HOST_DEVICE constexpr std::remove_cv_t<T> from_accumulate(accumulate_t<T> v)
 /// The run-time tag of T.
 template <element T>
 inline constexpr dtype dtype_of = dtype_traits<std::remove_cv_t<T>>::tag;
-
-/// The name of a run-time tag, for messages.
-constexpr char const* name_of(dtype d) noexcept {
-  switch (d) {
-    case dtype::f64:
-      return "double";
-    case dtype::f32:
-      return "float";
-    case dtype::f16:
-      return "half";
-    case dtype::bf16:
-      return "bfloat16";
-  }
-  return "unknown";
-}
 
 }  // namespace moe

@@ -74,6 +74,29 @@ void gather(host_backend, gating::host_routing const& r, Map const& row_of, matr
         for (index_t h = 0; h < hidden; ++h) dispatched(row, h) = to_accumulate(x(t, h));
 }
 
+namespace detail {
+
+/// What combine and gather_backward share: for every token t and column h, the sum over kept
+/// choices j = 0..k−1, in that order, of weight(t, j) · in[row(t, j), h], handed to
+/// `store(t, h, sum)`.
+template <row_map Map, class Weight, class Store>
+void sum_rows_per_token(host_backend, gating::host_routing const& r, Map const& row_of,
+                        matrix_view<double const> in, index_t hidden, Weight weight, Store store) {
+  index_t const k = r.k();
+  index_t rows[gating::max_k];
+  for (index_t t = 0; t < r.tokens(); ++t) {
+    for (index_t j = 0; j < k; ++j) rows[j] = row_of(t, j);
+    for (index_t h = 0; h < hidden; ++h) {
+      double sum = 0;
+      for (index_t j = 0; j < k; ++j)
+        if (rows[j] != no_row) sum += weight(t, j) * in(rows[j], h);
+      store(t, h, sum);
+    }
+  }
+}
+
+}  // namespace detail
+
 /// Combine: y[t, :] = Σ over kept choices j = 0..k−1, in order, of weight(t, j) ·
 /// expert_out[row(t, j), :]. A token whose every choice was dropped gets zero (the caller's
 /// residual carries it).
@@ -82,17 +105,12 @@ void gather(host_backend, gating::host_routing const& r, Map const& row_of, matr
 template <row_map Map, element T>
 void combine(host_backend, gating::host_routing const& r, Map const& row_of,
              matrix_view<double const> expert_out, matrix_view<T> y) {
-  index_t const hidden = y.extent(1), k = r.k();
-  index_t rows[gating::max_k];
-  for (index_t t = 0; t < r.tokens(); ++t) {
-    for (index_t j = 0; j < k; ++j) rows[j] = row_of(t, j);
-    for (index_t h = 0; h < hidden; ++h) {
-      double sum = 0;
-      for (index_t j = 0; j < k; ++j)
-        if (rows[j] != no_row) sum += r.weight(t, j) * expert_out(rows[j], h);
-      y(t, h) = from_accumulate<T>(static_cast<accumulate_t<T>>(sum));
-    }
-  }
+  detail::sum_rows_per_token(
+      host, r, row_of, expert_out, y.extent(1),
+      [&](index_t t, index_t j) { return r.weight(t, j); },
+      [&](index_t t, index_t h, double sum) {
+        y(t, h) = from_accumulate<T>(static_cast<accumulate_t<T>>(sum));
+      });
 }
 
 /// Backward of combine: d_expert_out[row(t, j), :] = weight(t, j) · dy[t, :] for kept (t, j),
@@ -130,17 +148,10 @@ void combine_backward(host_backend, gating::host_routing const& r, Map const& ro
 template <row_map Map>
 void gather_backward(host_backend, gating::host_routing const& r, Map const& row_of,
                      matrix_view<double const> d_dispatched, matrix_view<double> dx) {
-  index_t const hidden = dx.extent(1), k = r.k();
-  index_t rows[gating::max_k];
-  for (index_t t = 0; t < r.tokens(); ++t) {
-    for (index_t j = 0; j < k; ++j) rows[j] = row_of(t, j);
-    for (index_t h = 0; h < hidden; ++h) {
-      double sum = 0;
-      for (index_t j = 0; j < k; ++j)
-        if (rows[j] != no_row) sum += d_dispatched(rows[j], h);
-      dx(t, h) = sum;
-    }
-  }
+  // Unit weights: 1 · x is x exactly, so this is the plain sum.
+  detail::sum_rows_per_token(
+      host, r, row_of, d_dispatched, dx.extent(1), [](index_t, index_t) { return 1.0; },
+      [&](index_t t, index_t h, double sum) { dx(t, h) = sum; });
 }
 
 }  // namespace moe::layout

@@ -91,24 +91,14 @@ inline void offsets(cuda_backend cuda, capacity, layout_args const& a,
       {r.load.data_handle(), r.scalars, begin.data(), rows.data(), r.experts()}, cuda.stream);
 }
 
-/// Scratch bytes of the capacity layout's `encode` on the device, for a buffer of
-/// rows_bound(capacity{}, a) = E·a.capacity rows (the buffer's [E, C', H] with C' = a.capacity).
-inline std::size_t encode_workspace_bytes(capacity, layout_args const& a) noexcept {
-  return gather_workspace_bytes(rows_bound(capacity{}, a));
-}
-
-/// Scratch bytes of the capacity layout's `decode_backward` on the device (as encode's).
-inline std::size_t decode_backward_workspace_bytes(capacity, layout_args const& a) noexcept {
-  return gather_workspace_bytes(rows_bound(capacity{}, a));
-}
-
 /// Dispatch: dispatched[e, slot, :] = x[t, :] for every kept (t, j), bit for bit; every other
 /// row of the buffer zero. The batch is packed at stride C = the device capacity, so a C' > C
 /// buffer holds it in its first E·C rows.
 /// @param[in]  begin, rows (experts) from `offsets`, device memory
 /// @param[in]  x           (tokens, hidden)       device memory
 /// @param[out] dispatched  (experts, C', hidden)  device memory
-/// @param      scratch     device memory, at least encode_workspace_bytes for C'
+/// @param      scratch     device memory, at least encode_workspace_bytes(capacity{}, a)
+///                         with a.capacity = C'
 template <device_element T>
 void encode(cuda_backend cuda, capacity, gating::device_routing const& r,
             span<std::int64_t const> begin, span<std::int64_t const> rows, matrix_view<T const> x,
@@ -135,7 +125,8 @@ void decode(cuda_backend cuda, capacity, gating::device_routing const& r,
 /// @param[in]  expert_out   (experts, C', hidden)  device memory, the forward's
 /// @param[out] d_expert_out (experts, C', hidden)  device memory
 /// @param[out] d_weight     (tokens, k)            device memory
-/// @param      scratch      device memory, at least decode_backward_workspace_bytes for C'
+/// @param      scratch      device memory, at least
+///                          decode_backward_workspace_bytes(capacity{}, a) with a.capacity = C'
 template <device_element T>
 void decode_backward(cuda_backend cuda, capacity, gating::device_routing const& r,
                      span<std::int64_t const> begin, span<std::int64_t const> rows,

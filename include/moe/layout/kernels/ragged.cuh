@@ -94,17 +94,6 @@ inline void offsets(cuda_backend cuda, ragged, layout_args const& a,
       cuda.stream);
 }
 
-/// Scratch bytes of the ragged layout's `encode` on the device, for a buffer of
-/// rows_bound(ragged{}, a) rows (any batch of T tokens, k choices and this alignment fits).
-inline std::size_t encode_workspace_bytes(ragged, layout_args const& a) noexcept {
-  return gather_workspace_bytes(rows_bound(ragged{}, a));
-}
-
-/// Scratch bytes of the ragged layout's `decode_backward` on the device (as encode's).
-inline std::size_t decode_backward_workspace_bytes(ragged, layout_args const& a) noexcept {
-  return gather_workspace_bytes(rows_bound(ragged{}, a));
-}
-
 /// Dispatch (a gather): dispatched[begin[e] + slot, :] = x[t, :] for every (t, j), bit for
 /// bit; padding rows and rows past the batch zero.
 /// @param[in]  begin, rows (experts) from `offsets`, device memory

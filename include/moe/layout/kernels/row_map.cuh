@@ -29,6 +29,7 @@
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/top_k.hpp>
 #include <moe/layout/args.hpp>
+#include <moe/layout/concepts.hpp>
 #include <moe/layout/row_map.hpp>
 
 #include <cuda_runtime.h>
@@ -39,7 +40,6 @@
 #include <limits>
 #include <string>
 #include <type_traits>
-#include <utility>
 
 namespace moe::layout {
 
@@ -163,43 +163,61 @@ struct expand_rows {
   }
 };
 
+/// What the per-token kernels (combine_tokens, weight_gradient) read beside their pointers.
+struct token_rows_params {
+  segment_rows row_of;
+  index_t tokens;
+  index_t rows;  // rows of the expert batch's view
+  index_t hidden;
+  int k;
+};
+
+/// The launch shape of a per-token kernel: one block per token, walking rows of hidden / N
+/// accesses, with the kernel's `shared_storage` (the token's rows, among others).
+template <class Kernel, int N>
+struct one_block_per_token {
+  static dim3 grid(token_rows_params const& p) { return {static_cast<unsigned>(p.tokens)}; }
+  static dim3 block(token_rows_params const& p) {
+    return {static_cast<unsigned>(threads_for(p.hidden / N))};
+  }
+  static std::size_t smem_bytes(token_rows_params const&) {
+    return sizeof(typename Kernel::shared_storage);
+  }
+
+  /// Token t's rows into `row` (k ≤ 32 ≤ blockDim.x: one thread each); the caller syncs.
+  __device__ static void load_rows(token_rows_params const& p, index_t t, index_t* row) {
+    if (int const j = static_cast<int>(threadIdx.x); j < p.k)
+      row[j] = row_in_view(p.row_of, t, j, p.rows);
+  }
+};
+
 /// Arguments of combine_tokens.
 template <class T>
-struct combine_params {
-  segment_rows row_of;
+struct combine_params : token_rows_params {
   float const* weight;  // (tokens, k)       device memory, or null: unit weights
   T const* in;          // (rows, hidden)    device memory
   T* out;               // (tokens, hidden)  device memory
-  index_t tokens;
-  index_t rows;
-  index_t hidden;
-  int k;
 };
 
 /// One block per token: out[t] = Σ_{j = 0..k−1, in order} weight(t, j) · in[row(t, j)] over
 /// the kept choices, in float; zero when every choice was dropped. Each output element is one
 /// thread's sum in a fixed order: deterministic, no atomics.
 template <class T, int N>
-struct combine_tokens {
+struct combine_tokens : one_block_per_token<combine_tokens<T, N>, N> {
   using params = combine_params<T>;
   using vec = pack<T, N>;
   struct shared_storage {
     index_t row[gating::max_k];
     float weight[gating::max_k];
   };
-  static dim3 grid(params const& p) { return {static_cast<unsigned>(p.tokens)}; }
-  static dim3 block(params const& p) { return {static_cast<unsigned>(threads_for(p.hidden / N))}; }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& s = *reinterpret_cast<shared_storage*>(smem);
     index_t const t = blockIdx.x;
     int const thread = static_cast<int>(threadIdx.x);
-    // The token's rows and weights, once per block (k ≤ 32 ≤ blockDim.x).
-    if (thread < p.k) {
-      s.row[thread] = row_in_view(p.row_of, t, thread, p.rows);
-      s.weight[thread] = p.weight != nullptr ? p.weight[t * p.k + thread] : 1.0f;
-    }
+    // The token's rows and weights, once per block.
+    this->load_rows(p, t, s.row);
+    if (thread < p.k) s.weight[thread] = p.weight != nullptr ? p.weight[t * p.k + thread] : 1.0f;
     __syncthreads();
     index_t const packs = p.hidden / N;
     vec* const out = reinterpret_cast<vec*>(p.out + t * p.hidden);
@@ -221,38 +239,30 @@ struct combine_tokens {
 
 /// Arguments of weight_gradient.
 template <class T>
-struct weight_gradient_params {
-  segment_rows row_of;
+struct weight_gradient_params : token_rows_params {
   T const* dy;          // (tokens, hidden)  device memory
   T const* expert_out;  // (rows, hidden)    device memory
   float* d_weight;      // (tokens, k)       device memory
-  index_t tokens;
-  index_t rows;
-  index_t hidden;
-  int k;
 };
 
 /// One block per token: d_weight(t, j) = ⟨dy[t], expert_out[row(t, j)]⟩ in float, 0 for a
 /// dropped choice. Each thread sums its accesses in order, then a fixed tree (warp shuffles,
 /// then the warps' totals in order) adds them: the same result on every run.
 template <class T, int N>
-struct weight_gradient {
+struct weight_gradient : one_block_per_token<weight_gradient<T, N>, N> {
   using params = weight_gradient_params<T>;
   using vec = pack<T, N>;
   struct shared_storage {
     index_t row[gating::max_k];
     float warp_total[max_threads / 32];
   };
-  static dim3 grid(params const& p) { return {static_cast<unsigned>(p.tokens)}; }
-  static dim3 block(params const& p) { return {static_cast<unsigned>(threads_for(p.hidden / N))}; }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& s = *reinterpret_cast<shared_storage*>(smem);
     index_t const t = blockIdx.x;
     int const thread = static_cast<int>(threadIdx.x);
     int const lane = thread % 32, warp = thread / 32, warps = static_cast<int>(blockDim.x) / 32;
-    if (thread < p.k) s.row[thread] = row_in_view(p.row_of, t, thread, p.rows);
+    this->load_rows(p, t, s.row);
     __syncthreads();
     index_t const packs = p.hidden / N;
     vec const* const dy = reinterpret_cast<vec const*>(p.dy + t * p.hidden);
@@ -294,6 +304,15 @@ void launch_rows(bool vectorized, typename Kernel<T, 1>::params const& p, cudaSt
 
 namespace detail {
 
+/// Checks that `v` (a layout's begin or rows) holds one entry per expert, in memory.
+inline status check_per_expert(span<std::int64_t const> v, char const* name, index_t experts) {
+  if (static_cast<index_t>(v.size()) != experts)
+    return status::failure(name, "holds " + std::to_string(v.size()) + " entries for " +
+                                     std::to_string(experts) + " experts");
+  if (experts > 0 && v.data() == nullptr) return status::failure(name, "null data");
+  return {};
+}
+
 /// Checks the routing and row map that the row kernels read: (tokens, k) assignments with
 /// k ≤ 32, begin and rows for every expert, and index ranges the kernels' 32-bit grid and
 /// row_source can hold. With `weights`, also the routing's combine weights.
@@ -315,15 +334,8 @@ inline status check_row_map(gating::device_routing const& r, segment_rows const&
   if (weights)
     if (status s = check_extents(r.weight, "r", {tokens, k}); !s)
       return status::failure("r", "weight: " + s.message());
-  auto check_span = [&](span<std::int64_t const> v, char const* name) -> status {
-    if (static_cast<index_t>(v.size()) != experts)
-      return status::failure(name, "holds " + std::to_string(v.size()) + " entries for " +
-                                       std::to_string(experts) + " experts");
-    if (experts > 0 && v.data() == nullptr) return status::failure(name, "null data");
-    return {};
-  };
-  if (status s = check_span(row_of.begin, "begin"); !s) return s;
-  return check_span(row_of.rows, "rows");
+  if (status s = check_per_expert(row_of.begin, "begin", experts); !s) return s;
+  return check_per_expert(row_of.rows, "rows", experts);
 }
 
 /// Checks the arguments of a layout's `offsets`: E experts in `a`, the routing's load, and
@@ -336,13 +348,8 @@ inline status check_offsets_spans(layout_args const& a, gating::device_routing c
                                     " but the routing has " + std::to_string(experts));
   if (status s = check_extents(r.load, "r", {experts}); !s)
     return status::failure("r", "load: " + s.message());
-  for (auto [v, name] : {std::pair{begin, "begin"}, std::pair{rows, "rows"}}) {
-    if (static_cast<index_t>(v.size()) != experts)
-      return status::failure(name, "holds " + std::to_string(v.size()) + " entries for " +
-                                       std::to_string(experts) + " experts");
-    if (experts > 0 && v.data() == nullptr) return status::failure(name, "null data");
-  }
-  return {};
+  if (status s = check_per_expert(begin, "begin", experts); !s) return s;
+  return check_per_expert(rows, "rows", experts);
 }
 
 /// Checks that a batch of `rows` rows fits the kernels' 32-bit grid and row_source.
@@ -391,6 +398,19 @@ inline std::size_t gather_workspace_bytes(index_t rows) noexcept {
   return carver.bytes();
 }
 
+/// Scratch bytes of layout L's `encode` on the device, for a buffer of rows_bound(L{}, a)
+/// rows: any batch the layout lays out for `a` fits.
+template <dispatch_layout L>
+std::size_t encode_workspace_bytes(L, layout_args const& a) noexcept {
+  return gather_workspace_bytes(rows_bound(L{}, a));
+}
+
+/// Scratch bytes of layout L's `decode_backward` on the device (as encode's).
+template <dispatch_layout L>
+std::size_t decode_backward_workspace_bytes(L, layout_args const& a) noexcept {
+  return encode_workspace_bytes(L{}, a);
+}
+
 namespace detail {
 
 /// What gather and combine_backward share: row_source from the row map, then
@@ -422,7 +442,7 @@ void sum_rows_per_token(cuda_backend cuda, gating::device_routing const& r,
   using U = std::remove_cv_t<T>;
   kernels::launch_rows<kernels::combine_tokens, U>(
       kernels::vector_access<U>(hidden, {in.data_handle(), out.data_handle()}),
-      {row_of, weight, in.data_handle(), out.data_handle(), r.tokens(), rows, hidden, r.k()},
+      {{row_of, r.tokens(), rows, hidden, r.k()}, weight, in.data_handle(), out.data_handle()},
       cuda.stream);
 }
 
@@ -499,11 +519,12 @@ void combine_backward(cuda_backend cuda, gating::device_routing const& r,
     detail::expand_to_rows<U>(cuda, r, row_of, vectorized, dy.data_handle(), r.weight.data_handle(),
                               d_expert_out.data_handle(), rows, hidden, scratch);
   // Also with hidden = 0: every d_weight is then an empty sum, written as zero.
-  kernels::launch_rows<kernels::weight_gradient, U>(
-      vectorized,
-      {row_of, dy.data_handle(), expert_out.data_handle(), d_weight.data_handle(), r.tokens(), rows,
-       hidden, r.k()},
-      cuda.stream);
+  kernels::launch_rows<kernels::weight_gradient, U>(vectorized,
+                                                    {{row_of, r.tokens(), rows, hidden, r.k()},
+                                                     dy.data_handle(),
+                                                     expert_out.data_handle(),
+                                                     d_weight.data_handle()},
+                                                    cuda.stream);
 }
 
 /// Backward of dispatch on the device (the transpose of the gather): dx[t, :] = Σ over kept

@@ -63,6 +63,15 @@ unsigned active_mask();
 /// Ends the kernel with a device fault (a sticky error), naming the thread and `what`.
 [[noreturn]] void device_fault(char const* what, std::source_location where);
 
+/// What every atomic does: *address = update(old), returning old. One kernel runs at a time
+/// and a fiber never yields inside this, so the plain update is atomic.
+template <class T, class Update>
+T read_modify_write(T* address, Update update) {
+  T const old = *address;
+  *address = update(old);
+  return old;
+}
+
 template <class T>
 std::uint64_t to_bits(T value) noexcept {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
@@ -77,6 +86,17 @@ T from_bits(std::uint64_t bits) noexcept {
   T value;
   std::memcpy(&value, &bits, sizeof(T));
   return value;
+}
+
+/// A vote (ballot, any, all) of the calling lane's predicate.
+inline std::uint64_t vote(warp_op op, unsigned mask, int predicate, std::source_location where) {
+  return warp_collective(op, mask, predicate != 0, 0, 32, where);
+}
+
+/// A match (any, all) of the calling lane's value: the mask of lanes it agrees with.
+template <class T>
+unsigned match(warp_op op, unsigned mask, T value, std::source_location where) {
+  return static_cast<unsigned>(warp_collective(op, mask, to_bits(value), 0, 32, where));
 }
 
 }  // namespace moe::emulation
@@ -119,30 +139,29 @@ MOE_EMULATION_SHUFFLE(__shfl_xor_sync, shfl_xor, int)
 
 inline unsigned __ballot_sync(unsigned mask, int predicate,
                               std::source_location where = std::source_location::current()) {
-  return static_cast<unsigned>(::moe::emulation::warp_collective(
-      ::moe::emulation::warp_op::ballot, mask, predicate != 0, 0, 32, where));
+  return static_cast<unsigned>(
+      ::moe::emulation::vote(::moe::emulation::warp_op::ballot, mask, predicate, where));
 }
 inline int __any_sync(unsigned mask, int predicate,
                       std::source_location where = std::source_location::current()) {
-  return static_cast<int>(::moe::emulation::warp_collective(::moe::emulation::warp_op::any, mask,
-                                                            predicate != 0, 0, 32, where));
+  return static_cast<int>(
+      ::moe::emulation::vote(::moe::emulation::warp_op::any, mask, predicate, where));
 }
 inline int __all_sync(unsigned mask, int predicate,
                       std::source_location where = std::source_location::current()) {
-  return static_cast<int>(::moe::emulation::warp_collective(::moe::emulation::warp_op::all, mask,
-                                                            predicate != 0, 0, 32, where));
+  return static_cast<int>(
+      ::moe::emulation::vote(::moe::emulation::warp_op::all, mask, predicate, where));
 }
 template <class T>
 unsigned __match_any_sync(unsigned mask, T value,
                           std::source_location where = std::source_location::current()) {
-  return static_cast<unsigned>(::moe::emulation::warp_collective(
-      ::moe::emulation::warp_op::match_any, mask, ::moe::emulation::to_bits(value), 0, 32, where));
+  return ::moe::emulation::match(::moe::emulation::warp_op::match_any, mask, value, where);
 }
 template <class T>
 unsigned __match_all_sync(unsigned mask, T value, int* predicate,
                           std::source_location where = std::source_location::current()) {
-  auto const result = static_cast<unsigned>(::moe::emulation::warp_collective(
-      ::moe::emulation::warp_op::match_all, mask, ::moe::emulation::to_bits(value), 0, 32, where));
+  unsigned const result =
+      ::moe::emulation::match(::moe::emulation::warp_op::match_all, mask, value, where);
   *predicate = result != 0;
   return result;
 }
@@ -153,67 +172,50 @@ inline unsigned __activemask() {
 // --- atomics: one kernel runs at a time and a fiber never yields inside one ------------------
 template <class T>
 T atomicAdd(T* address, T value) {
-  T const old = *address;
-  *address = static_cast<T>(old + value);
-  return old;
+  return ::moe::emulation::read_modify_write(address, [&](T old) { return T(old + value); });
 }
 template <class T>
 T atomicSub(T* address, T value) {
-  T const old = *address;
-  *address = static_cast<T>(old - value);
-  return old;
+  return ::moe::emulation::read_modify_write(address, [&](T old) { return T(old - value); });
 }
 template <class T>
 T atomicExch(T* address, T value) {
-  T const old = *address;
-  *address = value;
-  return old;
+  return ::moe::emulation::read_modify_write(address, [&](T) { return value; });
 }
 template <class T>
 T atomicMin(T* address, T value) {
-  T const old = *address;
-  *address = value < old ? value : old;
-  return old;
+  return ::moe::emulation::read_modify_write(address,
+                                             [&](T old) { return value < old ? value : old; });
 }
 template <class T>
 T atomicMax(T* address, T value) {
-  T const old = *address;
-  *address = old < value ? value : old;
-  return old;
+  return ::moe::emulation::read_modify_write(address,
+                                             [&](T old) { return old < value ? value : old; });
 }
 template <class T>
 T atomicCAS(T* address, T compare, T value) {
-  T const old = *address;
-  if (old == compare) *address = value;
-  return old;
+  return ::moe::emulation::read_modify_write(address,
+                                             [&](T old) { return old == compare ? value : old; });
 }
 template <class T>
 T atomicAnd(T* address, T value) {
-  T const old = *address;
-  *address = old & value;
-  return old;
+  return ::moe::emulation::read_modify_write(address, [&](T old) { return T(old & value); });
 }
 template <class T>
 T atomicOr(T* address, T value) {
-  T const old = *address;
-  *address = old | value;
-  return old;
+  return ::moe::emulation::read_modify_write(address, [&](T old) { return T(old | value); });
 }
 template <class T>
 T atomicXor(T* address, T value) {
-  T const old = *address;
-  *address = old ^ value;
-  return old;
+  return ::moe::emulation::read_modify_write(address, [&](T old) { return T(old ^ value); });
 }
 inline unsigned atomicInc(unsigned* address, unsigned limit) {
-  unsigned const old = *address;
-  *address = old >= limit ? 0u : old + 1u;
-  return old;
+  return ::moe::emulation::read_modify_write(
+      address, [&](unsigned old) { return old >= limit ? 0u : old + 1u; });
 }
 inline unsigned atomicDec(unsigned* address, unsigned limit) {
-  unsigned const old = *address;
-  *address = (old == 0u || old > limit) ? limit : old - 1u;
-  return old;
+  return ::moe::emulation::read_modify_write(
+      address, [&](unsigned old) { return (old == 0u || old > limit) ? limit : old - 1u; });
 }
 
 // --- loads and intrinsics ----------------------------------------------------------------
