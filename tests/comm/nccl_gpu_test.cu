@@ -10,6 +10,8 @@
 // enqueued at once, so they would run before the exchanges they depend on. Each rank
 // therefore gets its own host thread, as NCCL's "one device per thread" model has it.
 
+#include "../support/expect.hpp"
+
 #include <doctest/doctest.h>
 
 #include <moe/comm/all_to_all.hpp>
@@ -281,19 +283,11 @@ TEST_CASE("one rank: arguments and topology are checked before NCCL sees them") 
   comm::nccl_communicator c(handle);
   stream s;
   device_bytes buffer(16);
-  auto argument_of = [](auto&& call) -> std::string {
-    try {
-      call();
-    } catch (moe::invalid_argument const& e) {
-      return e.argument();
-    }
-    return "(no exception)";
-  };
-  CHECK(argument_of([&] { c.send(buffer.data(), 16, 1, s); }) == "peer");
-  CHECK(argument_of([&] { c.recv(buffer.data(), 16, -1, s); }) == "peer");
-  CHECK(argument_of([&] { c.send(nullptr, 16, 0, s); }) == "src");
-  CHECK(argument_of([&] { c.recv(nullptr, 16, 0, s); }) == "dst");
-  CHECK(argument_of([&] { c.wait(s, -1ms); }) == "timeout");
+  CHECK(test::rejected_argument([&] { c.send(buffer.data(), 16, 1, s); }) == "peer");
+  CHECK(test::rejected_argument([&] { c.recv(buffer.data(), 16, -1, s); }) == "peer");
+  CHECK(test::rejected_argument([&] { c.send(nullptr, 16, 0, s); }) == "src");
+  CHECK(test::rejected_argument([&] { c.recv(nullptr, 16, 0, s); }) == "dst");
+  CHECK(test::rejected_argument([&] { c.wait(s, -1ms); }) == "timeout");
 }
 
 TEST_CASE("one rank: wait returns once the work is done and times out while it is not") {

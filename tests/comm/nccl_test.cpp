@@ -3,6 +3,8 @@
 // the owning nccl_comm, and the file bootstrap of the ncclUniqueId (ncclGetUniqueId needs
 // no device). The real communication is in nccl_gpu_test.cu.
 
+#include "../support/expect.hpp"
+
 #include <doctest/doctest.h>
 
 #include <moe/comm/nccl_bootstrap.hpp>
@@ -116,18 +118,10 @@ TEST_CASE("nccl_comm owns nothing by default and moves ownership") {
 
 TEST_CASE("make_nccl_comm and make_nccl_comms check their arguments first") {
   ncclUniqueId const id = patterned_id();
-  auto argument_of = [](auto&& call) -> std::string {
-    try {
-      call();
-    } catch (moe::invalid_argument const& e) {
-      return e.argument();
-    }
-    return "(no exception)";
-  };
-  CHECK(argument_of([&] { (void)comm::make_nccl_comm(id, 0, 0); }) == "nranks");
-  CHECK(argument_of([&] { (void)comm::make_nccl_comm(id, 2, 2); }) == "rank");
-  CHECK(argument_of([&] { (void)comm::make_nccl_comm(id, 2, -1); }) == "rank");
-  CHECK(argument_of([&] { (void)comm::make_nccl_comms({}); }) == "devices");
+  CHECK(test::rejected_argument([&] { (void)comm::make_nccl_comm(id, 0, 0); }) == "nranks");
+  CHECK(test::rejected_argument([&] { (void)comm::make_nccl_comm(id, 2, 2); }) == "rank");
+  CHECK(test::rejected_argument([&] { (void)comm::make_nccl_comm(id, 2, -1); }) == "rank");
+  CHECK(test::rejected_argument([&] { (void)comm::make_nccl_comms({}); }) == "devices");
 }
 
 TEST_CASE("share_unique_id_through_file checks its arguments") {

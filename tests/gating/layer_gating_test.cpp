@@ -3,6 +3,7 @@
 // local groups, scaling, bias, noise), the workspace is sized by the gate's own capacity rule,
 // presets run forward and backward, and the gradients match finite differences.
 
+#include "../support/finite_differences.hpp"
 #include "../support/layer_storage.hpp"
 
 #include <doctest/doctest.h>
@@ -46,22 +47,14 @@ layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
   std::vector<std::int64_t> const load(stats.load.begin(), stats.load.end());
   layer.backward(host, dy.cview(T, H), p, dx.view(T, H), grads.template gradients<expert_t>(),
                  ws.view());
-  double const eps = 1e-6;
   int checked = 0;
   auto const numeric = [&](double& v, double analytic) {
-    double const saved = v;
-    v = saved + eps;
-    double const up = objective();
-    v = saved - eps;
-    double const down = objective();
-    v = saved;
+    double const n = test::central_difference(objective, v);
     auto const now = layer.stats(host, ws.view());
     if (!std::equal(load.begin(), load.end(), now.load.begin()) || now.dropped != stats.dropped)
       return;  // crossed a routing boundary
     ++checked;
-    double const n = (up - down) / (2 * eps);
-    INFO("analytic " << analytic << ", numeric " << n);
-    CHECK(std::abs(analytic - n) <= 1e-6 * std::max({1.0, std::abs(analytic), std::abs(n)}));
+    test::expect_derivative(analytic, n);
   };
   for (std::size_t i = 0; i < params.gate_weight.data.size(); ++i)
     numeric(params.gate_weight.data[i], grads.gate_weight.data[i]);

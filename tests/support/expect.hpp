@@ -32,6 +32,17 @@ std::string expect_rejected(Call&& call, std::string const& argument) {
   return {};
 }
 
+/// The argument that `call`'s moe::invalid_argument names, or "(no exception)".
+template <class Call>
+std::string rejected_argument(Call&& call) {
+  try {
+    call();
+  } catch (moe::invalid_argument const& e) {
+    return e.argument();
+  }
+  return "(no exception)";
+}
+
 /// The elements of `v` in double, through their accumulate type.
 template <class T>
 std::vector<double> widen(std::vector<T> const& v) {
