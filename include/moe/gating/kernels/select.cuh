@@ -20,6 +20,7 @@
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
+#include <moe/gating/args.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/groups.hpp>
@@ -227,6 +228,24 @@ struct router_select {
             .jitter = 0,
             .noise_std = 0,
             .seed = 0};
+  }
+
+  /// The parameters of a router call under `args`: to_params(r, …) with the call's score
+  /// sums, selection bias, renormalisation, random routing and training noise.
+  static params to_params(device_routing const& r, float* logsumexp_squared, float* score_sum,
+                          gate_args const& args, bool normalize_before,
+                          bool random_second) noexcept {
+    params p = to_params(r, logsumexp_squared);
+    p.score_sum = score_sum;
+    p.bias = args.expert_bias.empty() ? nullptr : args.expert_bias.data();
+    p.normalize_before = normalize_before;
+    p.random_second = random_second;
+    p.jitter = args.training && args.jitter_on == jitter_target::logits ? args.jitter : 0.0f;
+    p.noise_std = args.training
+                      ? static_cast<double>(args.gate_noise) / static_cast<double>(r.experts())
+                      : 0.0;
+    p.seed = args.seed;
+    return p;
   }
 
   static dim3 grid(params const& p) {

@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// The CUDA path of the combine weights (gating/weights.hpp): once the capacity is known on
+// the device, the pre-drop weights router_select wrote become w = α · s / D, 0 when dropped.
+
+#include <moe/core/checked.hpp>
+#include <moe/core/config.hpp>
+#include <moe/core/view.hpp>
+#include <moe/gating/device_routing.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moe::gating::detail {
+
+/// Turns the pre-drop weights into combine weights once the capacity is known (weights.hpp):
+/// w = α · s / D for a kept assignment and 0 for a dropped one. router_select already
+/// divided by the selected experts' sum when the call renormalises before drops; after
+/// drops, D is the sum over the kept ones (1 when it is 0). A thread per token.
+struct finalize_weights {
+  static constexpr int threads = 256;
+  struct params {
+    std::int64_t const* slot;  // (tokens, k) device memory
+    float* weight;             // (tokens, k) in: pre-drop weights; out: combine weights
+    index_t tokens;
+    int k;
+    bool normalize_after;                   // divide by the sum over the kept assignments
+    float scaling_factor;                   // α
+    device_routing_scalars const* scalars;  // capacity, written by assign_slots
+  };
+  static dim3 grid(params const& p) {
+    return dim3(static_cast<unsigned>(ceil_div(p.tokens, threads)));
+  }
+  static dim3 block(params const&) { return dim3(threads); }
+  static std::size_t smem_bytes(params const&) { return 0; }
+
+  __device__ void operator()(params const& p, char*) const {
+    index_t const t = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    if (t >= p.tokens) return;
+    std::int64_t const capacity = p.scalars->capacity;
+    std::int64_t const* slot = p.slot + t * p.k;
+    float* weight = p.weight + t * p.k;
+    if (p.normalize_after) {
+      float sum = 0;
+      for (int j = 0; j < p.k; ++j)
+        if (slot[j] < capacity) sum += weight[j];
+      if (sum > 0)
+        for (int j = 0; j < p.k; ++j) weight[j] /= sum;
+    }
+    for (int j = 0; j < p.k; ++j) weight[j] = slot[j] < capacity ? p.scaling_factor * weight[j] : 0;
+  }
+};
+
+}  // namespace moe::gating::detail
