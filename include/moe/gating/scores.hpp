@@ -103,30 +103,21 @@ static_assert(!score_function<detail::score_without_backward> && !score_function
 
 /// Whether S's scores form a distribution over the experts (S::sums_to_one; false if absent).
 template <class S>
-inline constexpr bool score_sums_to_one = [] {
-  if constexpr (requires { S::sums_to_one; })
-    return static_cast<bool>(S::sums_to_one);
-  else
-    return false;
-}();
+inline constexpr bool score_sums_to_one = requires {
+  requires static_cast<bool>(S::sums_to_one);
+};
 
 /// Whether S renormalises the weights over the selected experts (S::normalizes_selected).
 template <class S>
-inline constexpr bool score_normalizes_selected = [] {
-  if constexpr (requires { S::normalizes_selected; })
-    return static_cast<bool>(S::normalizes_selected);
-  else
-    return false;
-}();
+inline constexpr bool score_normalizes_selected = requires {
+  requires static_cast<bool>(S::normalizes_selected);
+};
 
 /// Whether S's scores rank as its logits do (S::increasing; false if absent).
 template <class S>
-inline constexpr bool score_is_increasing = [] {
-  if constexpr (requires { S::increasing; })
-    return static_cast<bool>(S::increasing);
-  else
-    return false;
-}();
+inline constexpr bool score_is_increasing = requires {
+  requires static_cast<bool>(S::increasing);
+};
 
 /// The probabilities p the aux losses average, from one token's scores: the scores
 /// themselves when they sum to one, else s / Σ s (0 when the sum is 0).

@@ -12,6 +12,7 @@
 #include <moe/gating/args.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/scores.cuh>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/scores.hpp>
 
@@ -30,9 +31,8 @@ namespace moe::gating::detail {
 /// applied over the row and each selected expert's entry is added afterwards by the lane
 /// that holds it. The logits' jitter scales the result.
 template <device_score_function Score>
-struct router_backward {
+struct router_backward : warp_per_token {
   using score = device_score<Score>;
-  static constexpr int warps_per_block = 8;
   struct params {
     float const* logits;         // (tokens, experts) device memory, with the noise
     float const* scores;         // (tokens, experts)
@@ -78,16 +78,9 @@ struct router_backward {
             .seed = args.seed};
   }
 
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens, warps_per_block)));
-  }
-  static dim3 block(params const&) { return dim3(warps_per_block * moe::detail::warp_size); }
-  static std::size_t smem_bytes(params const&) { return 0; }
-
   __device__ void operator()(params const& p, char*) const {
-    int const lane = static_cast<int>(threadIdx.x) % moe::detail::warp_size;
-    index_t const t =
-        static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / moe::detail::warp_size;
+    int const lane = warp_per_token::lane();
+    index_t const t = warp_per_token::token();
     if (t >= p.tokens) return;  // whole warps: every shuffle below sees 32 lanes
     std::int64_t const capacity = p.scalars->capacity;
     float const* logits = p.logits + t * p.experts;

@@ -9,6 +9,7 @@
 #include <moe/core/dtype.hpp>
 #include <moe/core/view.hpp>
 #include <moe/gating/args.hpp>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 
 #include <cuda_runtime.h>
@@ -27,8 +28,7 @@ inline bool jitters_input(gate_args const& args) noexcept {
 /// products, rounded once): x' = x ⊙ j in float for the forward (and dW_gate), or
 /// dx += g ⊙ j for the backward, g = d_logits · W_gateᵀ in float. A thread per element.
 template <class T>
-struct input_jitter {
-  static constexpr int threads = 256;
+struct input_jitter : thread_per_item<input_jitter<T>> {
   struct params {
     T const* x;             // (tokens, hidden) device memory: x, to jitter into `jittered`
     float* jittered;        // (tokens, hidden)
@@ -39,14 +39,10 @@ struct input_jitter {
     float epsilon;
     std::uint64_t seed;
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens * p.hidden, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.tokens * p.hidden; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const i = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const i = this->item();
     if (i >= p.tokens * p.hidden) return;
     index_t const t = i / p.hidden, h = i % p.hidden;
     double const j = jitter_factor(p.epsilon, p.seed, t, static_cast<std::uint32_t>(h),
@@ -72,21 +68,16 @@ struct input_jitter {
 
 /// dst = To(src), elementwise: cuBLAS multiplies operands of one type.
 template <class From, class To>
-struct convert_elements {
-  static constexpr int threads = 256;
+struct convert_elements : thread_per_item<convert_elements<From, To>> {
   struct params {
     From const* source;  // (count) device memory
     To* destination;     // (count)
     index_t count;
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.count, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.count; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const i = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const i = this->item();
     if (i < p.count) p.destination[i] = from_accumulate<To>(to_accumulate(p.source[i]));
   }
 };

@@ -25,6 +25,7 @@
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/groups.hpp>
 #include <moe/gating/kernels/scores.cuh>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -183,12 +184,10 @@ struct device_selection<group_limited<Groups, TopGroups, Experts>> {
 /// @tparam K         k when the gate fixes it at compile time, 0 when it is `params::k`
 /// @tparam Selection selection policy with a `device_selection` specialisation
 template <device_score_function Score, int K = 0, device_selection_policy Selection = all_experts>
-struct router_select {
+struct router_select : detail::warp_per_token {
   static_assert(K >= 0 && K <= max_k, "moe::gating::router_select: K must be in [0, 32].");
   using score = device_score<Score>;
   using selection = device_selection<Selection>;
-  static constexpr int warps_per_block = 8;
-
   struct params {
     float* logits;             // (tokens, experts) in: x · W_gate; out: with the noise
     float* scores;             // (tokens, experts)
@@ -248,16 +247,9 @@ struct router_select {
     return p;
   }
 
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens, warps_per_block)));
-  }
-  static dim3 block(params const&) { return dim3(warps_per_block * moe::detail::warp_size); }
-  static std::size_t smem_bytes(params const&) { return 0; }
-
   __device__ void operator()(params const& p, char*) const {
-    int const lane = static_cast<int>(threadIdx.x) % moe::detail::warp_size;
-    index_t const t =
-        static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / moe::detail::warp_size;
+    int const lane = warp_per_token::lane();
+    index_t const t = warp_per_token::token();
     // t is the same on all lanes of a warp: whole warps leave, and the shuffles below always
     // see 32 lanes. The kernel has no block barrier.
     if (t >= p.tokens) return;

@@ -35,6 +35,7 @@
 #include <moe/core/workspace.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/priority.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -182,9 +183,8 @@ MOE_HOST_DEVICE constexpr index_t lower_bound(std::uint32_t const* keys, index_t
 /// Writes the priority sort's input in token-major order: key = P's packed key of
 /// assignment a = t·k + j, value = a.
 template <class P>
-struct priority_keys {
+struct priority_keys : thread_per_item<priority_keys<P>> {
   using key_type = typename device_priority<P>::key_type;
-  static constexpr int threads = 256;
   struct params {
     std::int32_t const* expert;  // (tokens, k)       device memory
     float const* weight;         // (tokens, k)       before drops, not yet scaled
@@ -197,14 +197,10 @@ struct priority_keys {
     key_type* keys;        // (tokens·k)
     std::int32_t* values;  // (tokens·k)
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens * p.k, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.tokens * p.k; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const a = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const a = this->item();
     if (a >= p.tokens * p.k) return;
     index_t const t = a / p.k;
     std::int32_t const first = p.expert[t * p.k];
@@ -226,8 +222,7 @@ struct priority_keys {
 /// random routing left out gets G·E, an id outside [0, E) (never from the router) G·E + 1:
 /// both sort after every segment and join none.
 template <class P>
-struct enumerate_assignments {
-  static constexpr int threads = 256;
+struct enumerate_assignments : thread_per_item<enumerate_assignments<P>> {
   struct params {
     std::int32_t const* expert;  // (tokens, k) device memory
     std::int64_t const* slot;    // (tokens, k) no_slot marks a left-out choice; null: none is
@@ -239,14 +234,10 @@ struct enumerate_assignments {
     std::uint32_t* keys;   // (tokens·k)
     std::int32_t* values;  // (tokens·k) positional: written; keyed: holds the priority order
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens * p.k, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.tokens * p.k; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const position = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const position = this->item();
     if (position >= p.tokens * p.k) return;
     index_t a;
     if constexpr (positional_device_priority<P>) {
@@ -365,8 +356,7 @@ struct expert_capacity {
 };
 
 /// Gives the sorted item at position q of its segment its slot and writes it to r.slot.
-struct scatter_slots {
-  static constexpr int threads = 256;
+struct scatter_slots : thread_per_item<scatter_slots> {
   struct params {
     std::uint32_t const* sorted_keys;    // (count)
     std::int32_t const* sorted_values;   // (count) assignments t·k + j
@@ -379,14 +369,10 @@ struct scatter_slots {
     device_routing_scalars const* scalars;  // capacity
     std::int64_t* slot;                     // (tokens, k) r.slot
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.count, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.count; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const i = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const i = item();
     if (i >= p.count) return;
     std::uint32_t const key = p.sorted_keys[i];
     std::int64_t slot = no_slot;  // left out, or no expert: never kept

@@ -7,6 +7,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/view.hpp>
 #include <moe/gating/device_routing.hpp>
+#include <moe/gating/kernels/shapes.cuh>
 
 #include <cuda_runtime.h>
 
@@ -19,8 +20,7 @@ namespace moe::gating::detail {
 /// w = α · s / D for a kept assignment and 0 for a dropped one. router_select already
 /// divided by the selected experts' sum when the call renormalises before drops; after
 /// drops, D is the sum over the kept ones (1 when it is 0). A thread per token.
-struct finalize_weights {
-  static constexpr int threads = 256;
+struct finalize_weights : thread_per_item<finalize_weights> {
   struct params {
     std::int64_t const* slot;  // (tokens, k) device memory
     float* weight;             // (tokens, k) in: pre-drop weights; out: combine weights
@@ -30,14 +30,10 @@ struct finalize_weights {
     float scaling_factor;                   // α
     device_routing_scalars const* scalars;  // capacity, written by assign_slots
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.tokens; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const t = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const t = item();
     if (t >= p.tokens) return;
     std::int64_t const capacity = p.scalars->capacity;
     std::int64_t const* slot = p.slot + t * p.k;
