@@ -167,7 +167,7 @@ void order_group(index_t g, index_t group_size, gate_args const& args, double sc
     });
   } else {
     index_t n = 0;
-    Priority::for_each_in_order(
+    for_each_in_order<Priority>(
         group_size, k, [&](index_t t, int j) { order[n++] = (g * group_size + t) * k + j; });
   }
 }
@@ -228,25 +228,11 @@ inline void slots_under_capacity(capacity_args const& cap, host_routing& r,
   }
 }
 
-/// Step 5's weights: α · s_j / D when kept, else 0.
+/// Step 5's weights: α · s_j / D when kept, else 0 (weights.hpp).
 inline void final_weights(renormalize normalize, double scale, host_routing& r) {
-  int const k = r.k();
-  for (index_t t = 0; t < r.tokens(); ++t) {
-    double kept_sum = 0;
-    if (normalize == renormalize::after_drops)
-      for (int j = 0; j < k; ++j)
-        if (r.kept(t, j)) kept_sum += r.scores(t, r.expert(t, j));
-    for (int j = 0; j < k; ++j) {
-      if (!r.kept(t, j)) {
-        r.weight(t, j) = 0;
-        continue;
-      }
-      double const w = normalize == renormalize::after_drops && kept_sum > 0
-                           ? r.scores(t, r.expert(t, j)) / kept_sum
-                           : r.weight(t, j);
-      r.weight(t, j) = w * scale;
-    }
-  }
+  for (index_t t = 0; t < r.tokens(); ++t)
+    finalize_token_weights(&r.weight(t, 0), &r.slot(t, 0), r.k(), r.capacity,
+                           normalize == renormalize::after_drops, scale);
 }
 
 /// Step 5's losses: me and ce over the call into r.mean_score and r.first_choice; returns
@@ -303,9 +289,7 @@ inline void renormalization_gradient(index_t t, renormalize normalize, double sc
   for (index_t e = 0; e < r.experts(); ++e) d_scores[static_cast<std::size_t>(e)] = d_logits(t, e);
   double sum = 0, weighted = 0;
   for (int j = 0; j < k; ++j) {
-    bool const in_set = normalize == renormalize::before_drops ||
-                        (normalize == renormalize::after_drops && r.kept(t, j));
-    if (in_set) sum += r.scores(t, r.expert(t, j));
+    if (in_divisor(normalize, r.kept(t, j))) sum += r.scores(t, r.expert(t, j));
     if (r.kept(t, j)) weighted += scale * d_weight(t, j) * r.scores(t, r.expert(t, j));
   }
   bool const divided = normalize != renormalize::none && sum > 0;
@@ -316,8 +300,8 @@ inline void renormalization_gradient(index_t t, renormalize normalize, double sc
   }
   if (divided)
     for (int j = 0; j < k; ++j) {
-      bool const in_set = normalize == renormalize::before_drops || r.kept(t, j);
-      if (in_set) d_scores[static_cast<std::size_t>(r.expert(t, j))] -= weighted / (sum * sum);
+      if (in_divisor(normalize, r.kept(t, j)))
+        d_scores[static_cast<std::size_t>(r.expert(t, j))] -= weighted / (sum * sum);
     }
 }
 

@@ -15,6 +15,7 @@
 #include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/scores.hpp>
+#include <moe/gating/weights.hpp>
 
 #include <cuda_runtime.h>
 
@@ -100,8 +101,7 @@ struct router_backward : warp_per_token {
     //   ∂/∂s_j = α ([j kept] dw_j − [j ∈ S] m) / D,   m = Σ_{i kept} dw_i · s_i / D,
     // the host's formula regrouped so that float cancels exactly where the math does (one
     // kept assignment after drops: s / D = 1, so dw − m = 0).
-    bool const in_set = holds && (p.normalize == renormalize::before_drops ||
-                                  (p.normalize == renormalize::after_drops && kept));
+    bool const in_set = holds && in_divisor(p.normalize, kept);
     float const sum = moe::detail::warp_all_reduce(in_set ? s_j : 0.0f, moe::detail::plus{});
     bool const divided = p.normalize != renormalize::none && sum > 0;
     float delta = 0;  // this lane's entry of d_scores at e_j, beyond the dense part

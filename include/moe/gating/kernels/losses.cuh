@@ -19,6 +19,7 @@
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
+#include <moe/gating/scores.hpp>
 
 #include <cuda_runtime.h>
 
@@ -150,8 +151,7 @@ struct loss_partials {
       for (index_t t = p.partition.chunk_begin(c) + threadIdx.y; t < end; t += rows) {
         float s = p.scores[t * p.experts + e];
         if (p.score_sum != nullptr) {
-          float const total = p.score_sum[t];
-          s = total > 0 ? s / total : 0.0f;  // as aux_probabilities: 0 when nothing scores
+          s = aux_probability(s, p.score_sum[t]);
         }
         sums.score += s;
         std::int32_t const* choices = p.expert + t * p.k;

@@ -65,12 +65,6 @@ struct local_max_load {
   void operator()(cuda_backend, std::int64_t*) const noexcept {}
 };
 
-/// One assignment: token t's j-th choice.
-struct assignment_index {
-  index_t token;
-  int choice;
-};
-
 /// The device side of priority P. Either positional: `at(p, tokens, k)` is the assignment at
 /// position p of P's order, for 0 ≤ p < tokens·k; or keyed: `sort_key(facts)` packs P::key
 /// into an unsigned `key_type` whose ascending order over its low `key_bits(k)` bits is P's
@@ -107,23 +101,14 @@ MOE_HOST_DEVICE inline std::uint32_t ordered_bits(float x) noexcept {
 
 }  // namespace detail
 
-/// Choice-major: position p = j·T + t.
-template <>
-struct device_priority<choice_major> {
-  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t tokens, int) noexcept {
-    return {p % tokens, static_cast<int>(p / tokens)};
+/// A positional priority (choice_major, token_major): the host's own positions.
+template <positional_priority P>
+struct device_priority<P> {
+  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t tokens, int k) noexcept {
+    return P::at(p, tokens, k);
   }
 };
-static_assert(device_priority_order<choice_major>);
-
-/// Token-major: position p = t·k + j.
-template <>
-struct device_priority<token_major> {
-  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t, int k) noexcept {
-    return {p / k, static_cast<int>(p % k)};
-  }
-};
-static_assert(device_priority_order<token_major>);
+static_assert(device_priority_order<choice_major> && device_priority_order<token_major>);
 
 /// By score: −weight, rounded to float.
 template <>

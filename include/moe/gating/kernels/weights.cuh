@@ -8,6 +8,7 @@
 #include <moe/core/view.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/shapes.cuh>
+#include <moe/gating/weights.hpp>
 
 #include <cuda_runtime.h>
 
@@ -35,17 +36,8 @@ struct finalize_weights : thread_per_item<finalize_weights> {
   __device__ void operator()(params const& p, char*) const {
     index_t const t = item();
     if (t >= p.tokens) return;
-    std::int64_t const capacity = p.scalars->capacity;
-    std::int64_t const* slot = p.slot + t * p.k;
-    float* weight = p.weight + t * p.k;
-    if (p.normalize_after) {
-      float sum = 0;
-      for (int j = 0; j < p.k; ++j)
-        if (slot[j] < capacity) sum += weight[j];
-      if (sum > 0)
-        for (int j = 0; j < p.k; ++j) weight[j] /= sum;
-    }
-    for (int j = 0; j < p.k; ++j) weight[j] = slot[j] < capacity ? p.scaling_factor * weight[j] : 0;
+    finalize_token_weights(p.weight + t * p.k, p.slot + t * p.k, p.k, p.scalars->capacity,
+                           p.normalize_after, p.scaling_factor);
   }
 };
 
