@@ -19,6 +19,7 @@
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/scores.hpp>
 
 #include <cuda_runtime.h>
@@ -115,8 +116,7 @@ __device__ bool sum_over_rows(Sums (&shared)[Rows][Columns], Sums& mine) {
 /// Per chunk and expert: Σ_t p_{t,e}, the count of tokens whose 1st choice is e, and the count
 /// of their other counted choices (j in [1, counted)) that are e. Block (32 experts, 8 token
 /// rows); grid (chunks, ⌈E/32⌉).
-struct loss_partials {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+struct loss_partials : expert_columns<loss_partials> {
   struct params {
     float const* scores;         // (tokens, experts) device memory
     float const* score_sum;      // (tokens) Σ_e s_{t,e}, or null when the scores sum to one
@@ -137,12 +137,10 @@ struct loss_partials {
     return dim3(static_cast<unsigned>(p.partition.chunks()),
                 static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
-  static dim3 block(params const&) { return dim3(columns, rows); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
-    index_t const e = static_cast<index_t>(blockIdx.y) * columns + threadIdx.x;
+    index_t const e = expert(blockIdx.y);
     index_t const c = blockIdx.x;
     index_t const end = p.partition.chunk_end(c);
     // A warp reads 32 neighbouring experts of one token (coalesced) and the same choices.
@@ -172,8 +170,7 @@ struct loss_partials {
 /// f_{g,e} = counted choices / (c · S'), the loss term me · f, and the gradient
 /// ∂aux/∂p_{t,e} = E · f_{g,e} / (G' · S') into row g of r.aux_gradient. Block (32 experts,
 /// 8 chunk rows); grid (G', ⌈E/32⌉).
-struct loss_group_totals {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+struct loss_group_totals : expert_columns<loss_group_totals> {
   struct params {
     float const* partial_score;         // (chunks, experts)
     std::int32_t const* partial_first;  // (chunks, experts)
@@ -193,12 +190,10 @@ struct loss_group_totals {
     return dim3(static_cast<unsigned>(p.partition.groups),
                 static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
-  static dim3 block(params const&) { return dim3(columns, rows); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
-    index_t const e = static_cast<index_t>(blockIdx.y) * columns + threadIdx.x;
+    index_t const e = expert(blockIdx.y);
     index_t const g = blockIdx.x;
     index_t const begin = g * p.partition.chunks_per_group;
     index_t const end = begin + p.partition.chunks_per_group;
@@ -228,8 +223,7 @@ struct loss_group_totals {
 /// Per expert, over the loss groups: me_e = Σ p / T and ce_e = 1st choices / T of the call,
 /// and the expert's loss term Σ_g me_{g,e} · f_{g,e}. Block (32 experts, 8 group rows); grid
 /// ⌈E/32⌉. (route rejects T = 0, where me and ce would be 0/0.)
-struct loss_expert_totals {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+struct loss_expert_totals : expert_columns<loss_expert_totals> {
   struct params {
     float const* group_score;         // (G', experts)
     std::int64_t const* group_first;  // (G', experts)
@@ -247,12 +241,10 @@ struct loss_expert_totals {
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
-  static dim3 block(params const&) { return dim3(columns, rows); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
-    index_t const e = static_cast<index_t>(blockIdx.x) * columns + threadIdx.x;
+    index_t const e = expert(blockIdx.x);
     expert_sums sums;
     if (e < p.experts)
       for (index_t g = threadIdx.y; g < p.groups; g += rows) {
@@ -271,8 +263,7 @@ struct loss_expert_totals {
 
 /// One block: aux_loss = E / G' · Σ_e (expert's term) and z_loss = Σ_t lse_t² / T (0 when
 /// T = 0), into the call's scalars.
-struct loss_totals {
-  static constexpr int threads = 1024;
+struct loss_totals : single_block<loss_totals> {
   struct params {
     float const* expert_term;        // (experts)
     float const* logsumexp_squared;  // (tokens)
@@ -284,9 +275,6 @@ struct loss_totals {
   struct shared_storage {
     float reduce[moe::detail::warp_size];
   };
-  static dim3 grid(params const&) { return dim3(1); }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);

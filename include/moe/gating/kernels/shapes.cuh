@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The two launch shapes most gating kernels share, as bases that give a device algorithm
-// (core/launch.cuh) its grid, block and shared-memory size: a thread per item, and a warp
-// per token. A kernel derives from one and keeps only its params and its operator().
+// The launch shapes gating kernels share, as bases that give a device algorithm
+// (core/launch.cuh) its grid, block and shared-memory size: a thread per item, a warp per
+// token, one block, and blocks of 32 experts by 8 rows. A kernel derives from one and keeps
+// its params, its shared storage and its operator().
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
@@ -58,6 +59,44 @@ struct warp_per_token {
   __device__ static index_t token() {
     return static_cast<index_t>(blockIdx.x) * warps_per_block +
            threadIdx.x / moe::detail::warp_size;
+  }
+};
+
+/// One block of Threads threads with `Kernel::shared_storage`: the reductions over a whole
+/// call that end in one value.
+template <class Kernel, int Threads = 1024>
+struct single_block {
+  static constexpr int threads = Threads;
+  template <class Params>
+  static dim3 grid(Params const&) {
+    return dim3(1);
+  }
+  template <class Params>
+  static dim3 block(Params const&) {
+    return dim3(threads);
+  }
+  template <class Params>
+  static std::size_t smem_bytes(Params const&) {
+    return sizeof(typename Kernel::shared_storage);
+  }
+};
+
+/// Blocks of 32 experts (x, so that a warp reads neighbouring experts) by 8 rows (y) with
+/// `Kernel::shared_storage`; the kernel gives its grid.
+template <class Kernel>
+struct expert_columns {
+  static constexpr int columns = moe::detail::warp_size, rows = 8;
+  template <class Params>
+  static dim3 block(Params const&) {
+    return dim3(columns, rows);
+  }
+  template <class Params>
+  static std::size_t smem_bytes(Params const&) {
+    return sizeof(typename Kernel::shared_storage);
+  }
+  /// This thread's expert, the block's `block_index`-th 32.
+  __device__ static index_t expert(unsigned block_index) {
+    return static_cast<index_t>(block_index) * columns + threadIdx.x;
   }
 };
 
