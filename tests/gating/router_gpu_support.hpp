@@ -507,7 +507,7 @@ gating::routing_summary compare_with_host(cuda_context& cuda, G const& gate, cas
   INFO("seed " << seed << " (" << redraws << " draws before it), dtype "
                << std::string(dtype_traits<T>::name) << ", T " << c.tokens << ", E " << c.experts
                << ", H " << c.hidden << ", k " << c.k << ", static k "
-               << gating::detail::static_k_of<G> << ", f " << c.factor << ", alignment "
+               << gating::detail::static_k_or<G>(0) << ", f " << c.factor << ", alignment "
                << c.alignment << ", normalize " << std::string(name_of(c.normalize)) << ", α "
                << c.scaling << ", training " << c.training << ", groups " << c.groups << ", jitter "
                << c.jitter << " on "

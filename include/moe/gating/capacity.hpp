@@ -44,48 +44,29 @@ struct capacity_args {
   index_t groups = 1;        ///< G local groups
 };
 
+/// The capacity policy of rule R; the named policies below are the frameworks' rules.
+template <capacity_rounding R>
+struct capacity_rule {
+  using moe_concept = capacity_policy_tag;
+  static constexpr capacity_rounding rounding = R;
+};
+
 /// Tutel's rule (the default).
-struct tutel_capacity {
-  using moe_concept = capacity_policy_tag;
-  static constexpr capacity_rounding rounding = capacity_rounding::tutel;
-};
-static_assert(capacity_policy<tutel_capacity>);
-
+struct tutel_capacity : capacity_rule<capacity_rounding::tutel> {};
 /// GShard's rule: f is the whole factor (2.0 for top-2 at capacity 1), slots in fours.
-struct gshard_capacity {
-  using moe_concept = capacity_policy_tag;
-  static constexpr capacity_rounding rounding = capacity_rounding::gshard;
-};
-static_assert(capacity_policy<gshard_capacity>);
-
+struct gshard_capacity : capacity_rule<capacity_rounding::gshard> {};
 /// DeepSpeed's rule: ⌈S/E · f · k⌉, at least gate_args::min_capacity.
-struct deepspeed_capacity {
-  using moe_concept = capacity_policy_tag;
-  static constexpr capacity_rounding rounding = capacity_rounding::deepspeed;
-};
-static_assert(capacity_policy<deepspeed_capacity>);
-
+struct deepspeed_capacity : capacity_rule<capacity_rounding::deepspeed> {};
 /// Megatron-Core's rule: get_capacity(T·k, E, f), no dropping once it reaches S.
-struct megatron_capacity {
-  using moe_concept = capacity_policy_tag;
-  static constexpr capacity_rounding rounding = capacity_rounding::megatron;
-};
-static_assert(capacity_policy<megatron_capacity>);
-
+struct megatron_capacity : capacity_rule<capacity_rounding::megatron> {};
 /// The Switch Transformer's rule (Mesh TensorFlow's expert capacity, at least 4).
-struct switch_capacity {
-  using moe_concept = capacity_policy_tag;
-  static constexpr capacity_rounding rounding = capacity_rounding::switch_tf;
-};
-static_assert(capacity_policy<switch_capacity>);
-
+struct switch_capacity : capacity_rule<capacity_rounding::switch_tf> {};
 /// No capacity: every assignment is kept. Only a dropless layout (layout::ragged) can hold
 /// it; a layer with layout::capacity rejects it at compile time.
-struct dropless {
-  using moe_concept = capacity_policy_tag;
-  static constexpr capacity_rounding rounding = capacity_rounding::dropless;
-};
-static_assert(capacity_policy<dropless>);
+struct dropless : capacity_rule<capacity_rounding::dropless> {};
+static_assert(capacity_policy<tutel_capacity> && capacity_policy<gshard_capacity> &&
+              capacity_policy<deepspeed_capacity> && capacity_policy<megatron_capacity> &&
+              capacity_policy<switch_capacity> && capacity_policy<dropless>);
 static_assert(!capacity_policy<int> && !capacity_policy<capacity_args>);
 
 namespace detail {

@@ -102,41 +102,42 @@ concept selects_k = requires(G const& g, gate_args const& args) {
   { g.can_implement(args) } -> std::same_as<status>;
 };
 
-// Whether G names each optional policy.
+namespace detail {
+// The optional policies a gate may name, each as the member type that names it.
 template <class G>
-concept names_capacity = requires {
-  typename G::capacity;
-};
+using capacity_member = typename G::capacity;
 template <class G>
-concept names_selection = requires {
-  typename G::selection;
-};
+using selection_member = typename G::selection;
 template <class G>
-concept names_second_expert = requires {
-  typename G::second_expert;
-};
+using second_expert_member = typename G::second_expert;
 template <class G>
-concept names_aux_loss = requires {
-  typename G::aux_loss;
-};
+using aux_loss_member = typename G::aux_loss;
 template <class G>
-concept names_renormalization = requires {
-  typename G::renormalization;
+using renormalization_member = typename G::renormalization;
+}  // namespace detail
+
+/// Whether G names the optional policy that Member (one of detail::*_member) reads.
+template <class G, template <class> class Member>
+concept names_policy = requires {
+  typename Member<G>;
 };
 
 // Each optional policy is either absent or models its concept.
 template <class G>
-concept valid_capacity = !names_capacity<G> || capacity_policy<typename G::capacity>;
+concept valid_capacity =
+    !names_policy<G, detail::capacity_member> || capacity_policy<detail::capacity_member<G>>;
 template <class G>
-concept valid_selection = !names_selection<G> || selection_policy<typename G::selection>;
+concept valid_selection =
+    !names_policy<G, detail::selection_member> || selection_policy<detail::selection_member<G>>;
 template <class G>
-concept valid_second_expert =
-    !names_second_expert<G> || second_expert_policy<typename G::second_expert>;
+concept valid_second_expert = !names_policy<G, detail::second_expert_member> ||
+                              second_expert_policy<detail::second_expert_member<G>>;
 template <class G>
-concept valid_aux_loss = !names_aux_loss<G> || aux_loss_policy<typename G::aux_loss>;
+concept valid_aux_loss =
+    !names_policy<G, detail::aux_loss_member> || aux_loss_policy<detail::aux_loss_member<G>>;
 template <class G>
-concept valid_renormalization =
-    !names_renormalization<G> || renormalization_policy<typename G::renormalization>;
+concept valid_renormalization = !names_policy<G, detail::renormalization_member> ||
+                                renormalization_policy<detail::renormalization_member<G>>;
 
 /// The policies a gate may name besides its score function and priority: each is optional
 /// (policies.hpp gives the defaults), but one that is named must model its concept.

@@ -10,6 +10,7 @@
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
+#include <moe/gating/detail/carve_routing.hpp>
 
 #include <cstdint>
 #include <string>
@@ -55,17 +56,8 @@ struct device_routing {
 inline device_routing carve_device_routing(workspace_carver& carver, index_t max_tokens, int max_k,
                                            index_t tokens, index_t experts, int k,
                                            index_t groups = 1) {
-  MOE_EXPECTS(k >= 0 && k <= max_k && tokens <= max_tokens, "k",
-              "views of " + std::to_string(tokens) + " tokens and k = " + std::to_string(k) +
-                  " do not fit a layout for " + std::to_string(max_tokens) +
-                  " tokens and k = " + std::to_string(max_k));
   device_routing r;
-  r.logits = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
-  r.scores = make_view(carver.take<float>(max_tokens * experts), tokens, experts);
-  r.expert = make_view(carver.take<std::int32_t>(max_tokens * max_k), tokens, k);
-  r.weight = make_view(carver.take<float>(max_tokens * max_k), tokens, k);
-  r.slot = make_view(carver.take<std::int64_t>(max_tokens * max_k), tokens, k);
-  r.load = make_view(carver.take<std::int64_t>(experts), experts);
+  detail::carve_routing_views<float>(carver, r, max_tokens, max_k, tokens, experts, k);
   r.mean_score = make_view(carver.take<float>(experts), experts);
   r.first_choice = make_view(carver.take<float>(experts), experts);
   r.aux_gradient = make_view(carver.take<float>(groups * experts), groups, experts);

@@ -10,6 +10,7 @@
 #include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
+#include <moe/gating/detail/carve_routing.hpp>
 
 #include <cstdint>
 #include <string>
@@ -59,17 +60,8 @@ inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tok
   auto const doubles = [&](index_t n) {
     return span<double>(carver.take<double>(n), static_cast<std::size_t>(n));
   };
-  MOE_EXPECTS(k >= 0 && k <= max_k && tokens <= max_tokens, "k",
-              "views of " + std::to_string(tokens) + " tokens and k = " + std::to_string(k) +
-                  " do not fit a layout for " + std::to_string(max_tokens) +
-                  " tokens and k = " + std::to_string(max_k));
   host_routing r;
-  r.logits = make_view(carver.take<double>(max_tokens * experts), tokens, experts);
-  r.scores = make_view(carver.take<double>(max_tokens * experts), tokens, experts);
-  r.expert = make_view(carver.take<std::int32_t>(max_tokens * max_k), tokens, k);
-  r.weight = make_view(carver.take<double>(max_tokens * max_k), tokens, k);
-  r.slot = make_view(carver.take<std::int64_t>(max_tokens * max_k), tokens, k);
-  r.load = make_view(carver.take<std::int64_t>(experts), experts);
+  detail::carve_routing_views<double>(carver, r, max_tokens, max_k, tokens, experts, k);
   r.mean_score = doubles(experts);
   r.first_choice = doubles(experts);
   r.d_scores = doubles(experts);

@@ -37,68 +37,36 @@ namespace moe::gating {
 
 namespace detail {
 
-template <class G, bool = names_capacity<G>>
-struct capacity_member {
-  using type = tutel_capacity;
+/// G's optional policy that Member reads, or Default when G names none.
+template <class G, template <class> class Member, class Default>
+struct policy_or {
+  using type = Default;
 };
-template <class G>
-struct capacity_member<G, true> {
-  using type = typename G::capacity;
-};
-
-template <class G, bool = names_selection<G>>
-struct selection_member {
-  using type = all_experts;
-};
-template <class G>
-struct selection_member<G, true> {
-  using type = typename G::selection;
-};
-
-template <class G, bool = names_second_expert<G>>
-struct second_expert_member {
-  using type = keep_second_expert;
-};
-template <class G>
-struct second_expert_member<G, true> {
-  using type = typename G::second_expert;
-};
-
-template <class G, bool = names_aux_loss<G>>
-struct aux_loss_member {
-  using type = gshard_aux;
-};
-template <class G>
-struct aux_loss_member<G, true> {
-  using type = typename G::aux_loss;
-};
-
-template <class G, bool = names_renormalization<G>>
-struct renormalization_member {
-  using type = args_renormalization;
-};
-template <class G>
-struct renormalization_member<G, true> {
-  using type = typename G::renormalization;
+template <class G, template <class> class Member, class Default>
+requires names_policy<G, Member>
+struct policy_or<G, Member, Default> {
+  using type = Member<G>;
 };
 
 }  // namespace detail
 
 /// G's capacity policy (tutel_capacity when it names none).
 template <class G>
-using capacity_of = typename detail::capacity_member<G>::type;
+using capacity_of = typename detail::policy_or<G, detail::capacity_member, tutel_capacity>::type;
 /// G's expert selection (all_experts when it names none).
 template <class G>
-using selection_of = typename detail::selection_member<G>::type;
+using selection_of = typename detail::policy_or<G, detail::selection_member, all_experts>::type;
 /// G's 2nd-expert policy (keep_second_expert when it names none).
 template <class G>
-using second_expert_of = typename detail::second_expert_member<G>::type;
+using second_expert_of =
+    typename detail::policy_or<G, detail::second_expert_member, keep_second_expert>::type;
 /// G's aux loss (gshard_aux when it names none).
 template <class G>
-using aux_loss_of = typename detail::aux_loss_member<G>::type;
+using aux_loss_of = typename detail::policy_or<G, detail::aux_loss_member, gshard_aux>::type;
 /// G's renormalisation (args_renormalization when it names none).
 template <class G>
-using renormalization_of = typename detail::renormalization_member<G>::type;
+using renormalization_of =
+    typename detail::policy_or<G, detail::renormalization_member, args_renormalization>::type;
 
 /// Whether G drops nothing by construction (its capacity policy is `dropless`).
 template <class G>

@@ -24,6 +24,7 @@
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/philox.hpp>
 
+#include <concepts>
 #include <cstdint>
 
 namespace moe::gating {
@@ -52,6 +53,12 @@ MOE_HOST_DEVICE constexpr bool precedes(priority_key a, index_t ta, int ja, prio
   return ja < jb;
 }
 
+/// One assignment: token t's j-th choice.
+struct assignment_index {
+  index_t token;
+  int choice;
+};
+
 /// All 1st choices before all 2nd choices; token order inside a choice rank.
 struct choice_major {
   using moe_concept = priority_tag;
@@ -60,11 +67,9 @@ struct choice_major {
     return {static_cast<double>(a.choice), 0};
   }
 
-  /// Calls `visit(t, j)` for every assignment, in priority order.
-  template <class Visit>
-  static void for_each_in_order(index_t tokens, int k, Visit&& visit) {
-    for (int j = 0; j < k; ++j)
-      for (index_t t = 0; t < tokens; ++t) visit(t, j);
+  /// The assignment at position p = j·T + t.
+  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t tokens, int) noexcept {
+    return {p % tokens, static_cast<int>(p / tokens)};
   }
 };
 static_assert(priority<choice_major>);
@@ -77,11 +82,9 @@ struct token_major {
     return {0, 0};
   }
 
-  /// Calls `visit(t, j)` for every assignment, in priority order.
-  template <class Visit>
-  static void for_each_in_order(index_t tokens, int k, Visit&& visit) {
-    for (index_t t = 0; t < tokens; ++t)
-      for (int j = 0; j < k; ++j) visit(t, j);
+  /// The assignment at position p = t·k + j.
+  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t, int k) noexcept {
+    return {p / k, static_cast<int>(p % k)};
   }
 };
 static_assert(priority<token_major>);
@@ -126,6 +129,23 @@ concept keyed_priority = priority<P> && requires(assignment_facts const& a) {
 static_assert(keyed_priority<choice_major> && keyed_priority<random_order>);
 static_assert(!priority<int> && !priority<assignment_facts>);
 
+/// P's order needs no data: `P::at(p, tokens, k)` is the assignment at position p of
+/// tokens·k, on the host and on the device alike (choice_major, token_major).
+template <class P>
+concept positional_priority = priority<P> && requires(index_t p, index_t tokens, int k) {
+  { P::at(p, tokens, k) } -> std::same_as<assignment_index>;
+};
+static_assert(positional_priority<token_major> && !positional_priority<by_score>);
+
+/// Calls `visit(t, j)` for every assignment of `tokens` tokens, in the order of P.
+template <positional_priority P, class Visit>
+void for_each_in_order(index_t tokens, int k, Visit&& visit) {
+  for (index_t p = 0; p < tokens * k; ++p) {
+    assignment_index const a = P::at(p, tokens, k);
+    visit(a.token, a.choice);
+  }
+}
+
 /// Host backend of slot assignment for a priority that needs no data (choice_major,
 /// token_major): gives each assignment its position in its expert's buffer, in the priority
 /// order of P, and counts the load of every expert before drops. The router (router.hpp)
@@ -133,11 +153,11 @@ static_assert(!priority<int> && !priority<assignment_facts>);
 /// @param[in]  expert (tokens, k) selected experts, host memory
 /// @param[out] slot   (tokens, k) position in the expert's buffer; kept iff < capacity
 /// @param[out] load   (experts)   assignments per expert, dropped ones included
-template <priority P>
+template <positional_priority P>
 void assign_slots(P, matrix_view<std::int32_t const> expert, matrix_view<std::int64_t> slot,
                   vector_view<std::int64_t> load) {
   for (index_t e = 0; e < load.extent(0); ++e) load(e) = 0;
-  P::for_each_in_order(expert.extent(0), static_cast<int>(expert.extent(1)),
+  for_each_in_order<P>(expert.extent(0), static_cast<int>(expert.extent(1)),
                        [&](index_t t, int j) { slot(t, j) = load(expert(t, j))++; });
 }
 

@@ -35,6 +35,7 @@
 #include <moe/gating/args.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
+#include <moe/gating/detail/router_steps.hpp>
 #include <moe/gating/groups.hpp>
 #include <moe/gating/host_routing.hpp>
 #include <moe/gating/losses.hpp>
@@ -93,41 +94,24 @@ status check_route(G const& gate, gate_args const& args, matrix_view<T const> x,
   return check_routing_state(r, tokens, experts, gate.k(args));
 }
 
-/// The aux loss of routing `r` and, when `d_scores_of` is given, its gradient: for each
-/// token t, `d_scores_of(t, g)` receives g = ∂loss/∂p_{t,·} (experts) to map into the
-/// scores. Groups of the loss: G local groups when Aux averages per group, else one.
-template <class Score, class Aux, class DScores>
-double aux_loss(host_routing const& r, index_t local_groups, DScores&& d_scores_of) {
-  index_t const tokens = r.tokens(), experts = r.experts();
-  int const k = r.k();
-  index_t const groups = Aux::per_group ? local_groups : 1, size = tokens / groups;
-  int const counted = Aux::first_choice_only ? 1 : k;
-  auto const e_count = static_cast<std::size_t>(experts);
-  span<double> const mean = r.scratch.first(e_count);
-  span<double> const fraction = r.scratch.subspan(e_count, e_count);
-  span<double> const p = r.scratch.subspan(2 * e_count, e_count);
-  double loss = 0;
-  for (index_t g = 0; g < groups; ++g) {
-    for (std::size_t e = 0; e < e_count; ++e) mean[e] = fraction[e] = 0;
-    for (index_t t = g * size; t < (g + 1) * size; ++t) {
-      (void)aux_probabilities<Score>(row_of(r.scores, t), p);
-      for (std::size_t e = 0; e < e_count; ++e) mean[e] += p[e];
-      for (int j = 0; j < counted; ++j) fraction[static_cast<std::size_t>(r.expert(t, j))] += 1;
-    }
-    for (std::size_t e = 0; e < e_count; ++e) {
-      mean[e] /= static_cast<double>(size);
-      fraction[e] /= static_cast<double>(counted * size);
-    }
-    loss += gshard_aux_loss(mean, fraction);
-    // ∂/∂p_{t,e} = E · f_e / (G · S), the same for every token of the group.
-    if constexpr (!std::is_same_v<std::remove_cvref_t<DScores>, std::nullptr_t>) {
-      for (std::size_t e = 0; e < e_count; ++e)
-        p[e] = static_cast<double>(experts) * fraction[e] /
-               (static_cast<double>(groups) * static_cast<double>(size));
-      for (index_t t = g * size; t < (g + 1) * size; ++t) d_scores_of(t, span<double const>(p));
-    }
-  }
-  return loss / static_cast<double>(groups);
+/// Everything route_backward checks before any work.
+template <gate G, class T>
+void check_route_backward(G const& gate, gate_args const& args, host_routing const& r,
+                          matrix_view<double const> d_weight, matrix_view<double const> x,
+                          matrix_view<T const> w_gate, matrix_view<double> d_logits,
+                          matrix_view<double> dx, matrix_view<T> d_w_gate) {
+  index_t const tokens = r.tokens(), experts = r.experts(), hidden = x.extent(1);
+  if (auto s = check_gate(gate, args); !s) s.throw_if_failed();
+  if (auto s = check_routing_state(r, tokens, experts, gate.k(args)); !s) s.throw_if_failed();
+  auto const expect = [](auto const& v, char const* name, index_t rows, index_t cols) {
+    if (auto s = check_extents(v, name, {rows, cols}); !s) s.throw_if_failed();
+  };
+  expect(d_weight, "d_weight", tokens, r.k());
+  expect(x, "x", tokens, hidden);
+  expect(w_gate, "w_gate", hidden, experts);
+  expect(d_logits, "d_logits", tokens, experts);
+  expect(dx, "dx", tokens, hidden);
+  expect(d_w_gate, "d_w_gate", hidden, experts);
 }
 
 }  // namespace detail
@@ -145,169 +129,22 @@ routing_summary route(host_backend, G const& gate, gate_args const& args, matrix
                       matrix_view<T const> w_gate, host_routing& r,
                       ReduceMaxLoad reduce_max_load = {}) {
   using Score = typename G::score_function;
-  using Priority = typename G::priority;
-  using Selection = selection_of<G>;
   detail::check_route(gate, args, x, w_gate, r).throw_if_failed();
-
-  index_t const tokens = x.extent(0), hidden = x.extent(1), experts = w_gate.extent(1);
+  index_t const tokens = x.extent(0);
   int const k = gate.k(args);
-  index_t const groups = args.groups, group_size = tokens / groups;
-  auto const e_count = static_cast<std::size_t>(experts);
   renormalize const normalize = effective_renormalize<Score, renormalization_of<G>>(args, k);
   double const scale = static_cast<double>(args.scaling_factor);
-  bool const jitter_x = args.training && args.jitter > 0 && args.jitter_on == jitter_target::input;
-  bool const jitter_l = args.training && args.jitter > 0 && args.jitter_on == jitter_target::logits;
-  double const noise_std =
-      args.training ? static_cast<double>(args.gate_noise) / static_cast<double>(experts) : 0;
-
-  // 1. Logits, with the training noise.
-  moe::detail::host_gemm(
-      tokens, experts, hidden,
-      [&](index_t t, index_t h) {
-        double const v = static_cast<double>(to_accumulate(x(t, h)));
-        return jitter_x ? v * jitter_factor(args.jitter, args.seed, t,
-                                            static_cast<std::uint32_t>(h), rng_stream::jitter_input)
-                        : v;
-      },
-      [&](index_t h, index_t e) { return to_accumulate(w_gate(h, e)); },
-      [&](index_t t, index_t e, double v) { r.logits(t, e) = v; });
 
   routing_summary summary{.tokens = tokens};
-  span<double> const selection = r.scratch.first(e_count);
-  // Without a bias, all experts compete on their logits when the scores rank as they do: the
-  // same order, without the ties rounding makes among scores (scores.hpp, `increasing`).
-  bool const ranks_logits = score_is_increasing<Score> && args.expert_bias.empty() &&
-                            std::is_same_v<Selection, all_experts>;
-  for (index_t t = 0; t < tokens; ++t) {
-    for (index_t e = 0; e < experts; ++e) {
-      auto const column = static_cast<std::uint32_t>(e);
-      if (jitter_l)
-        r.logits(t, e) *=
-            jitter_factor(args.jitter, args.seed, t, column, rng_stream::jitter_logits);
-      if (noise_std > 0)
-        r.logits(t, e) += noise_std * rng_normal(args.seed, t, column, rng_stream::logit_noise);
-    }
-    // 2. Scores and selection.
-    span<double> const scores = detail::mutable_row_of(r.scores, t);
-    Score::apply(detail::row_of(r.logits, t), scores);
-    for (std::size_t e = 0; e < e_count; ++e)
-      selection[e] = ranks_logits
-                         ? (std::isnan(scores[e]) ? scores[e] : r.logits(t, e))
-                         : scores[e] + (args.expert_bias.empty() ? 0.0 : args.expert_bias[e]);
-    Selection::select(selection, {&r.expert(t, 0), static_cast<std::size_t>(k)});
-    summary.z_loss += z_loss_term(detail::row_of(r.logits, t), 0, {}) / static_cast<double>(tokens);
-
-    // 3. Weights before drops, and random routing of the 2nd choice.
-    double sum = 0;
-    for (int j = 0; j < k; ++j) sum += scores[static_cast<std::size_t>(r.expert(t, j))];
-    for (int j = 0; j < k; ++j) {
-      double const s = scores[static_cast<std::size_t>(r.expert(t, j))];
-      r.weight(t, j) = normalize == renormalize::before_drops && sum > 0 ? s / sum : s;
-      r.slot(t, j) = 0;
-    }
-    if constexpr (second_expert_of<G>::random)
-      if (args.training && !keeps_second_expert(r.weight(t, 1), args.seed, t)) {
-        r.slot(t, 1) = no_slot;
-        ++summary.unrouted;
-      }
-  }
-
-  // 4. Priority order and positions per local group.
-  span<std::int64_t> const group_load = r.counts.first(e_count);
-  for (index_t e = 0; e < experts; ++e) r.load(e) = 0;
-  index_t max_load = 0;
-  index_t const per_group = group_size * k;
-  for (index_t g = 0; g < groups; ++g) {
-    std::int64_t* const order = r.order.data() + g * per_group;
-    if constexpr (keyed_priority<Priority>) {
-      for (index_t i = 0; i < per_group; ++i) {
-        index_t const a = g * per_group + i, t = a / k;
-        int const j = static_cast<int>(a % k);
-        priority_key const key = Priority::key({.token = t,
-                                                .choice = j,
-                                                .weight = r.weight(t, j) * scale,
-                                                .first_score = r.scores(t, r.expert(t, 0)),
-                                                .seed = args.seed});
-        r.key[static_cast<std::size_t>(2 * a)] = key.primary;
-        r.key[static_cast<std::size_t>(2 * a + 1)] = key.secondary;
-        order[i] = a;
-      }
-      std::sort(order, order + per_group, [&](std::int64_t a, std::int64_t b) {
-        auto const key_of = [&](std::int64_t i) {
-          return priority_key{r.key[static_cast<std::size_t>(2 * i)],
-                              r.key[static_cast<std::size_t>(2 * i + 1)]};
-        };
-        return precedes(key_of(a), a / k, static_cast<int>(a % k), key_of(b), b / k,
-                        static_cast<int>(b % k));
-      });
-    } else {
-      index_t n = 0;
-      Priority::for_each_in_order(
-          group_size, k, [&](index_t t, int j) { order[n++] = (g * group_size + t) * k + j; });
-    }
-    for (std::size_t e = 0; e < e_count; ++e) group_load[e] = 0;
-    for (index_t i = 0; i < per_group; ++i) {
-      index_t const t = order[i] / k;
-      int const j = static_cast<int>(order[i] % k);
-      if (r.slot(t, j) == no_slot) continue;
-      r.slot(t, j) = group_load[static_cast<std::size_t>(r.expert(t, j))]++;
-    }
-    for (std::size_t e = 0; e < e_count; ++e) {
-      r.load(static_cast<index_t>(e)) += group_load[e];
-      max_load = std::max<index_t>(max_load, group_load[e]);
-    }
-  }
-
-  // Capacity, then slots: kept ones packed after the earlier groups', dropped ones past C.
+  detail::router_logits(args, x, w_gate, r);               // 1.
+  detail::select_experts<G>(args, normalize, r, summary);  // 1. (noise) to 3.
+  // 4. Positions per local group, capacity, then slots.
+  index_t const max_load = detail::assign_positions<typename G::priority>(args, scale, r);
   capacity_args const cap = capacity_args_of(args, k, capacity_of<G>::rounding, tokens);
   summary.max_load = static_cast<index_t>(reduce_max_load(max_load));
-  index_t const group_cap = group_capacity(cap, summary.max_load);
-  r.capacity = summary.capacity = resolve_capacity(cap, summary.max_load);
-  span<std::int64_t> const kept = r.counts.first(e_count);
-  span<std::int64_t> const dropped = r.counts.subspan(e_count, e_count);
-  for (std::size_t e = 0; e < e_count; ++e) kept[e] = dropped[e] = 0;
-  for (index_t i = 0; i < tokens * k; ++i) {
-    index_t const t = r.order[static_cast<std::size_t>(i)] / k;
-    int const j = static_cast<int>(r.order[static_cast<std::size_t>(i)] % k);
-    if (r.slot(t, j) == no_slot) continue;
-    auto const e = static_cast<std::size_t>(r.expert(t, j));
-    if (r.slot(t, j) < group_cap) {
-      r.slot(t, j) = kept[e]++;
-    } else {
-      r.slot(t, j) = summary.capacity + dropped[e]++;
-      ++summary.dropped;
-    }
-  }
-
-  // 5. Final weights.
-  for (index_t t = 0; t < tokens; ++t) {
-    double kept_sum = 0;
-    if (normalize == renormalize::after_drops)
-      for (int j = 0; j < k; ++j)
-        if (r.kept(t, j)) kept_sum += r.scores(t, r.expert(t, j));
-    for (int j = 0; j < k; ++j) {
-      if (!r.kept(t, j)) {
-        r.weight(t, j) = 0;
-        continue;
-      }
-      double const w = normalize == renormalize::after_drops && kept_sum > 0
-                           ? r.scores(t, r.expert(t, j)) / kept_sum
-                           : r.weight(t, j);
-      r.weight(t, j) = w * scale;
-    }
-  }
-
-  gshard_aux_terms(as_const(r.scores), as_const(r.expert), r.mean_score, r.first_choice);
-  if constexpr (!score_sums_to_one<Score>) {
-    span<double> const p = r.scratch.first(e_count);
-    for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] = 0;
-    for (index_t t = 0; t < tokens; ++t) {
-      (void)aux_probabilities<Score>(detail::row_of(r.scores, t), p);
-      for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] += p[e];
-    }
-    for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] /= static_cast<double>(tokens);
-  }
-  summary.aux_loss = detail::aux_loss<Score, aux_loss_of<G>>(r, groups, nullptr);
+  detail::slots_under_capacity(cap, r, summary);
+  detail::final_weights(normalize, scale, r);  // 5.
+  summary.aux_loss = detail::route_losses<Score, aux_loss_of<G>>(args.groups, r);
   return summary;
 }
 
@@ -325,88 +162,13 @@ void route_backward(host_backend, G const& gate, gate_args const& args, host_rou
                     matrix_view<double const> d_weight, matrix_view<double const> x,
                     matrix_view<T const> w_gate, matrix_view<double> d_logits,
                     matrix_view<double> dx, matrix_view<T> d_w_gate) {
-  using Score = typename G::score_function;
+  detail::check_route_backward(gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate);
+  detail::aux_score_gradient<G>(args, r, d_logits);
+  detail::logits_gradient<G>(args, r, d_weight, d_logits);
+
+  // dx += d_logits · W_gateᵀ and dW_gate = x'ᵀ · d_logits, through the input's jitter.
   index_t const tokens = r.tokens(), experts = r.experts(), hidden = x.extent(1);
-  int const k = r.k();
-  auto const e_count = static_cast<std::size_t>(experts);
-  {
-    if (auto s = check_gate(gate, args); !s) s.throw_if_failed();
-    if (auto s = detail::check_routing_state(r, tokens, experts, gate.k(args)); !s)
-      s.throw_if_failed();
-    auto const expect = [](auto const& v, char const* name, index_t rows, index_t cols) {
-      if (auto s = check_extents(v, name, {rows, cols}); !s) s.throw_if_failed();
-    };
-    expect(d_weight, "d_weight", tokens, k);
-    expect(x, "x", tokens, hidden);
-    expect(w_gate, "w_gate", hidden, experts);
-    expect(d_logits, "d_logits", tokens, experts);
-    expect(dx, "dx", tokens, hidden);
-    expect(d_w_gate, "d_w_gate", hidden, experts);
-  }
-  renormalize const normalize = effective_renormalize<Score, renormalization_of<G>>(args, k);
-  double const scale = static_cast<double>(args.scaling_factor);
   bool const jitter_x = args.training && args.jitter > 0 && args.jitter_on == jitter_target::input;
-  bool const jitter_l = args.training && args.jitter > 0 && args.jitter_on == jitter_target::logits;
-
-  // The aux loss's gradient, ∂/∂p, into d_scores through p = s / Σ s where needed.
-  std::fill_n(d_logits.data_handle(), element_count(d_logits), 0.0);
-  if (args.aux_loss_coef != 0) {
-    double const coef = static_cast<double>(args.aux_loss_coef);
-    (void)detail::aux_loss<Score, aux_loss_of<G>>(
-        r, args.groups, [&](index_t t, span<double const> d_p) {
-          // d_logits holds ∂/∂s until the score backward below.
-          span<double const> const s = detail::row_of(r.scores, t);
-          if constexpr (score_sums_to_one<Score>) {
-            for (std::size_t e = 0; e < e_count; ++e) d_logits(t, e) += coef * d_p[e];
-          } else {
-            double sum = 0, dot = 0;
-            for (std::size_t e = 0; e < e_count; ++e) sum += s[e];
-            if (sum > 0) {
-              for (std::size_t e = 0; e < e_count; ++e) dot += d_p[e] * s[e] / sum;
-              for (std::size_t e = 0; e < e_count; ++e)
-                d_logits(t, e) += coef * (d_p[e] - dot) / sum;
-            }
-          }
-        });
-  }
-
-  for (index_t t = 0; t < tokens; ++t) {
-    span<double> const d_scores = r.d_scores;
-    for (std::size_t e = 0; e < e_count; ++e) d_scores[e] = d_logits(t, e);
-
-    // Through w_j = α · s_j / D, D the sum over the selected or the kept set.
-    double sum = 0, weighted = 0;
-    for (int j = 0; j < k; ++j) {
-      bool const in_set = normalize == renormalize::before_drops ||
-                          (normalize == renormalize::after_drops && r.kept(t, j));
-      if (in_set) sum += r.scores(t, r.expert(t, j));
-      if (r.kept(t, j)) weighted += scale * d_weight(t, j) * r.scores(t, r.expert(t, j));
-    }
-    bool const divided = normalize != renormalize::none && sum > 0;
-    for (int j = 0; j < k; ++j) {
-      if (!r.kept(t, j)) continue;
-      double const d = scale * d_weight(t, j);
-      d_scores[static_cast<std::size_t>(r.expert(t, j))] += divided ? d / sum : d;
-    }
-    if (divided)
-      for (int j = 0; j < k; ++j) {
-        bool const in_set = normalize == renormalize::before_drops || r.kept(t, j);
-        if (in_set) d_scores[static_cast<std::size_t>(r.expert(t, j))] -= weighted / (sum * sum);
-      }
-
-    span<double> const d_logits_row = detail::mutable_row_of(d_logits, t);
-    Score::backward(detail::row_of(r.scores, t), d_scores, d_logits_row);
-    if (args.z_loss_coef != 0)
-      (void)z_loss_term(detail::row_of(r.logits, t),
-                        static_cast<double>(args.z_loss_coef) / static_cast<double>(tokens),
-                        d_logits_row);
-    // The additive noise passes the gradient through; the jitter of the logits scales it.
-    if (jitter_l)
-      for (index_t e = 0; e < experts; ++e)
-        d_logits_row[static_cast<std::size_t>(e)] *= jitter_factor(
-            args.jitter, args.seed, t, static_cast<std::uint32_t>(e), rng_stream::jitter_logits);
-  }
-
   auto const jitter_of = [&](index_t t, index_t h) {
     return jitter_x ? jitter_factor(args.jitter, args.seed, t, static_cast<std::uint32_t>(h),
                                     rng_stream::jitter_input)

@@ -31,6 +31,32 @@
 
 namespace moe::gating {
 
+namespace detail {
+
+// exp and log in the precision of their argument. The per-expert math below is written once
+// for both backends: the host's rows run it in double, the kernels (kernels/scores.cuh) in
+// float, with expf and logf.
+MOE_HOST_DEVICE inline float math_exp(float x) noexcept {
+  return ::expf(x);
+}
+MOE_HOST_DEVICE inline double math_exp(double x) noexcept {
+  return ::exp(x);
+}
+MOE_HOST_DEVICE inline float math_log(float x) noexcept {
+  return ::logf(x);
+}
+MOE_HOST_DEVICE inline double math_log(double x) noexcept {
+  return ::log(x);
+}
+
+/// log Σ_e exp(l_e) from a row's largest logit and Σ_e exp(l_e − max).
+template <class Real>
+MOE_HOST_DEVICE Real logsumexp_from(Real max_logit, Real sum) noexcept {
+  return max_logit + math_log(sum);
+}
+
+}  // namespace detail
+
 /// Softmax over all experts. Backward: d_l = s ⊙ (d_s − ⟨s, d_s⟩).
 struct softmax {
   using moe_concept = score_function_tag;
@@ -42,11 +68,8 @@ struct softmax {
     double max_logit = -INFINITY;
     for (double l : logits) max_logit = l > max_logit ? l : max_logit;
     double sum = 0;
-    for (std::size_t e = 0; e < logits.size(); ++e) {
-      scores[e] = std::exp(logits[e] - max_logit);
-      sum += scores[e];
-    }
-    for (double& s : scores) s /= sum;
+    for (double l : logits) sum += detail::math_exp(l - max_logit);
+    for (std::size_t e = 0; e < logits.size(); ++e) scores[e] = score(logits[e], max_logit, sum);
   }
 
   /// [in] scores and their gradient, [out] the gradient of the logits.
@@ -54,7 +77,20 @@ struct softmax {
                        span<double> d_logits) noexcept {
     double dot = 0;
     for (std::size_t e = 0; e < scores.size(); ++e) dot += scores[e] * d_scores[e];
-    for (std::size_t e = 0; e < scores.size(); ++e) d_logits[e] = scores[e] * (d_scores[e] - dot);
+    for (std::size_t e = 0; e < scores.size(); ++e)
+      d_logits[e] = d_logit(scores[e], d_scores[e], dot);
+  }
+
+  /// One expert's score from its row's largest logit and Σ_e exp(l_e − max).
+  template <class Real>
+  MOE_HOST_DEVICE static Real score(Real logit, Real max_logit, Real sum) noexcept {
+    return detail::math_exp(logit - max_logit) / sum;
+  }
+
+  /// One expert's d_l, dot = ⟨s, d_s⟩ over the row.
+  template <class Real>
+  MOE_HOST_DEVICE static Real d_logit(Real score, Real d_score, Real dot) noexcept {
+    return score * (d_score - dot);
   }
 };
 static_assert(score_function<softmax>);
@@ -76,18 +112,26 @@ struct sigmoid {
 
   /// [in] logits, [out] scores: one token's row, host memory.
   static void apply(span<double const> logits, span<double> scores) noexcept {
-    for (std::size_t e = 0; e < logits.size(); ++e) {
-      // exp of a non-positive argument only: no overflow for either sign.
-      double const l = logits[e];
-      scores[e] = l >= 0 ? 1 / (1 + std::exp(-l)) : std::exp(l) / (1 + std::exp(l));
-    }
+    for (std::size_t e = 0; e < logits.size(); ++e) scores[e] = score(logits[e]);
   }
 
   /// [in] scores and their gradient, [out] the gradient of the logits.
   static void backward(span<double const> scores, span<double const> d_scores,
                        span<double> d_logits) noexcept {
-    for (std::size_t e = 0; e < scores.size(); ++e)
-      d_logits[e] = d_scores[e] * scores[e] * (1 - scores[e]);
+    for (std::size_t e = 0; e < scores.size(); ++e) d_logits[e] = d_logit(scores[e], d_scores[e]);
+  }
+
+  /// One expert's score; exp of a non-positive argument only: no overflow for either sign.
+  template <class Real>
+  MOE_HOST_DEVICE static Real score(Real logit) noexcept {
+    return logit >= 0 ? 1 / (1 + detail::math_exp(-logit))
+                      : detail::math_exp(logit) / (1 + detail::math_exp(logit));
+  }
+
+  /// One expert's d_l: each expert on its own.
+  template <class Real>
+  MOE_HOST_DEVICE static Real d_logit(Real score, Real d_score) noexcept {
+    return d_score * score * (1 - score);
   }
 };
 static_assert(score_function<sigmoid>);
@@ -103,30 +147,28 @@ static_assert(!score_function<detail::score_without_backward> && !score_function
 
 /// Whether S's scores form a distribution over the experts (S::sums_to_one; false if absent).
 template <class S>
-inline constexpr bool score_sums_to_one = [] {
-  if constexpr (requires { S::sums_to_one; })
-    return static_cast<bool>(S::sums_to_one);
-  else
-    return false;
-}();
+inline constexpr bool score_sums_to_one = requires {
+  requires static_cast<bool>(S::sums_to_one);
+};
 
 /// Whether S renormalises the weights over the selected experts (S::normalizes_selected).
 template <class S>
-inline constexpr bool score_normalizes_selected = [] {
-  if constexpr (requires { S::normalizes_selected; })
-    return static_cast<bool>(S::normalizes_selected);
-  else
-    return false;
-}();
+inline constexpr bool score_normalizes_selected = requires {
+  requires static_cast<bool>(S::normalizes_selected);
+};
 
 /// Whether S's scores rank as its logits do (S::increasing; false if absent).
 template <class S>
-inline constexpr bool score_is_increasing = [] {
-  if constexpr (requires { S::increasing; })
-    return static_cast<bool>(S::increasing);
-  else
-    return false;
-}();
+inline constexpr bool score_is_increasing = requires {
+  requires static_cast<bool>(S::increasing);
+};
+
+/// One aux-loss probability: score s of a token whose scores sum to `sum`, s / sum (0 when
+/// the sum is 0).
+template <class Real>
+MOE_HOST_DEVICE Real aux_probability(Real score, Real sum) noexcept {
+  return sum > 0 ? score / sum : Real{0};
+}
 
 /// The probabilities p the aux losses average, from one token's scores: the scores
 /// themselves when they sum to one, else s / Σ s (0 when the sum is 0).
@@ -142,7 +184,7 @@ double aux_probabilities(span<double const> scores, span<double> probabilities) 
     double sum = 0;
     for (double s : scores) sum += s;
     for (std::size_t e = 0; e < scores.size(); ++e)
-      probabilities[e] = sum > 0 ? scores[e] / sum : 0;
+      probabilities[e] = aux_probability(scores[e], sum);
     return sum;
   }
 }
@@ -152,8 +194,8 @@ inline double logsumexp(span<double const> logits) noexcept {
   double max_logit = -INFINITY;
   for (double l : logits) max_logit = l > max_logit ? l : max_logit;
   double sum = 0;
-  for (double l : logits) sum += std::exp(l - max_logit);
-  return max_logit + std::log(sum);
+  for (double l : logits) sum += detail::math_exp(l - max_logit);
+  return detail::logsumexp_from(max_logit, sum);
 }
 
 }  // namespace moe::gating

@@ -18,6 +18,7 @@
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/scores.hpp>
 
+#include <cstdint>
 #include <string>
 
 namespace moe::gating {
@@ -53,6 +54,32 @@ struct fixed_renormalization {
 };
 static_assert(renormalization_policy<fixed_renormalization<renormalize::before_drops>>);
 static_assert(!renormalization_policy<renormalize> && !renormalization_policy<softmax>);
+
+/// Whether an assignment counts in D, the divisor of its token's weights: every selected one
+/// before drops, the kept ones after drops, none without renormalisation.
+MOE_HOST_DEVICE constexpr bool in_divisor(renormalize normalize, bool kept) noexcept {
+  return normalize == renormalize::before_drops || (normalize == renormalize::after_drops && kept);
+}
+
+/// Turns one token's k pre-drop weights (the scores, divided already when the call
+/// renormalises before drops) into combine weights once its slots are known: divided by the
+/// kept ones' sum after drops (unless it is 0), times α, and 0 where slot ≥ capacity. The
+/// host (double) and the device (float) run this one loop.
+/// @param[inout] weight (k)
+/// @param[in]    slot   (k)
+template <class Real>
+MOE_HOST_DEVICE constexpr void finalize_token_weights(Real* weight, std::int64_t const* slot, int k,
+                                                      std::int64_t capacity, bool normalize_after,
+                                                      Real scale) noexcept {
+  if (normalize_after) {
+    Real sum = 0;
+    for (int j = 0; j < k; ++j)
+      if (slot[j] < capacity) sum += weight[j];
+    if (sum > 0)
+      for (int j = 0; j < k; ++j) weight[j] /= sum;
+  }
+  for (int j = 0; j < k; ++j) weight[j] = slot[j] < capacity ? scale * weight[j] : 0;
+}
 
 /// How a call of gate policies (Score, Renormalization) with k experts per token renormalises.
 template <class Score, renormalization_policy Renormalization>

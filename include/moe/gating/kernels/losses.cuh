@@ -19,6 +19,8 @@
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
+#include <moe/gating/kernels/shapes.cuh>
+#include <moe/gating/scores.hpp>
 
 #include <cuda_runtime.h>
 
@@ -71,11 +73,50 @@ MOE_HOST_DEVICE constexpr int counted_choices(int k) noexcept {
   return Aux::first_choice_only ? 1 : k;
 }
 
+/// Partial sums of one expert over some tokens: Σ p, the 1st choices and the other counted
+/// choices, counted in Count.
+template <class Count>
+struct choice_sums {
+  float score = 0;
+  Count first = 0;
+  Count other = 0;
+  __device__ choice_sums& operator+=(choice_sums const& o) {
+    score += o.score;
+    first += o.first;
+    other += o.other;
+    return *this;
+  }
+};
+
+/// Partial sums of one expert over some loss groups: Σ p, the loss terms and the 1st choices.
+struct expert_sums {
+  float score = 0;
+  float term = 0;
+  std::int64_t first = 0;
+  __device__ expert_sums& operator+=(expert_sums const& o) {
+    score += o.score;
+    term += o.term;
+    first += o.first;
+    return *this;
+  }
+};
+
+/// A block's (columns, rows) partials summed per column in row order, a fixed tree: every
+/// thread stores `mine` and the block synchronises (so every thread must call it); row 0
+/// then adds rows 1, 2, … into `mine`. Returns whether this thread holds a column's total.
+template <class Sums, int Rows, int Columns>
+__device__ bool sum_over_rows(Sums (&shared)[Rows][Columns], Sums& mine) {
+  shared[threadIdx.y][threadIdx.x] = mine;
+  __syncthreads();
+  if (threadIdx.y != 0) return false;
+  for (int y = 1; y < Rows; ++y) mine += shared[y][threadIdx.x];
+  return true;
+}
+
 /// Per chunk and expert: Σ_t p_{t,e}, the count of tokens whose 1st choice is e, and the count
 /// of their other counted choices (j in [1, counted)) that are e. Block (32 experts, 8 token
 /// rows); grid (chunks, ⌈E/32⌉).
-struct loss_partials {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+struct loss_partials : expert_columns<loss_partials> {
   struct params {
     float const* scores;         // (tokens, experts) device memory
     float const* score_sum;      // (tokens) Σ_e s_{t,e}, or null when the scores sum to one
@@ -90,51 +131,37 @@ struct loss_partials {
     std::int32_t* partial_other;  // (chunks, experts); unused when counted == 1
   };
   struct shared_storage {
-    float score[rows][columns];
-    std::int32_t first[rows][columns];
-    std::int32_t other[rows][columns];
+    choice_sums<std::int32_t> sums[rows][columns];
   };
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(p.partition.chunks()),
                 static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
-  static dim3 block(params const&) { return dim3(columns, rows); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
-    index_t const e = static_cast<index_t>(blockIdx.y) * columns + threadIdx.x;
+    index_t const e = expert(blockIdx.y);
     index_t const c = blockIdx.x;
     index_t const end = p.partition.chunk_end(c);
     // A warp reads 32 neighbouring experts of one token (coalesced) and the same choices.
-    float sum = 0;
-    std::int32_t first = 0, other = 0;
+    choice_sums<std::int32_t> sums;
     if (e < p.experts)
       for (index_t t = p.partition.chunk_begin(c) + threadIdx.y; t < end; t += rows) {
         float s = p.scores[t * p.experts + e];
         if (p.score_sum != nullptr) {
-          float const total = p.score_sum[t];
-          s = total > 0 ? s / total : 0.0f;  // as aux_probabilities: 0 when nothing scores
+          s = aux_probability(s, p.score_sum[t]);
         }
-        sum += s;
+        sums.score += s;
         std::int32_t const* choices = p.expert + t * p.k;
-        first += choices[0] == e ? 1 : 0;
-        for (int j = 1; j < p.counted; ++j) other += choices[j] == e ? 1 : 0;
+        sums.first += choices[0] == e ? 1 : 0;
+        for (int j = 1; j < p.counted; ++j) sums.other += choices[j] == e ? 1 : 0;
       }
-    shared.score[threadIdx.y][threadIdx.x] = sum;
-    shared.first[threadIdx.y][threadIdx.x] = first;
-    shared.other[threadIdx.y][threadIdx.x] = other;
-    __syncthreads();  // reached by every thread: only the loop above depends on e
-    if (threadIdx.y == 0 && e < p.experts) {
-      for (int y = 1; y < rows; ++y) {
-        sum += shared.score[y][threadIdx.x];
-        first += shared.first[y][threadIdx.x];
-        other += shared.other[y][threadIdx.x];
-      }
+    // Reached by every thread: only the loop above depends on e.
+    if (sum_over_rows(shared.sums, sums) && e < p.experts) {
       index_t const at = c * p.experts + e;
-      p.partial_score[at] = sum;
-      p.partial_first[at] = first;
-      if (p.counted > 1) p.partial_other[at] = other;
+      p.partial_score[at] = sums.score;
+      p.partial_first[at] = sums.first;
+      if (p.counted > 1) p.partial_other[at] = sums.other;
     }
   }
 };
@@ -143,8 +170,7 @@ struct loss_partials {
 /// f_{g,e} = counted choices / (c · S'), the loss term me · f, and the gradient
 /// ∂aux/∂p_{t,e} = E · f_{g,e} / (G' · S') into row g of r.aux_gradient. Block (32 experts,
 /// 8 chunk rows); grid (G', ⌈E/32⌉).
-struct loss_group_totals {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+struct loss_group_totals : expert_columns<loss_group_totals> {
   struct params {
     float const* partial_score;         // (chunks, experts)
     std::int32_t const* partial_first;  // (chunks, experts)
@@ -158,41 +184,28 @@ struct loss_group_totals {
     float* aux_gradient;        // (≥ G', experts) r.aux_gradient
   };
   struct shared_storage {
-    float score[rows][columns];
-    std::int64_t first[rows][columns];
-    std::int64_t other[rows][columns];
+    choice_sums<std::int64_t> sums[rows][columns];
   };
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(p.partition.groups),
                 static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
-  static dim3 block(params const&) { return dim3(columns, rows); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
-    index_t const e = static_cast<index_t>(blockIdx.y) * columns + threadIdx.x;
+    index_t const e = expert(blockIdx.y);
     index_t const g = blockIdx.x;
     index_t const begin = g * p.partition.chunks_per_group;
     index_t const end = begin + p.partition.chunks_per_group;
-    float sum = 0;
-    std::int64_t first = 0, other = 0;
+    choice_sums<std::int64_t> sums;
     if (e < p.experts)
       for (index_t c = begin + threadIdx.y; c < end; c += rows) {
-        sum += p.partial_score[c * p.experts + e];
-        first += p.partial_first[c * p.experts + e];
-        if (p.counted > 1) other += p.partial_other[c * p.experts + e];
+        sums.score += p.partial_score[c * p.experts + e];
+        sums.first += p.partial_first[c * p.experts + e];
+        if (p.counted > 1) sums.other += p.partial_other[c * p.experts + e];
       }
-    shared.score[threadIdx.y][threadIdx.x] = sum;
-    shared.first[threadIdx.y][threadIdx.x] = first;
-    shared.other[threadIdx.y][threadIdx.x] = other;
-    __syncthreads();  // reached by every thread
-    if (threadIdx.y == 0 && e < p.experts) {
-      for (int y = 1; y < rows; ++y) {
-        sum += shared.score[y][threadIdx.x];
-        first += shared.first[y][threadIdx.x];
-        other += shared.other[y][threadIdx.x];
-      }
+    if (sum_over_rows(shared.sums, sums) && e < p.experts) {
+      auto const [sum, first, other] = sums;
       float const size = static_cast<float>(p.partition.size);
       float const mean = sum / size;
       float const fraction =
@@ -210,8 +223,7 @@ struct loss_group_totals {
 /// Per expert, over the loss groups: me_e = Σ p / T and ce_e = 1st choices / T of the call,
 /// and the expert's loss term Σ_g me_{g,e} · f_{g,e}. Block (32 experts, 8 group rows); grid
 /// ⌈E/32⌉. (route rejects T = 0, where me and ce would be 0/0.)
-struct loss_expert_totals {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+struct loss_expert_totals : expert_columns<loss_expert_totals> {
   struct params {
     float const* group_score;         // (G', experts)
     std::int64_t const* group_first;  // (G', experts)
@@ -224,49 +236,34 @@ struct loss_expert_totals {
     float* expert_term;   // (experts)
   };
   struct shared_storage {
-    float score[rows][columns];
-    float term[rows][columns];
-    std::int64_t first[rows][columns];
+    expert_sums sums[rows][columns];
   };
   static dim3 grid(params const& p) {
     return dim3(static_cast<unsigned>(ceil_div(p.experts, columns)));
   }
-  static dim3 block(params const&) { return dim3(columns, rows); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
-    index_t const e = static_cast<index_t>(blockIdx.x) * columns + threadIdx.x;
-    float sum = 0, term = 0;
-    std::int64_t first = 0;
+    index_t const e = expert(blockIdx.x);
+    expert_sums sums;
     if (e < p.experts)
       for (index_t g = threadIdx.y; g < p.groups; g += rows) {
-        sum += p.group_score[g * p.experts + e];
-        term += p.group_term[g * p.experts + e];
-        first += p.group_first[g * p.experts + e];
+        sums.score += p.group_score[g * p.experts + e];
+        sums.term += p.group_term[g * p.experts + e];
+        sums.first += p.group_first[g * p.experts + e];
       }
-    shared.score[threadIdx.y][threadIdx.x] = sum;
-    shared.term[threadIdx.y][threadIdx.x] = term;
-    shared.first[threadIdx.y][threadIdx.x] = first;
-    __syncthreads();  // reached by every thread
-    if (threadIdx.y == 0 && e < p.experts) {
-      for (int y = 1; y < rows; ++y) {
-        sum += shared.score[y][threadIdx.x];
-        term += shared.term[y][threadIdx.x];
-        first += shared.first[y][threadIdx.x];
-      }
+    if (sum_over_rows(shared.sums, sums) && e < p.experts) {
       float const tokens = static_cast<float>(p.tokens);
-      p.mean_score[e] = sum / tokens;
-      p.first_choice[e] = static_cast<float>(first) / tokens;
-      p.expert_term[e] = term;
+      p.mean_score[e] = sums.score / tokens;
+      p.first_choice[e] = static_cast<float>(sums.first) / tokens;
+      p.expert_term[e] = sums.term;
     }
   }
 };
 
 /// One block: aux_loss = E / G' · Σ_e (expert's term) and z_loss = Σ_t lse_t² / T (0 when
 /// T = 0), into the call's scalars.
-struct loss_totals {
-  static constexpr int threads = 1024;
+struct loss_totals : single_block<loss_totals> {
   struct params {
     float const* expert_term;        // (experts)
     float const* logsumexp_squared;  // (tokens)
@@ -278,9 +275,6 @@ struct loss_totals {
   struct shared_storage {
     float reduce[moe::detail::warp_size];
   };
-  static dim3 grid(params const&) { return dim3(1); }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);

@@ -60,12 +60,12 @@ __device__ inline logit_statistics statistics_of(float const* logits, index_t ex
   }
   max = moe::detail::warp_all_reduce(max, moe::detail::maximum{});
   float sum = 0;
-  for (index_t e = lane; e < experts; e += moe::detail::warp_size) sum += expf(logits[e] - max);
+  for (index_t e = lane; e < experts; e += moe::detail::warp_size) sum += math_exp(logits[e] - max);
   return {max, moe::detail::warp_all_reduce(sum, moe::detail::plus{})};
 }
 
 __device__ inline float logsumexp_of(logit_statistics const& r) {
-  return r.max + logf(r.sum);
+  return logsumexp_from(r.max, r.sum);
 }
 
 }  // namespace detail
@@ -80,7 +80,9 @@ struct device_score<softmax> {
     return detail::statistics_of(logits, experts, lane);
   }
 
-  __device__ static float score(float logit, row const& r) { return expf(logit - r.max) / r.sum; }
+  __device__ static float score(float logit, row const& r) {
+    return softmax::score(logit, r.max, r.sum);
+  }
 
   /// Softmax is increasing, so ranking the logits ranks the scores, without underflow
   /// merging distinct scores into ties; the host ranks the same keys (scores.hpp). A NaN or +inf
@@ -94,7 +96,7 @@ struct device_score<softmax> {
 
   /// d_l_e = s_e · (d_s_e − ⟨s, d_s⟩).
   __device__ static float d_logit(float score, float d_score, float dot) {
-    return score * (d_score - dot);
+    return softmax::d_logit(score, d_score, dot);
   }
 };
 static_assert(device_score_function<softmax>);
@@ -117,9 +119,7 @@ struct device_score<sigmoid> {
   }
 
   /// exp of a non-positive argument only, as the host: no overflow for either sign.
-  __device__ static float score(float logit, row const&) {
-    return logit >= 0 ? 1 / (1 + expf(-logit)) : expf(logit) / (1 + expf(logit));
-  }
+  __device__ static float score(float logit, row const&) { return sigmoid::score(logit); }
 
   /// The sigmoid is increasing: ranking the logits ranks the scores, and saturation at 1
   /// merges no distinct logits into ties; the host ranks the same keys (scores.hpp). A NaN
@@ -130,7 +130,7 @@ struct device_score<sigmoid> {
 
   /// d_l_e = d_s_e · s_e · (1 − s_e); each expert on its own, so `dot` is unused.
   __device__ static float d_logit(float score, float d_score, float) {
-    return d_score * score * (1 - score);
+    return sigmoid::d_logit(score, d_score);
   }
 };
 static_assert(device_score_function<sigmoid>);

@@ -20,10 +20,12 @@
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
+#include <moe/gating/args.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/groups.hpp>
 #include <moe/gating/kernels/scores.cuh>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -182,12 +184,10 @@ struct device_selection<group_limited<Groups, TopGroups, Experts>> {
 /// @tparam K         k when the gate fixes it at compile time, 0 when it is `params::k`
 /// @tparam Selection selection policy with a `device_selection` specialisation
 template <device_score_function Score, int K = 0, device_selection_policy Selection = all_experts>
-struct router_select {
+struct router_select : detail::warp_per_token {
   static_assert(K >= 0 && K <= max_k, "moe::gating::router_select: K must be in [0, 32].");
   using score = device_score<Score>;
   using selection = device_selection<Selection>;
-  static constexpr int warps_per_block = 8;
-
   struct params {
     float* logits;             // (tokens, experts) in: x · W_gate; out: with the noise
     float* scores;             // (tokens, experts)
@@ -229,16 +229,27 @@ struct router_select {
             .seed = 0};
   }
 
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens, warps_per_block)));
+  /// The parameters of a router call under `args`: to_params(r, …) with the call's score
+  /// sums, selection bias, renormalisation, random routing and training noise.
+  static params to_params(device_routing const& r, float* logsumexp_squared, float* score_sum,
+                          gate_args const& args, bool normalize_before,
+                          bool random_second) noexcept {
+    params p = to_params(r, logsumexp_squared);
+    p.score_sum = score_sum;
+    p.bias = args.expert_bias.empty() ? nullptr : args.expert_bias.data();
+    p.normalize_before = normalize_before;
+    p.random_second = random_second;
+    p.jitter = args.training && args.jitter_on == jitter_target::logits ? args.jitter : 0.0f;
+    p.noise_std = args.training
+                      ? static_cast<double>(args.gate_noise) / static_cast<double>(r.experts())
+                      : 0.0;
+    p.seed = args.seed;
+    return p;
   }
-  static dim3 block(params const&) { return dim3(warps_per_block * moe::detail::warp_size); }
-  static std::size_t smem_bytes(params const&) { return 0; }
 
   __device__ void operator()(params const& p, char*) const {
-    int const lane = static_cast<int>(threadIdx.x) % moe::detail::warp_size;
-    index_t const t =
-        static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / moe::detail::warp_size;
+    int const lane = warp_per_token::lane();
+    index_t const t = warp_per_token::token();
     // t is the same on all lanes of a warp: whole warps leave, and the shuffles below always
     // see 32 lanes. The kernel has no block barrier.
     if (t >= p.tokens) return;

@@ -35,6 +35,8 @@
 #include <moe/core/workspace.hpp>
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
+#include <moe/gating/kernels/priority.cuh>
+#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/priority.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -64,105 +66,6 @@ struct local_max_load {
   void operator()(cuda_backend, std::int64_t*) const noexcept {}
 };
 
-/// One assignment: token t's j-th choice.
-struct assignment_index {
-  index_t token;
-  int choice;
-};
-
-/// The device side of priority P. Either positional: `at(p, tokens, k)` is the assignment at
-/// position p of P's order, for 0 ≤ p < tokens·k; or keyed: `sort_key(facts)` packs P::key
-/// into an unsigned `key_type` whose ascending order over its low `key_bits(k)` bits is P's
-/// (primary, secondary) order. A priority gains a CUDA path by specialising it.
-template <class P>
-struct device_priority;
-
-/// A priority whose order the device knows without looking at the data.
-template <class P>
-concept positional_device_priority = priority<P> && requires(index_t p, index_t tokens, int k) {
-  { device_priority<P>::at(p, tokens, k) } -> std::same_as<assignment_index>;
-};
-
-/// A priority whose order the device sorts out by a packed key.
-template <class P>
-concept keyed_device_priority = keyed_priority<P> && requires(assignment_facts const& a, int k) {
-  requires std::unsigned_integral<typename device_priority<P>::key_type>;
-  { device_priority<P>::key_bits(k) } -> std::same_as<int>;
-  { device_priority<P>::sort_key(a) } -> std::same_as<typename device_priority<P>::key_type>;
-};
-
-/// A priority with a CUDA path.
-template <class P>
-concept device_priority_order = positional_device_priority<P> || keyed_device_priority<P>;
-
-namespace detail {
-
-/// The order-preserving image of a float among the unsigned integers: x < y ⇔ image(x) <
-/// image(y) for numbers; −0 and +0 compare equal, so they share one image.
-MOE_HOST_DEVICE inline std::uint32_t ordered_bits(float x) noexcept {
-  std::uint32_t const u = cuda::std::bit_cast<std::uint32_t>(x == 0.0f ? 0.0f : x);
-  return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
-}
-
-}  // namespace detail
-
-/// Choice-major: position p = j·T + t.
-template <>
-struct device_priority<choice_major> {
-  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t tokens, int) noexcept {
-    return {p % tokens, static_cast<int>(p / tokens)};
-  }
-};
-static_assert(device_priority_order<choice_major>);
-
-/// Token-major: position p = t·k + j.
-template <>
-struct device_priority<token_major> {
-  MOE_HOST_DEVICE static constexpr assignment_index at(index_t p, index_t, int k) noexcept {
-    return {p / k, static_cast<int>(p % k)};
-  }
-};
-static_assert(device_priority_order<token_major>);
-
-/// By score: −weight, rounded to float.
-template <>
-struct device_priority<by_score> {
-  using key_type = std::uint32_t;
-  static constexpr int key_bits(int) noexcept { return 32; }
-  MOE_HOST_DEVICE static key_type sort_key(assignment_facts const& a) noexcept {
-    return detail::ordered_bits(static_cast<float>(by_score::key(a).primary));
-  }
-};
-static_assert(keyed_device_priority<by_score>);
-
-/// Batch-prioritized: the choice above −(1st choice's score), rounded to float.
-template <>
-struct device_priority<batch_prioritized> {
-  using key_type = std::uint64_t;
-  static constexpr int key_bits(int k) noexcept {
-    return 32 + static_cast<int>(std::bit_width(static_cast<unsigned>(k - 1)));
-  }
-  MOE_HOST_DEVICE static key_type sort_key(assignment_facts const& a) noexcept {
-    priority_key const key = batch_prioritized::key(a);
-    return (static_cast<std::uint64_t>(key.primary) << 32) |
-           detail::ordered_bits(static_cast<float>(key.secondary));
-  }
-};
-static_assert(keyed_device_priority<batch_prioritized>);
-
-/// Random order: primary = −m·2^−53 with m < 2^53, so (1 + primary)·2^53 = 2^53 − m is an
-/// exact integer in [1, 2^53]: the host's order, exactly.
-template <>
-struct device_priority<random_order> {
-  using key_type = std::uint64_t;
-  static constexpr int key_bits(int) noexcept { return 54; }
-  MOE_HOST_DEVICE static key_type sort_key(assignment_facts const& a) noexcept {
-    return static_cast<std::uint64_t>((1.0 + random_order::key(a).primary) * 0x1p53);
-  }
-};
-static_assert(keyed_device_priority<random_order>);
-static_assert(!device_priority_order<int>);
-
 namespace detail {
 
 /// The first position in the ascending `keys[0, n)` whose key is not below `value`.
@@ -179,55 +82,11 @@ MOE_HOST_DEVICE constexpr index_t lower_bound(std::uint32_t const* keys, index_t
   return low;
 }
 
-/// Writes the priority sort's input in token-major order: key = P's packed key of
-/// assignment a = t·k + j, value = a.
-template <class P>
-struct priority_keys {
-  using key_type = typename device_priority<P>::key_type;
-  static constexpr int threads = 256;
-  struct params {
-    std::int32_t const* expert;  // (tokens, k)       device memory
-    float const* weight;         // (tokens, k)       before drops, not yet scaled
-    float const* scores;         // (tokens, experts)
-    index_t tokens;
-    int k;
-    index_t experts;
-    float scaling_factor;
-    std::uint64_t seed;
-    key_type* keys;        // (tokens·k)
-    std::int32_t* values;  // (tokens·k)
-  };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens * p.k, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
-
-  __device__ void operator()(params const& p, char*) const {
-    index_t const a = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
-    if (a >= p.tokens * p.k) return;
-    index_t const t = a / p.k;
-    std::int32_t const first = p.expert[t * p.k];
-    // An id outside [0, E) (never from the router) has no score to read.
-    double const first_score =
-        first >= 0 && first < p.experts ? static_cast<double>(p.scores[t * p.experts + first]) : 0;
-    assignment_facts const facts{
-        .token = t,
-        .choice = static_cast<int>(a % p.k),
-        .weight = static_cast<double>(p.weight[a]) * static_cast<double>(p.scaling_factor),
-        .first_score = first_score,
-        .seed = p.seed};
-    p.keys[a] = device_priority<P>::sort_key(facts);
-    p.values[a] = static_cast<std::int32_t>(a);
-  }
-};
-
 /// Writes the segment sort's input in priority order: key = g·E + e, value = a. A choice
 /// random routing left out gets G·E, an id outside [0, E) (never from the router) G·E + 1:
 /// both sort after every segment and join none.
 template <class P>
-struct enumerate_assignments {
-  static constexpr int threads = 256;
+struct enumerate_assignments : thread_per_item<enumerate_assignments<P>> {
   struct params {
     std::int32_t const* expert;  // (tokens, k) device memory
     std::int64_t const* slot;    // (tokens, k) no_slot marks a left-out choice; null: none is
@@ -239,14 +98,10 @@ struct enumerate_assignments {
     std::uint32_t* keys;   // (tokens·k)
     std::int32_t* values;  // (tokens·k) positional: written; keyed: holds the priority order
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.tokens * p.k, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.tokens * p.k; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const position = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const position = this->item();
     if (position >= p.tokens * p.k) return;
     index_t a;
     if constexpr (positional_device_priority<P>) {
@@ -272,8 +127,7 @@ struct enumerate_assignments {
 /// One block: every (group, expert) segment's start, the experts' loads, the largest
 /// (group, expert) load and the left-out count. Integer reductions over a fixed partition:
 /// exact and deterministic.
-struct expert_segments {
-  static constexpr int threads = 1024;
+struct expert_segments : single_block<expert_segments> {
   struct params {
     std::uint32_t const* sorted_keys;  // (count) ascending
     index_t count;                     // tokens·k
@@ -286,9 +140,6 @@ struct expert_segments {
   struct shared_storage {
     std::int64_t reduce[moe::detail::warp_size];
   };
-  static dim3 grid(params const&) { return dim3(1); }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
@@ -321,8 +172,7 @@ struct expert_segments {
 
 /// One block, after the max-load hook: the capacity, the drops, and per (group, expert) the
 /// kept and dropped assignments of the groups before.
-struct expert_capacity {
-  static constexpr int threads = 1024;
+struct expert_capacity : single_block<expert_capacity> {
   struct params {
     std::int64_t const* segment_start;  // (groups·experts + 1)
     index_t experts;
@@ -334,9 +184,6 @@ struct expert_capacity {
   struct shared_storage {
     std::int64_t reduce[moe::detail::warp_size];
   };
-  static dim3 grid(params const&) { return dim3(1); }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return sizeof(shared_storage); }
 
   __device__ void operator()(params const& p, char* smem) const {
     auto& shared = *reinterpret_cast<shared_storage*>(smem);
@@ -365,8 +212,7 @@ struct expert_capacity {
 };
 
 /// Gives the sorted item at position q of its segment its slot and writes it to r.slot.
-struct scatter_slots {
-  static constexpr int threads = 256;
+struct scatter_slots : thread_per_item<scatter_slots> {
   struct params {
     std::uint32_t const* sorted_keys;    // (count)
     std::int32_t const* sorted_values;   // (count) assignments t·k + j
@@ -379,14 +225,10 @@ struct scatter_slots {
     device_routing_scalars const* scalars;  // capacity
     std::int64_t* slot;                     // (tokens, k) r.slot
   };
-  static dim3 grid(params const& p) {
-    return dim3(static_cast<unsigned>(ceil_div(p.count, threads)));
-  }
-  static dim3 block(params const&) { return dim3(threads); }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.count; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const i = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const i = item();
     if (i >= p.count) return;
     std::uint32_t const key = p.sorted_keys[i];
     std::int64_t slot = no_slot;  // left out, or no expert: never kept

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// What the CUDA router (gating/kernels/router.cuh) checks of a call before any device work:
+// the gate and its policies, the CUDA router's own limits, the cuBLAS handle, the extents of
+// x, W_gate and the routing state, and the scratch.
+
+#include <moe/core/backend.hpp>
+#include <moe/core/config.hpp>
+#include <moe/core/error.hpp>
+#include <moe/core/kernels/warp.cuh>
+#include <moe/core/view.hpp>
+#include <moe/core/workspace.hpp>
+#include <moe/gating/args.hpp>
+#include <moe/gating/concepts.hpp>
+#include <moe/gating/device_routing.hpp>
+#include <moe/gating/kernels/gemm_operands.cuh>
+#include <moe/gating/kernels/scores.cuh>
+#include <moe/gating/kernels/select.cuh>
+#include <moe/gating/kernels/slots.cuh>
+#include <moe/gating/policies.hpp>
+
+#include <cstddef>
+#include <string>
+
+namespace moe::gating::detail {
+
+/// The largest E the loss kernels' grids take (⌈E/32⌉ blocks in y).
+inline constexpr index_t max_device_experts = index_t{65535} * moe::detail::warp_size;
+
+/// The gates the CUDA router implements: a score function, a priority and a selection policy
+/// with a CUDA path (every one of gating/ has one); any capacity rule, renormalisation,
+/// 2nd-expert policy and aux loss.
+template <class G>
+inline constexpr bool cuda_routable = device_score_function<typename G::score_function>&&
+    device_priority_order<typename G::priority>&& device_selection_policy<selection_of<G>>;
+
+/// The run-time limits of the CUDA router beyond the gate's own checks.
+inline status check_cuda_knobs(gate_args const& args) {
+  if (args.experts > max_device_experts)
+    return status::failure("experts", "the CUDA router takes at most " +
+                                          std::to_string(max_device_experts) + " experts, got " +
+                                          std::to_string(args.experts));
+  return {};
+}
+
+/// Checks what `route`, `route_backward` and their workspace queries share: the gate's and
+/// its policies' checks (policies.hpp), then the CUDA router's own limits. Returns k.
+template <gate G>
+int check_cuda_gate(G const& gate, gate_args const& args) {
+  static_assert(cuda_routable<G>,
+                "moe::gating (CUDA router): this gate has no CUDA path. Its score function needs "
+                "a device_score (scores.cuh), its priority a device_priority (slots.cuh) and its "
+                "selection a device_selection (select.cuh); route it on the host backend.");
+  check_gate(gate, args).throw_if_failed();
+  check_cuda_knobs(args).throw_if_failed();
+  int const k = gate.k(args);
+  check_slot_sizes(args.tokens, k, args.experts, args.groups).throw_if_failed();
+  return k;
+}
+
+/// check_cuda_gate, and the cuBLAS handle the call needs.
+template <gate G>
+int check_cuda_call(cuda_backend cuda, G const& gate, gate_args const& args) {
+  int const k = check_cuda_gate(gate, args);
+  MOE_EXPECTS(cuda.blas != nullptr, "blas",
+              "the CUDA router runs cuBLAS: lend it a handle (moe::blas_handle) in cuda.blas");
+  return k;
+}
+
+/// The router's input width for sizing: needed only when the call jitters the input.
+inline void check_hidden_for_sizing(gate_args const& args, index_t hidden) {
+  MOE_EXPECTS(!jitters_input(args) || hidden >= 1, "hidden",
+              "the call jitters the router's input (training, jitter on x): give x's width to "
+              "size the jittered copy");
+}
+
+inline void check_scratch(workspace scratch, std::size_t needed) {
+  MOE_EXPECTS(scratch.size() >= needed && (needed == 0 || scratch.data() != nullptr), "scratch",
+              "holds " + std::to_string(scratch.size()) + " bytes; the call needs " +
+                  std::to_string(needed));
+}
+
+/// What `route` and `route_backward` check of a call before any work: T = x's rows (at
+/// least 1, a multiple of the local groups, within what slot assignment sorts), W_gate's
+/// extents, and the routing state `r` carved for T, E, k and the local groups.
+template <class T>
+void check_routing_call(gate_args const& args, int k, matrix_view<T const> x,
+                        matrix_view<T const> w_gate, device_routing const& r) {
+  index_t const tokens = x.extent(0), experts = args.experts;
+  MOE_EXPECTS(tokens >= 1, "x", "has no tokens");  // as the host backend
+  MOE_EXPECTS(tokens % args.groups == 0, "x",
+              "has " + std::to_string(tokens) + " tokens, not a multiple of the " +
+                  std::to_string(args.groups) + " local groups");
+  check_slot_sizes(tokens, k, experts, args.groups).throw_if_failed();
+  check_extents(w_gate, "w_gate", {x.extent(1), experts}).throw_if_failed();
+  check_extents(r.logits, "r.logits", {tokens, experts}).throw_if_failed();
+  check_extents(r.scores, "r.scores", {tokens, experts}).throw_if_failed();
+  check_extents(r.expert, "r.expert", {tokens, k}).throw_if_failed();
+  check_extents(r.weight, "r.weight", {tokens, k}).throw_if_failed();
+  check_extents(r.slot, "r.slot", {tokens, k}).throw_if_failed();
+  check_extents(r.load, "r.load", {experts}).throw_if_failed();
+  check_extents(r.mean_score, "r.mean_score", {experts}).throw_if_failed();
+  check_extents(r.first_choice, "r.first_choice", {experts}).throw_if_failed();
+  MOE_EXPECTS(r.aux_gradient.extent(0) >= args.groups && r.aux_gradient.extent(1) == experts,
+              "r.aux_gradient",
+              "needs (groups, experts) = (" + std::to_string(args.groups) + ", " +
+                  std::to_string(experts) + "): carve_device_routing with args.groups");
+  MOE_EXPECTS(r.scalars != nullptr, "r.scalars", "null: the call's scalars lie in device memory");
+}
+
+}  // namespace moe::gating::detail
