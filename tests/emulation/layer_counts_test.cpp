@@ -6,6 +6,7 @@
 // makes exactly its one documented read-back. Nothing goes to the legacy default stream.
 
 #include "../support/device.hpp"
+#include "../support/graph.hpp"
 
 #include <doctest/doctest.h>
 
@@ -18,7 +19,9 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -124,34 +127,37 @@ void check_common(counters const& c) {
   CHECK(c.legacy_stream_operations == 0);
 }
 
+/// The counters of one forward and one backward of `call`, reported as `what` and held to
+/// check_common.
+template <class Layout>
+std::array<counters, 2> count_pass(layer_call<Layout>& call, std::string const& what) {
+  std::array<counters, 2> const c{call.count_of([&] { call.forward(); }),
+                                  call.count_of([&] { call.backward(); })};
+  report((what + ", forward").c_str(), c[0]);
+  report((what + ", backward").c_str(), c[1]);
+  for (counters const& pass : c) check_common(pass);
+  return c;
+}
+
 }  // namespace
 
 TEST_CASE("the capacity layer with a fixed factor never synchronises or allocates") {
   layer_call<layout::capacity> call(args_with_factor(1.25f));
   call.forward();  // set-up outside the counted calls, as a trainer's first step
   call.backward();
-  counters const forward = call.count_of([&] { call.forward(); });
-  counters const backward = call.count_of([&] { call.backward(); });
-  report("capacity, f = 1.25, forward", forward);
-  report("capacity, f = 1.25, backward", backward);
-  for (counters const& c : {forward, backward}) {
-    check_common(c);
+  for (counters const& c : count_pass(call, "capacity, f = 1.25")) {
     CHECK(c.host_synchronizations == 0);
     CHECK(c.device_to_host_copies == 0);
   }
 
   SUBCASE("and forward + backward can be captured in global mode") {
-    MOE_CUDA_TRY(cudaStreamSynchronize(call.s.stream));
-    cudaGraph_t graph = nullptr;
-    MOE_CUDA_TRY(cudaStreamBeginCapture(call.s.stream, cudaStreamCaptureModeGlobal));
-    call.forward();
-    call.backward();
-    cudaError_t const ended = cudaStreamEndCapture(call.s.stream, &graph);
-    REQUIRE(ended == cudaSuccess);
-    std::size_t nodes = 0;
-    MOE_CUDA_TRY(cudaGraphGetNodes(graph, nullptr, &nodes));
-    CHECK(nodes > 0);
-    MOE_CUDA_TRY(cudaGraphDestroy(graph));
+    test::captured_graph const graph(call.s.stream, cudaStreamCaptureModeGlobal, [&] {
+      call.forward();
+      call.backward();
+    });
+    CHECK(graph.still_capturing());
+    REQUIRE(graph.ok());
+    CHECK(!graph.nodes().empty());
   }
 }
 
@@ -159,14 +165,8 @@ TEST_CASE("dynamic capacity reads the capacity back once per forward and once pe
   for (float factor : {0.0f, -1.5f}) {
     INFO("capacity factor " << factor);
     layer_call<layout::capacity> call(args_with_factor(factor));
-    counters const forward = call.count_of([&] { call.forward(); });
-    counters const backward = call.count_of([&] { call.backward(); });
-    report("capacity, dynamic, forward", forward);
-    report("capacity, dynamic, backward", backward);
-    for (counters const& c : {forward, backward}) {
-      check_common(c);
+    for (counters const& c : count_pass(call, "capacity, dynamic"))
       CHECK(c.host_synchronizations == 1);
-    }
 
     // A capture would have to synchronise, and fails instead of hiding it.
     cudaGraph_t graph = nullptr;
@@ -180,12 +180,7 @@ TEST_CASE("dynamic capacity reads the capacity back once per forward and once pe
 
 TEST_CASE("the ragged layout reads the expert batch back once per forward and per backward") {
   layer_call<layout::ragged> call(args_with_factor(1.0f));
-  counters const forward = call.count_of([&] { call.forward(); });
-  counters const backward = call.count_of([&] { call.backward(); });
-  report("ragged, forward", forward);
-  report("ragged, backward", backward);
-  for (counters const& c : {forward, backward}) {
-    check_common(c);
+  for (counters const& c : count_pass(call, "ragged")) {
     CHECK(c.host_synchronizations == 1);
     CHECK(c.device_to_host_copies >= 1);
   }

@@ -14,6 +14,7 @@
 
 #include "../support/device.hpp"
 #include "../support/expect.hpp"
+#include "../support/graph.hpp"
 #include "../support/random.hpp"
 #include "two_layer_support.hpp"
 
@@ -410,24 +411,10 @@ TEST_CASE("a uniform batch's forward and backward replay from a CUDA graph, bit 
   auto const direct = snapshot();
 
   poison();
-  MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
-  cudaGraph_t graph = nullptr;
-  MOE_CUDA_TRY(cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeThreadLocal));
-  try {
-    step();
-  } catch (...) {
-    (void)cudaStreamEndCapture(s.stream, &graph);
-    if (graph != nullptr) (void)cudaGraphDestroy(graph);
-    throw;
-  }
-  MOE_CUDA_TRY(cudaStreamEndCapture(s.stream, &graph));
-  cudaGraphExec_t exec = nullptr;
-  MOE_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
-  MOE_CUDA_TRY(cudaGraphLaunch(exec, s.stream));
-  MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+  test::captured_graph graph(s.stream, cudaStreamCaptureModeThreadLocal, step);
+  REQUIRE(graph.ok());
+  graph.replay(s.stream);
   auto const replayed = snapshot();
-  MOE_CUDA_TRY(cudaGraphExecDestroy(exec));
-  MOE_CUDA_TRY(cudaGraphDestroy(graph));
   REQUIRE(direct.size() == replayed.size());
   for (std::size_t i = 0; i < direct.size(); ++i) {
     INFO("output " << i);

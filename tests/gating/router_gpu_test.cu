@@ -282,30 +282,33 @@ TEST_CASE("CUDA route and route_backward reject bad arguments and write nothing"
   auto const x_view = x_dev.cview(T_, H);
   auto const w_view = w_dev.cview(H, E);
 
-  auto route_with = [&](cuda_backend backend, gating::gate_args const& a, auto w_gate,
-                        gating::device_routing routing, workspace s) {
-    return [=]() mutable { gating::route(backend, gate, a, x_view, w_gate, routing, s); };
+  // can_implement names what route throws for, and a good call passes both.
+  auto rejects = [&](cuda_backend backend, gating::gate_args const& a, auto w_gate,
+                     gating::device_routing routing, workspace s, std::string const& argument) {
+    CHECK(gating::can_implement(backend, gate, a, x_view, w_gate, routing, s).argument() ==
+          argument);
+    test::expect_rejected(
+        [=]() mutable { gating::route(backend, gate, a, x_view, w_gate, routing, s); }, argument);
   };
+  CHECK(gating::can_implement(cuda.backend(), gate, args, x_view, w_view, r, scratch.view()).ok());
+  CHECK(gating::can_implement(cuda.backend(), gate, args, x_dev.cview(T_ - 1, H), w_view, r,
+                              scratch.view())
+            .argument() == "r.logits");
   gating::gate_args too_many = args;
   too_many.k = 9;  // k > E
-  test::expect_rejected(route_with(cuda.backend(), too_many, w_view, r, scratch.view()), "k");
-  test::expect_rejected(route_with(cuda.backend(), args, w_dev.cview(H, E + 1), r, scratch.view()),
-                        "w_gate");
+  rejects(cuda.backend(), too_many, w_view, r, scratch.view(), "k");
+  rejects(cuda.backend(), args, w_dev.cview(H, E + 1), r, scratch.view(), "w_gate");
   gating::device_routing short_r = r;
   short_r.logits = make_view(r.logits.data_handle(), T_ - 1, E);
-  test::expect_rejected(route_with(cuda.backend(), args, w_view, short_r, scratch.view()),
-                        "r.logits");
-  test::expect_rejected(
-      route_with(cuda.backend(), args, w_view, r, scratch.view().first(scratch_bytes - 1)),
-      "scratch");
-  test::expect_rejected(route_with({stream, nullptr}, args, w_view, r, scratch.view()), "blas");
+  rejects(cuda.backend(), args, w_view, short_r, scratch.view(), "r.logits");
+  rejects(cuda.backend(), args, w_view, r, scratch.view().first(scratch_bytes - 1), "scratch");
+  rejects({stream, nullptr}, args, w_view, r, scratch.view(), "blas");
   gating::gate_args grouped = args;
   grouped.groups = 3;  // 16 tokens do not split into 3 local groups
-  test::expect_rejected(route_with(cuda.backend(), grouped, w_view, r, scratch.view()), "groups");
+  rejects(cuda.backend(), grouped, w_view, r, scratch.view(), "groups");
   gating::gate_args biased = args;
   biased.expert_bias = {w_dev.data(), static_cast<std::size_t>(E - 1)};  // one value short
-  test::expect_rejected(route_with(cuda.backend(), biased, w_view, r, scratch.view()),
-                        "expert_bias");
+  rejects(cuda.backend(), biased, w_view, r, scratch.view(), "expert_bias");
   CHECK(all_poisoned(download(memory.view().data(), static_cast<index_t>(memory.size()), stream)));
   CHECK(
       all_poisoned(download(scratch.view().data(), static_cast<index_t>(scratch.size()), stream)));
@@ -315,6 +318,14 @@ TEST_CASE("CUDA route and route_backward reject bad arguments and write nothing"
   device_array<float> dx(T_ * H, stream), d_w_gate(H * E, stream);
   for (auto const* a : {&d_logits, &dx, &d_w_gate})
     poison(a->data(), static_cast<std::size_t>(a->count) * sizeof(float), stream);
+  CHECK(gating::can_implement(cuda.backend(), gate, args, std::as_const(r),
+                              d_weight_dev.cview(T_, k + 1), x_view, w_view, d_logits.view(T_, E),
+                              dx.view(T_, H), d_w_gate.view(H, E), workspace{})
+            .argument() == "d_weight");
+  CHECK(gating::can_implement(cuda.backend(), gate, args, std::as_const(r),
+                              d_weight_dev.cview(T_, k), x_view, w_view, d_logits.view(T_, E),
+                              dx.view(T_, H), d_w_gate.view(H, E), workspace{})
+            .ok());
   auto backward_with = [&](gating::gate_args const& a, matrix_view<float const> dw,
                            cuda_backend backend) {
     return [=, &r, &d_logits, &dx, &d_w_gate] {

@@ -15,6 +15,7 @@
 
 #include "../support/device.hpp"
 #include "../support/expect.hpp"
+#include "../support/graph.hpp"
 #include "../support/random.hpp"
 
 #include <doctest/doctest.h>
@@ -602,32 +603,14 @@ void check_graph_replay() {
   MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
 
   poison();
-  MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
-  cudaGraph_t graph = nullptr;
   // Global mode: any synchronising or otherwise unsafe call while capturing fails.
-  MOE_CUDA_TRY(cudaStreamBeginCapture(s.stream, cudaStreamCaptureModeGlobal));
-  try {
-    step();
-  } catch (...) {
-    (void)cudaStreamEndCapture(s.stream, &graph);
-    if (graph != nullptr) (void)cudaGraphDestroy(graph);
-    (void)cudaGetLastError();
-    FAIL("forward or backward threw while captured");
-  }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  MOE_CUDA_TRY(cudaStreamIsCapturing(s.stream, &capture));
-  CHECK(capture == cudaStreamCaptureStatusActive);  // invalidated by a synchronisation
-  cudaError_t const ended = cudaStreamEndCapture(s.stream, &graph);
-  (void)cudaGetLastError();
-  REQUIRE_MESSAGE(ended == cudaSuccess, "capture failed: " << cudaGetErrorString(ended));
-  REQUIRE(graph != nullptr);
+  test::captured_graph graph(s.stream, cudaStreamCaptureModeGlobal, step);
+  CHECK(graph.still_capturing());  // invalidated by a synchronisation
+  REQUIRE_MESSAGE(graph.ok(), "capture failed: " << cudaGetErrorString(graph.ended()));
 
   // Nothing in the graph reads back to the host: no host nodes, no copies into host memory.
-  std::size_t count = 0;
-  MOE_CUDA_TRY(cudaGraphGetNodes(graph, nullptr, &count));
-  std::vector<cudaGraphNode_t> nodes(count);
-  MOE_CUDA_TRY(cudaGraphGetNodes(graph, nodes.data(), &count));
-  CHECK(count > 0);
+  auto const nodes = graph.nodes();
+  CHECK(!nodes.empty());
   for (cudaGraphNode_t node : nodes) {
     cudaGraphNodeType type{};
     MOE_CUDA_TRY(cudaGraphNodeGetType(node, &type));
@@ -640,9 +623,6 @@ void check_graph_replay() {
       CHECK(where.type == cudaMemoryTypeDevice);
     }
   }
-  cudaGraphExec_t exec = nullptr;
-  MOE_CUDA_TRY(cudaGraphInstantiate(&exec, graph, 0));
-
   for (int round = 0; round < 2; ++round) {
     INFO("input " << round);
     layer_inputs<T> const fresh(shapes, tokens, false, rng);
@@ -652,8 +632,7 @@ void check_graph_replay() {
     step();
     auto const eager = snapshot();
     poison();
-    MOE_CUDA_TRY(cudaGraphLaunch(exec, s.stream));
-    MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+    graph.replay(s.stream);
     auto const replayed = snapshot();
     REQUIRE(eager.size() == replayed.size());
     for (std::size_t i = 0; i < eager.size(); ++i) {
@@ -662,8 +641,6 @@ void check_graph_replay() {
       CHECK(same_bits(eager[i], replayed[i]));
     }
   }
-  MOE_CUDA_TRY(cudaGraphExecDestroy(exec));
-  MOE_CUDA_TRY(cudaGraphDestroy(graph));
 }
 
 }  // namespace

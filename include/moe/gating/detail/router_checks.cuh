@@ -18,8 +18,10 @@
 #include <moe/gating/kernels/select.cuh>
 #include <moe/gating/kernels/slots.cuh>
 #include <moe/gating/policies.hpp>
+#include <moe/gating/router.hpp>
 
 #include <cstddef>
+#include <exception>
 #include <string>
 
 namespace moe::gating::detail {
@@ -43,28 +45,27 @@ inline status check_cuda_knobs(gate_args const& args) {
   return {};
 }
 
-/// Checks what `route`, `route_backward` and their workspace queries share: the gate's and
-/// its policies' checks (policies.hpp), then the CUDA router's own limits. Returns k.
+/// What `route`, `route_backward` and their workspace queries check of the gate: its and its
+/// policies' checks (policies.hpp), then the CUDA router's own limits.
 template <gate G>
-int check_cuda_gate(G const& gate, gate_args const& args) {
+status check_cuda_gate(G const& gate, gate_args const& args) {
   static_assert(cuda_routable<G>,
                 "moe::gating (CUDA router): this gate has no CUDA path. Its score function needs "
                 "a device_score (scores.cuh), its priority a device_priority (slots.cuh) and its "
                 "selection a device_selection (select.cuh); route it on the host backend.");
-  check_gate(gate, args).throw_if_failed();
-  check_cuda_knobs(args).throw_if_failed();
-  int const k = gate.k(args);
-  check_slot_sizes(args.tokens, k, args.experts, args.groups).throw_if_failed();
-  return k;
+  if (auto s = check_gate(gate, args); !s) return s;
+  if (auto s = check_cuda_knobs(args); !s) return s;
+  return check_slot_sizes(args.tokens, gate.k(args), args.experts, args.groups);
 }
 
-/// check_cuda_gate, and the cuBLAS handle the call needs.
+/// check_cuda_gate, and the cuBLAS handle a call needs.
 template <gate G>
-int check_cuda_call(cuda_backend cuda, G const& gate, gate_args const& args) {
-  int const k = check_cuda_gate(gate, args);
-  MOE_EXPECTS(cuda.blas != nullptr, "blas",
-              "the CUDA router runs cuBLAS: lend it a handle (moe::blas_handle) in cuda.blas");
-  return k;
+status check_cuda_call(cuda_backend cuda, G const& gate, gate_args const& args) {
+  if (auto s = check_cuda_gate(gate, args); !s) return s;
+  if (cuda.blas == nullptr)
+    return status::failure(
+        "blas", "the CUDA router runs cuBLAS: lend it a handle (moe::blas_handle) in cuda.blas");
+  return {};
 }
 
 /// The router's input width for sizing: needed only when the call jitters the input.
@@ -74,38 +75,48 @@ inline void check_hidden_for_sizing(gate_args const& args, index_t hidden) {
               "size the jittered copy");
 }
 
-inline void check_scratch(workspace scratch, std::size_t needed) {
-  MOE_EXPECTS(scratch.size() >= needed && (needed == 0 || scratch.data() != nullptr), "scratch",
-              "holds " + std::to_string(scratch.size()) + " bytes; the call needs " +
-                  std::to_string(needed));
+/// The scratch a call carves with `carve` (a workspace_carver& → anything): non-null and
+/// large enough. Sizing may ask the device (CUB), so its errors become the status.
+template <class Carve>
+status check_scratch(workspace scratch, Carve&& carve) noexcept {
+  try {
+    workspace_carver counter;
+    (void)carve(counter);
+    std::size_t const needed = counter.bytes();
+    if (scratch.size() >= needed && (needed == 0 || scratch.data() != nullptr)) return {};
+    return status::failure("scratch", "holds " + std::to_string(scratch.size()) +
+                                          " bytes; the call needs " + std::to_string(needed));
+  } catch (std::exception const& e) {
+    return status::failure("scratch", std::string("could not be sized: ") + e.what());
+  }
 }
 
-/// What `route` and `route_backward` check of a call before any work: T = x's rows (at
-/// least 1, a multiple of the local groups, within what slot assignment sorts), W_gate's
+/// What `route` and `route_backward` check of a call before any work: T = x's rows (as every
+/// entry point that takes x, check_call_tokens; within what slot assignment sorts), W_gate's
 /// extents, and the routing state `r` carved for T, E, k and the local groups.
 template <class T>
-void check_routing_call(gate_args const& args, int k, matrix_view<T const> x,
-                        matrix_view<T const> w_gate, device_routing const& r) {
+status check_routing_call(gate_args const& args, int k, matrix_view<T const> x,
+                          matrix_view<T const> w_gate, device_routing const& r) {
   index_t const tokens = x.extent(0), experts = args.experts;
-  MOE_EXPECTS(tokens >= 1, "x", "has no tokens");  // as the host backend
-  MOE_EXPECTS(tokens % args.groups == 0, "x",
-              "has " + std::to_string(tokens) + " tokens, not a multiple of the " +
-                  std::to_string(args.groups) + " local groups");
-  check_slot_sizes(tokens, k, experts, args.groups).throw_if_failed();
-  check_extents(w_gate, "w_gate", {x.extent(1), experts}).throw_if_failed();
-  check_extents(r.logits, "r.logits", {tokens, experts}).throw_if_failed();
-  check_extents(r.scores, "r.scores", {tokens, experts}).throw_if_failed();
-  check_extents(r.expert, "r.expert", {tokens, k}).throw_if_failed();
-  check_extents(r.weight, "r.weight", {tokens, k}).throw_if_failed();
-  check_extents(r.slot, "r.slot", {tokens, k}).throw_if_failed();
-  check_extents(r.load, "r.load", {experts}).throw_if_failed();
-  check_extents(r.mean_score, "r.mean_score", {experts}).throw_if_failed();
-  check_extents(r.first_choice, "r.first_choice", {experts}).throw_if_failed();
-  MOE_EXPECTS(r.aux_gradient.extent(0) >= args.groups && r.aux_gradient.extent(1) == experts,
-              "r.aux_gradient",
-              "needs (groups, experts) = (" + std::to_string(args.groups) + ", " +
-                  std::to_string(experts) + "): carve_device_routing with args.groups");
-  MOE_EXPECTS(r.scalars != nullptr, "r.scalars", "null: the call's scalars lie in device memory");
+  if (auto s = check_call_tokens(args, tokens); !s) return s;
+  if (auto s = check_slot_sizes(tokens, k, experts, args.groups); !s) return s;
+  for (status s :
+       {check_extents(w_gate, "w_gate", {x.extent(1), experts}),
+        check_extents(r.logits, "r.logits", {tokens, experts}),
+        check_extents(r.scores, "r.scores", {tokens, experts}),
+        check_extents(r.expert, "r.expert", {tokens, k}),
+        check_extents(r.weight, "r.weight", {tokens, k}),
+        check_extents(r.slot, "r.slot", {tokens, k}), check_extents(r.load, "r.load", {experts}),
+        check_extents(r.mean_score, "r.mean_score", {experts}),
+        check_extents(r.first_choice, "r.first_choice", {experts})})
+    if (!s) return s;
+  if (r.aux_gradient.extent(0) < args.groups || r.aux_gradient.extent(1) != experts)
+    return status::failure(
+        "r.aux_gradient", "needs (groups, experts) = (" + std::to_string(args.groups) + ", " +
+                              std::to_string(experts) + "): carve_device_routing with args.groups");
+  if (r.scalars == nullptr)
+    return status::failure("r.scalars", "null: the call's scalars lie in device memory");
+  return {};
 }
 
 }  // namespace moe::gating::detail

@@ -7,12 +7,12 @@
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/view.hpp>
 #include <moe/gating/args.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/scores.cuh>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/scores.hpp>
 #include <moe/gating/weights.hpp>
@@ -32,7 +32,7 @@ namespace moe::gating::detail {
 /// applied over the row and each selected expert's entry is added afterwards by the lane
 /// that holds it. The logits' jitter scales the result.
 template <device_score_function Score>
-struct router_backward : warp_per_token {
+struct router_backward : moe::detail::warp_per_token {
   using score = device_score<Score>;
   struct params {
     float const* logits;         // (tokens, experts) device memory, with the noise
@@ -80,8 +80,8 @@ struct router_backward : warp_per_token {
   }
 
   __device__ void operator()(params const& p, char*) const {
-    int const lane = warp_per_token::lane();
-    index_t const t = warp_per_token::token();
+    int const lane = moe::detail::warp_per_token::lane();
+    index_t const t = moe::detail::warp_per_token::token();
     if (t >= p.tokens) return;  // whole warps: every shuffle below sees 32 lanes
     std::int64_t const capacity = p.scalars->capacity;
     float const* logits = p.logits + t * p.experts;

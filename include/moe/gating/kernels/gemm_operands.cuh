@@ -7,9 +7,9 @@
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/view.hpp>
 #include <moe/gating/args.hpp>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 
 #include <cuda_runtime.h>
@@ -28,7 +28,7 @@ inline bool jitters_input(gate_args const& args) noexcept {
 /// products, rounded once): x' = x ⊙ j in float for the forward (and dW_gate), or
 /// dx += g ⊙ j for the backward, g = d_logits · W_gateᵀ in float. A thread per element.
 template <class T>
-struct input_jitter : thread_per_item<input_jitter<T>> {
+struct input_jitter : moe::detail::thread_per_item<input_jitter<T>> {
   struct params {
     T const* x;             // (tokens, hidden) device memory: x, to jitter into `jittered`
     float* jittered;        // (tokens, hidden)
@@ -68,7 +68,7 @@ struct input_jitter : thread_per_item<input_jitter<T>> {
 
 /// dst = To(src), elementwise: cuBLAS multiplies operands of one type.
 template <class From, class To>
-struct convert_elements : thread_per_item<convert_elements<From, To>> {
+struct convert_elements : moe::detail::thread_per_item<convert_elements<From, To>> {
   struct params {
     From const* source;  // (count) device memory
     To* destination;     // (count)

@@ -12,6 +12,7 @@
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
@@ -19,7 +20,6 @@
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/concepts.hpp>
 #include <moe/gating/device_routing.hpp>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/scores.hpp>
 
 #include <cuda_runtime.h>
@@ -116,7 +116,7 @@ __device__ bool sum_over_rows(Sums (&shared)[Rows][Columns], Sums& mine) {
 /// Per chunk and expert: Σ_t p_{t,e}, the count of tokens whose 1st choice is e, and the count
 /// of their other counted choices (j in [1, counted)) that are e. Block (32 experts, 8 token
 /// rows); grid (chunks, ⌈E/32⌉).
-struct loss_partials : expert_columns<loss_partials> {
+struct loss_partials : moe::detail::expert_columns<loss_partials> {
   struct params {
     float const* scores;         // (tokens, experts) device memory
     float const* score_sum;      // (tokens) Σ_e s_{t,e}, or null when the scores sum to one
@@ -170,7 +170,7 @@ struct loss_partials : expert_columns<loss_partials> {
 /// f_{g,e} = counted choices / (c · S'), the loss term me · f, and the gradient
 /// ∂aux/∂p_{t,e} = E · f_{g,e} / (G' · S') into row g of r.aux_gradient. Block (32 experts,
 /// 8 chunk rows); grid (G', ⌈E/32⌉).
-struct loss_group_totals : expert_columns<loss_group_totals> {
+struct loss_group_totals : moe::detail::expert_columns<loss_group_totals> {
   struct params {
     float const* partial_score;         // (chunks, experts)
     std::int32_t const* partial_first;  // (chunks, experts)
@@ -223,7 +223,7 @@ struct loss_group_totals : expert_columns<loss_group_totals> {
 /// Per expert, over the loss groups: me_e = Σ p / T and ce_e = 1st choices / T of the call,
 /// and the expert's loss term Σ_g me_{g,e} · f_{g,e}. Block (32 experts, 8 group rows); grid
 /// ⌈E/32⌉. (route rejects T = 0, where me and ce would be 0/0.)
-struct loss_expert_totals : expert_columns<loss_expert_totals> {
+struct loss_expert_totals : moe::detail::expert_columns<loss_expert_totals> {
   struct params {
     float const* group_score;         // (G', experts)
     std::int64_t const* group_first;  // (G', experts)
@@ -263,7 +263,7 @@ struct loss_expert_totals : expert_columns<loss_expert_totals> {
 
 /// One block: aux_loss = E / G' · Σ_e (expert's term) and z_loss = Σ_t lse_t² / T (0 when
 /// T = 0), into the call's scalars.
-struct loss_totals : single_block<loss_totals> {
+struct loss_totals : moe::detail::single_block<loss_totals> {
   struct params {
     float const* expert_term;        // (experts)
     float const* logsumexp_squared;  // (tokens)

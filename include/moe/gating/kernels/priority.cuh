@@ -5,8 +5,8 @@
 // orders as the host's (primary, secondary) doubles, and the kernel that writes those keys.
 
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/view.hpp>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/priority.hpp>
 
 #include <cuda_runtime.h>
@@ -108,7 +108,7 @@ namespace detail {
 /// Writes the priority sort's input in token-major order: key = P's packed key of
 /// assignment a = t·k + j, value = a.
 template <class P>
-struct priority_keys : thread_per_item<priority_keys<P>> {
+struct priority_keys : moe::detail::thread_per_item<priority_keys<P>> {
   using key_type = typename device_priority<P>::key_type;
   struct params {
     std::int32_t const* expert;  // (tokens, k)       device memory

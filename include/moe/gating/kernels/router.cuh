@@ -111,10 +111,10 @@ route_scratch carve_route_scratch(workspace_carver& carver, gate_args const& arg
 /// @throws invalid_argument when the gate rejects `args`
 template <element T, gate G>
 std::size_t route_workspace_bytes(G const& gate, gate_args const& args, index_t hidden = 0) {
-  int const k = detail::check_cuda_gate(gate, args);
+  detail::check_cuda_gate(gate, args).throw_if_failed();
   detail::check_hidden_for_sizing(args, hidden);
   workspace_carver counter;
-  (void)detail::carve_route_scratch<G, T>(counter, args, args.tokens, hidden, k);
+  (void)detail::carve_route_scratch<G, T>(counter, args, args.tokens, hidden, gate.k(args));
   return counter.bytes();
 }
 
@@ -122,6 +122,21 @@ std::size_t route_workspace_bytes(G const& gate, gate_args const& args, index_t 
 template <gate G>
 std::size_t route_workspace_bytes(G const& gate, gate_args const& args, index_t hidden = 0) {
   return route_workspace_bytes<float>(gate, args, hidden);
+}
+
+/// Checks a CUDA `route` call as `route` does before any device work, and writes nothing:
+/// the gate and its policies, the CUDA router's limits, the cuBLAS handle, x's tokens (a
+/// multiple of the local groups), W_gate's and `r`'s extents, and the scratch's size.
+template <gate G, element T>
+[[nodiscard]] status can_implement(cuda_backend cuda, G const& gate, gate_args const& args,
+                                   matrix_view<T const> x, matrix_view<T const> w_gate,
+                                   device_routing const& r, workspace scratch) noexcept {
+  if (auto s = detail::check_cuda_call(cuda, gate, args); !s) return s;
+  int const k = gate.k(args);
+  if (auto s = detail::check_routing_call(args, k, x, w_gate, r); !s) return s;
+  return detail::check_scratch(scratch, [&](workspace_carver& counter) {
+    return detail::carve_route_scratch<G, T>(counter, args, x.extent(0), x.extent(1), k);
+  });
 }
 
 /// Forward of gate G on the CUDA backend: the device twin of host `route` (router.hpp),
@@ -152,14 +167,9 @@ void route(cuda_backend cuda, G const& gate, gate_args const& args, matrix_view<
   static_assert(dtype_traits<U>::device_supported,
                 "moe::gating::route (CUDA): x and W_gate must be float, __half or __nv_bfloat16.");
 
-  int const k = detail::check_cuda_call(cuda, gate, args);
+  can_implement(cuda, gate, args, x, w_gate, r, scratch).throw_if_failed();
+  int const k = gate.k(args);
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = args.experts;
-  detail::check_routing_call(args, k, x, w_gate, r);
-  {
-    workspace_carver counter;
-    (void)detail::carve_route_scratch<G, T>(counter, args, tokens, hidden, k);
-    detail::check_scratch(scratch, counter.bytes());
-  }
   workspace_carver carver(scratch);
   detail::route_scratch const s =
       detail::carve_route_scratch<G, T>(carver, args, tokens, hidden, k);
@@ -333,12 +343,35 @@ void gate_gradients(cuda_backend cuda, gate_args const& args, matrix_view<T cons
 template <element T, gate G>
 std::size_t route_backward_workspace_bytes(G const& gate, gate_args const& args,
                                            index_t hidden = 0) {
-  (void)detail::check_cuda_gate(gate, args);
+  detail::check_cuda_gate(gate, args).throw_if_failed();
   detail::check_hidden_for_sizing(args, hidden);
   workspace_carver counter;
   (void)detail::carve_route_backward_scratch<std::remove_cv_t<T>>(counter, args, args.tokens,
                                                                   hidden);
   return counter.bytes();
+}
+
+/// Checks a CUDA `route_backward` call as it does before any device work, and writes
+/// nothing: what `can_implement` of route checks, and the extents of d_weight, d_logits, dx
+/// and d_w_gate.
+template <gate G, element T>
+[[nodiscard]] status can_implement(cuda_backend cuda, G const& gate, gate_args const& args,
+                                   device_routing const& r, matrix_view<float const> d_weight,
+                                   matrix_view<T const> x, matrix_view<T const> w_gate,
+                                   matrix_view<float> d_logits, matrix_view<T> dx,
+                                   matrix_view<T> d_w_gate, workspace scratch) noexcept {
+  if (auto s = detail::check_cuda_call(cuda, gate, args); !s) return s;
+  int const k = gate.k(args);
+  index_t const tokens = x.extent(0), hidden = x.extent(1), experts = args.experts;
+  if (auto s = detail::check_routing_call(args, k, x, w_gate, r); !s) return s;
+  for (status s : {check_extents(d_weight, "d_weight", {tokens, k}),
+                   check_extents(d_logits, "d_logits", {tokens, experts}),
+                   check_extents(dx, "dx", {tokens, hidden}),
+                   check_extents(d_w_gate, "d_w_gate", {hidden, experts})})
+    if (!s) return s;
+  return detail::check_scratch(scratch, [&](workspace_carver& counter) {
+    return detail::carve_route_backward_scratch<std::remove_cv_t<T>>(counter, args, tokens, hidden);
+  });
 }
 
 /// Backward of gate G on the CUDA backend: the device twin of host `route_backward`
@@ -367,18 +400,10 @@ void route_backward(cuda_backend cuda, G const& gate, gate_args const& args,
                 "moe::gating::route_backward (CUDA): x and W_gate must be float, __half or "
                 "__nv_bfloat16.");
 
-  int const k = detail::check_cuda_call(cuda, gate, args);
-  index_t const tokens = x.extent(0), hidden = x.extent(1), experts = args.experts;
-  detail::check_routing_call(args, k, x, w_gate, r);
-  check_extents(d_weight, "d_weight", {tokens, k}).throw_if_failed();
-  check_extents(d_logits, "d_logits", {tokens, experts}).throw_if_failed();
-  check_extents(dx, "dx", {tokens, hidden}).throw_if_failed();
-  check_extents(d_w_gate, "d_w_gate", {hidden, experts}).throw_if_failed();
-  {
-    workspace_carver counter;
-    (void)detail::carve_route_backward_scratch<U>(counter, args, tokens, hidden);
-    detail::check_scratch(scratch, counter.bytes());
-  }
+  can_implement(cuda, gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate, scratch)
+      .throw_if_failed();
+  int const k = gate.k(args);
+  index_t const tokens = x.extent(0), hidden = x.extent(1);
   workspace_carver carver(scratch);
   auto const s = detail::carve_route_backward_scratch<U>(carver, args, tokens, hidden);
 

@@ -17,6 +17,7 @@
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
@@ -25,7 +26,6 @@
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/groups.hpp>
 #include <moe/gating/kernels/scores.cuh>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/philox.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -184,7 +184,7 @@ struct device_selection<group_limited<Groups, TopGroups, Experts>> {
 /// @tparam K         k when the gate fixes it at compile time, 0 when it is `params::k`
 /// @tparam Selection selection policy with a `device_selection` specialisation
 template <device_score_function Score, int K = 0, device_selection_policy Selection = all_experts>
-struct router_select : detail::warp_per_token {
+struct router_select : moe::detail::warp_per_token {
   static_assert(K >= 0 && K <= max_k, "moe::gating::router_select: K must be in [0, 32].");
   using score = device_score<Score>;
   using selection = device_selection<Selection>;
@@ -248,8 +248,8 @@ struct router_select : detail::warp_per_token {
   }
 
   __device__ void operator()(params const& p, char*) const {
-    int const lane = warp_per_token::lane();
-    index_t const t = warp_per_token::token();
+    int const lane = moe::detail::warp_per_token::lane();
+    index_t const t = moe::detail::warp_per_token::token();
     // t is the same on all lanes of a warp: whole warps leave, and the shuffles below always
     // see 32 lanes. The kernel has no block barrier.
     if (t >= p.tokens) return;

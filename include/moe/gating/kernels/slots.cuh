@@ -29,6 +29,7 @@
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
@@ -36,7 +37,6 @@
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/priority.cuh>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/priority.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -86,7 +86,7 @@ MOE_HOST_DEVICE constexpr index_t lower_bound(std::uint32_t const* keys, index_t
 /// random routing left out gets G·E, an id outside [0, E) (never from the router) G·E + 1:
 /// both sort after every segment and join none.
 template <class P>
-struct enumerate_assignments : thread_per_item<enumerate_assignments<P>> {
+struct enumerate_assignments : moe::detail::thread_per_item<enumerate_assignments<P>> {
   struct params {
     std::int32_t const* expert;  // (tokens, k) device memory
     std::int64_t const* slot;    // (tokens, k) no_slot marks a left-out choice; null: none is
@@ -127,7 +127,7 @@ struct enumerate_assignments : thread_per_item<enumerate_assignments<P>> {
 /// One block: every (group, expert) segment's start, the experts' loads, the largest
 /// (group, expert) load and the left-out count. Integer reductions over a fixed partition:
 /// exact and deterministic.
-struct expert_segments : single_block<expert_segments> {
+struct expert_segments : moe::detail::single_block<expert_segments> {
   struct params {
     std::uint32_t const* sorted_keys;  // (count) ascending
     index_t count;                     // tokens·k
@@ -172,7 +172,7 @@ struct expert_segments : single_block<expert_segments> {
 
 /// One block, after the max-load hook: the capacity, the drops, and per (group, expert) the
 /// kept and dropped assignments of the groups before.
-struct expert_capacity : single_block<expert_capacity> {
+struct expert_capacity : moe::detail::single_block<expert_capacity> {
   struct params {
     std::int64_t const* segment_start;  // (groups·experts + 1)
     index_t experts;
@@ -212,7 +212,7 @@ struct expert_capacity : single_block<expert_capacity> {
 };
 
 /// Gives the sorted item at position q of its segment its slot and writes it to r.slot.
-struct scatter_slots : thread_per_item<scatter_slots> {
+struct scatter_slots : moe::detail::thread_per_item<scatter_slots> {
   struct params {
     std::uint32_t const* sorted_keys;    // (count)
     std::int32_t const* sorted_values;   // (count) assignments t·k + j

@@ -5,9 +5,9 @@
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/view.hpp>
 #include <moe/gating/device_routing.hpp>
-#include <moe/gating/kernels/shapes.cuh>
 #include <moe/gating/weights.hpp>
 
 #include <cuda_runtime.h>
@@ -21,7 +21,7 @@ namespace moe::gating::detail {
 /// w = α · s / D for a kept assignment and 0 for a dropped one. router_select already
 /// divided by the selected experts' sum when the call renormalises before drops; after
 /// drops, D is the sum over the kept ones (1 when it is 0). A thread per token.
-struct finalize_weights : thread_per_item<finalize_weights> {
+struct finalize_weights : moe::detail::thread_per_item<finalize_weights> {
   struct params {
     std::int64_t const* slot;  // (tokens, k) device memory
     float* weight;             // (tokens, k) in: pre-drop weights; out: combine weights

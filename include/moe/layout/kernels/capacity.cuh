@@ -13,6 +13,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
@@ -34,8 +35,7 @@ namespace kernels {
 
 /// begin[e] = e·C and rows[e] = min(load[e], C), with C read from the routing's device
 /// scalars (a dynamic capacity is known only there).
-struct capacity_offsets {
-  static constexpr int threads = 256;
+struct capacity_offsets : moe::detail::thread_per_item<capacity_offsets> {
   struct params {
     std::int64_t const* load;                       // (experts) device memory
     gating::device_routing_scalars const* scalars;  // device memory
@@ -43,14 +43,10 @@ struct capacity_offsets {
     std::int64_t* rows;                             // (experts) device memory
     index_t experts;
   };
-  static dim3 grid(params const& p) {
-    return {static_cast<unsigned>((p.experts + threads - 1) / threads)};
-  }
-  static dim3 block(params const&) { return {threads}; }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.experts; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const e = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const e = item();
     if (e >= p.experts) return;
     std::int64_t const capacity = p.scalars->capacity;
     std::int64_t const load = p.load[e];

@@ -14,6 +14,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
@@ -37,9 +38,9 @@ namespace kernels {
 /// One block: begin = the exclusive scan of padded_rows(load_e, alignment), rows = load, and
 /// the total in *total_rows. Each thread scans a contiguous run of experts, so any E fits in
 /// one block; integer sums make the result independent of the split.
-struct ragged_offsets {
-  static constexpr int threads = 256;
+struct ragged_offsets : moe::detail::single_block<ragged_offsets, 256> {
   using block_scan = cub::BlockScan<std::int64_t, threads>;
+  using shared_storage = typename block_scan::TempStorage;
   struct params {
     std::int64_t const* load;  // (experts) device memory
     std::int64_t* begin;       // (experts) device memory
@@ -48,12 +49,9 @@ struct ragged_offsets {
     index_t experts;
     index_t row_alignment;
   };
-  static dim3 grid(params const&) { return {1}; }
-  static dim3 block(params const&) { return {threads}; }
-  static std::size_t smem_bytes(params const&) { return sizeof(typename block_scan::TempStorage); }
 
   __device__ void operator()(params const& p, char* smem) const {
-    auto& storage = *reinterpret_cast<typename block_scan::TempStorage*>(smem);
+    auto& storage = *reinterpret_cast<shared_storage*>(smem);
     index_t const per_thread = (p.experts + threads - 1) / threads;
     index_t const first = threadIdx.x * per_thread;
     index_t const last = first + per_thread < p.experts ? first + per_thread : p.experts;

@@ -10,6 +10,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/kernels/shapes.cuh>
 #include <moe/core/kernels/warp.cuh>
 #include <moe/core/launch.cuh>
 #include <moe/core/view.hpp>
@@ -77,8 +78,7 @@ __device__ __forceinline__ index_t row_in_view(segment_rows const& row_of, index
 
 /// Writes the inverse of the row map: row_source[row(t, j)] = t·k + j for every kept (t, j).
 /// The caller has set every entry to −1 first (a memset on the same stream).
-struct row_source_scatter {
-  static constexpr int threads = 256;
+struct row_source_scatter : moe::detail::thread_per_item<row_source_scatter> {
   struct params {
     segment_rows row_of;
     index_t assignments;  // tokens · k
@@ -86,14 +86,10 @@ struct row_source_scatter {
     index_t rows;              // rows of the dispatched view
     std::int32_t* row_source;  // (rows) device memory
   };
-  static dim3 grid(params const& p) {
-    return {static_cast<unsigned>((p.assignments + threads - 1) / threads)};
-  }
-  static dim3 block(params const&) { return {threads}; }
-  static std::size_t smem_bytes(params const&) { return 0; }
+  static index_t items(params const& p) { return p.assignments; }
 
   __device__ void operator()(params const& p, char*) const {
-    index_t const a = static_cast<index_t>(blockIdx.x) * threads + threadIdx.x;
+    index_t const a = item();
     if (a >= p.assignments) return;
     index_t const row = row_in_view(p.row_of, a / p.k, a % p.k, p.rows);
     // Distinct kept assignments have distinct rows: no two threads write one entry.

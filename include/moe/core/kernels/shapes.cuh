@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// The launch shapes gating kernels share, as bases that give a device algorithm
-// (core/launch.cuh) its grid, block and shared-memory size: a thread per item, a warp per
-// token, one block, and blocks of 32 experts by 8 rows. A kernel derives from one and keeps
-// its params, its shared storage and its operator().
+// The launch shapes kernels share, as bases that give a device algorithm (core/launch.cuh)
+// its grid, block and shared-memory size: a thread per item, a warp per token, one block,
+// and blocks of 32 experts by 8 rows. A kernel derives from one and keeps its params, its
+// shared storage and its operator().
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
@@ -14,7 +14,7 @@
 
 #include <cstddef>
 
-namespace moe::gating::detail {
+namespace moe::detail {
 
 /// A thread per item, in blocks of Threads; `Kernel::items(p)` says how many items.
 template <class Kernel, int Threads = 256>
@@ -48,17 +48,16 @@ struct warp_per_token {
   }
   template <class Params>
   static dim3 block(Params const&) {
-    return dim3(warps_per_block * moe::detail::warp_size);
+    return dim3(warps_per_block * warp_size);
   }
   template <class Params>
   static std::size_t smem_bytes(Params const&) {
     return 0;
   }
-  __device__ static int lane() { return static_cast<int>(threadIdx.x) % moe::detail::warp_size; }
+  __device__ static int lane() { return static_cast<int>(threadIdx.x) % warp_size; }
   /// This warp's token; past the last one in the last block.
   __device__ static index_t token() {
-    return static_cast<index_t>(blockIdx.x) * warps_per_block +
-           threadIdx.x / moe::detail::warp_size;
+    return static_cast<index_t>(blockIdx.x) * warps_per_block + threadIdx.x / warp_size;
   }
 };
 
@@ -85,7 +84,7 @@ struct single_block {
 /// `Kernel::shared_storage`; the kernel gives its grid.
 template <class Kernel>
 struct expert_columns {
-  static constexpr int columns = moe::detail::warp_size, rows = 8;
+  static constexpr int columns = warp_size, rows = 8;
   template <class Params>
   static dim3 block(Params const&) {
     return dim3(columns, rows);
@@ -100,4 +99,4 @@ struct expert_columns {
   }
 };
 
-}  // namespace moe::gating::detail
+}  // namespace moe::detail
