@@ -17,6 +17,7 @@
 #include <moe/gating.hpp>
 #include <moe/gating/kernels/router.cuh>
 #include <moe/gating/kernels/slots.cuh>
+#include <moe/gating/kernels/sort.cuh>
 
 #include <algorithm>
 #include <cstddef>
@@ -251,6 +252,23 @@ TEST_CASE("CUDA assign_slots matches the host on skewed loads") {
     CHECK(scalars.capacity == capacity);
     CHECK(scalars.max_load == max_load);
     CHECK(scalars.dropped == dropped);
+  }
+}
+
+TEST_CASE("the radix sorts' scratch bound covers what CUB asks on this device") {
+  auto covers = [](auto key, moe::index_t count, int end_bit) {
+    using Key = decltype(key);
+    cub::DoubleBuffer<Key> keys(nullptr, nullptr);
+    cub::DoubleBuffer<std::int32_t> values(nullptr, nullptr);
+    std::size_t needed = 0;
+    MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, needed, keys, values,
+                                                 static_cast<int>(count), 0, end_bit));
+    INFO(sizeof(Key) * 8 << "-bit keys, " << count << " pairs, " << end_bit << " bits");
+    CHECK(needed <= gating::detail::sort_storage_bound<Key>(count, end_bit));
+  };
+  for (moe::index_t count : {1, 127, 4096, 100000, 1 << 20, 3 << 20}) {
+    for (int end_bit : {1, 7, 8, 9, 17, 32}) covers(std::uint32_t{}, count, end_bit);
+    for (int end_bit : {33, 48, 64}) covers(std::uint64_t{}, count, end_bit);
   }
 }
 

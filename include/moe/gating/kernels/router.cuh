@@ -104,8 +104,8 @@ route_scratch carve_route_scratch(workspace_carver& carver, gate_args const& arg
 
 }  // namespace detail
 
-/// Scratch bytes of the CUDA `route` for up to `args.tokens` tokens. Needs a CUDA device
-/// (CUB sizes its sort for the device's architecture).
+/// Scratch bytes of the CUDA `route` for up to `args.tokens` tokens, computed on the host:
+/// no device is needed (a program may size its memory on a machine without one).
 /// @param hidden H of x: needed only when the call jitters the router's input (training,
 ///        args.jitter > 0 on jitter_target::input), which takes a float copy of x
 /// @throws invalid_argument when the gate rejects `args`

@@ -37,11 +37,11 @@
 #include <moe/gating/capacity.hpp>
 #include <moe/gating/device_routing.hpp>
 #include <moe/gating/kernels/priority.cuh>
+#include <moe/gating/kernels/sort.cuh>
 #include <moe/gating/priority.hpp>
 #include <moe/gating/random_routing.hpp>
 #include <moe/gating/top_k.hpp>
 
-#include <cub/device/device_radix_sort.cuh>
 #include <cub/util_type.cuh>
 #include <cuda/std/bit>
 
@@ -249,8 +249,7 @@ struct slots_scratch {
   std::int64_t* segment_start;   // (groups·experts + 1)
   std::int64_t* kept_before;     // (groups·experts)
   std::int64_t* dropped_before;  // (groups·experts)
-  void* sort_storage;
-  std::size_t sort_storage_bytes;
+  workspace sort_storage;        // CUB's, for either sort
 };
 
 /// The key bits the segment sort looks at: keys up to G·E + 1, so that the left-out and
@@ -268,18 +267,6 @@ constexpr std::size_t sort_key_bytes() noexcept {
     return std::max(sizeof(std::uint32_t), sizeof(typename device_priority<P>::key_type));
 }
 
-/// CUB's scratch for sorting `count` pairs on `end_bit` key bits. CUB asks the current
-/// device for its architecture, so this needs a CUDA device; it throws cuda_error otherwise.
-template <class Key>
-std::size_t sort_storage_bytes(index_t count, int end_bit) {
-  cub::DoubleBuffer<Key> keys(nullptr, nullptr);
-  cub::DoubleBuffer<std::int32_t> values(nullptr, nullptr);
-  std::size_t bytes = 0;
-  MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, values,
-                                               static_cast<int>(count), 0, end_bit));
-  return bytes;
-}
-
 /// Lays out the scratch of slot assignment for `tokens` tokens under priority P; a counting
 /// carver (no buffer) gives its size. The same code sizes and runs.
 template <class P>
@@ -294,12 +281,11 @@ slots_scratch carve_slots_scratch(workspace_carver& carver, index_t tokens, int 
   s.segment_start = carver.take<std::int64_t>(segments + 1);
   s.kept_before = carver.take<std::int64_t>(segments);
   s.dropped_before = carver.take<std::int64_t>(segments);
-  s.sort_storage_bytes = sort_storage_bytes<std::uint32_t>(count, segment_key_bits(segments));
+  std::size_t sort_bytes = sort_storage_bound<std::uint32_t>(count, segment_key_bits(segments));
   if constexpr (!positional_device_priority<P>)
-    s.sort_storage_bytes =
-        std::max(s.sort_storage_bytes, sort_storage_bytes<typename device_priority<P>::key_type>(
-                                           count, device_priority<P>::key_bits(k)));
-  s.sort_storage = carver.take<std::byte>(static_cast<index_t>(s.sort_storage_bytes));
+    sort_bytes = std::max(sort_bytes, sort_storage_bound<typename device_priority<P>::key_type>(
+                                          count, device_priority<P>::key_bits(k)));
+  s.sort_storage = {carver.take<std::byte>(static_cast<index_t>(sort_bytes)), sort_bytes};
   return s;
 }
 
@@ -322,17 +308,6 @@ inline status check_slot_sizes(index_t tokens, int k, index_t experts, index_t g
                                          " assignments exceed the 2^31 - 1 that slot "
                                          "assignment sorts");
   return {};
-}
-
-/// Stable radix sort of `count` pairs on the low `end_bit` key bits; the buffers that hold
-/// the result are chosen on the host, without waiting for the device.
-template <class Key>
-void sort_pairs(cub::DoubleBuffer<Key>& keys, cub::DoubleBuffer<std::int32_t>& values,
-                index_t count, int end_bit, slots_scratch const& s, cudaStream_t stream) {
-  if (count == 0) return;
-  std::size_t bytes = s.sort_storage_bytes;
-  MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(s.sort_storage, bytes, keys, values,
-                                               static_cast<int>(count), 0, end_bit, stream));
 }
 
 /// Slot assignment without argument checks: the caller checked `r`, `cap` (T a multiple of
@@ -359,7 +334,8 @@ void assign_slots_unchecked(cuda_backend cuda, capacity_args const& cap, slot_ar
         {r.expert.data_handle(), r.weight.data_handle(), r.scores.data_handle(), tokens, cap.k,
          experts, args.scaling_factor, args.seed, keys.Current(), values.Current()},
         cuda.stream);
-    sort_pairs(keys, values, count, device_priority<P>::key_bits(cap.k), s, cuda.stream);
+    sort_pairs(keys, values, count, device_priority<P>::key_bits(cap.k), s.sort_storage,
+               cuda.stream);
   }
 
   cub::DoubleBuffer<std::uint32_t> keys(static_cast<std::uint32_t*>(s.keys[0]),
@@ -369,7 +345,7 @@ void assign_slots_unchecked(cuda_backend cuda, capacity_args const& cap, slot_ar
        experts, groups, group_tokens(cap), keys.Current(), values.Current()},
       cuda.stream);
   // Radix sort is stable: each (group, expert)'s assignments stay in priority order.
-  sort_pairs(keys, values, count, segment_key_bits(segments), s, cuda.stream);
+  sort_pairs(keys, values, count, segment_key_bits(segments), s.sort_storage, cuda.stream);
 
   launch<expert_segments>(
       {keys.Current(), count, experts, groups, s.segment_start, r.load.data_handle(), r.scalars},
@@ -386,8 +362,7 @@ void assign_slots_unchecked(cuda_backend cuda, capacity_args const& cap, slot_ar
 }  // namespace detail
 
 /// Scratch bytes of `assign_slots` under priority P for up to `max_tokens` tokens in
-/// `groups` local groups. Needs a CUDA device (CUB sizes its sort for the device's
-/// architecture); throws cuda_error without one.
+/// `groups` local groups; needs no device (the sorts' scratch is sort_storage_bound).
 template <class P>
 std::size_t slots_workspace_bytes(index_t max_tokens, int k, index_t experts, index_t groups = 1) {
   static_assert(device_priority_order<P>,
