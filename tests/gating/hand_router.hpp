@@ -6,6 +6,7 @@
 
 #include <moe/gating.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -54,6 +55,20 @@ struct hand_router {
     r = gating::carve_host_routing(carver, tokens, max_k, tokens, experts, gate.k(args));
     return gating::route(host, gate, args, make_view(std::as_const(x).data(), tokens, tokens),
                          make_view(std::as_const(w_gate).data(), tokens, experts), r, reduce);
+  }
+
+  /// What gating::can_implement says of `route(gate, args)`; writes nothing.
+  template <class G>
+  status can_route(G const& gate, gating::gate_args args) {
+    args.tokens = tokens;
+    args.experts = experts;
+    workspace_carver carver(buffer.view());
+    int const k = std::clamp(gate.k(args), 1, max_k);  // the gate's own check names a bad k
+    gating::host_routing const state =
+        gating::carve_host_routing(carver, tokens, max_k, tokens, experts, k);
+    return gating::can_implement(host, gate, args,
+                                 make_view(std::as_const(x).data(), tokens, tokens),
+                                 make_view(std::as_const(w_gate).data(), tokens, experts), state);
   }
 
   [[nodiscard]] std::vector<std::int32_t> experts_of(index_t t) const {

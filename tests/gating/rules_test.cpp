@@ -200,6 +200,7 @@ TEST_CASE("the router throws before touching memory") {
                                   std::string const& argument) {
     std::memset(h.buffer.view().data(), 0xab, h.buffer.size());
     std::vector<std::byte> const before(h.buffer.view().begin(), h.buffer.view().end());
+    CHECK(h.can_route(gate, args).argument() == argument);  // the check route runs first
     test::expect_rejected([&] { (void)h.route(gate, args); }, argument);
     CHECK(std::equal(before.begin(), before.end(), h.buffer.view().begin()));
   };
@@ -210,4 +211,5 @@ TEST_CASE("the router throws before touching memory") {
   route_poisoned(gating::top_k<4>{}, {}, "k");                         // k > E
   std::array<float, 3> const nan_bias{0, std::numeric_limits<float>::quiet_NaN(), 0};
   route_poisoned(gating::top_k<2>{}, {.expert_bias = nan_bias}, "expert_bias");
+  CHECK(h.can_route(gating::top_k<2>{}, {}).ok());
 }

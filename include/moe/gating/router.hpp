@@ -76,12 +76,13 @@ inline status check_host_expert_bias(gate_args const& args) {
   return {};
 }
 
-namespace detail {
-
-/// Everything route checks before any work.
+/// Checks a host `route` call as route does before any work, and writes nothing: the gate and
+/// its policies, W_gate's extents, the bias's values (host memory here), x's tokens, and the
+/// routing state `r`.
 template <gate G, class T>
-status check_route(G const& gate, gate_args const& args, matrix_view<T const> x,
-                   matrix_view<T const> w_gate, host_routing const& r) {
+[[nodiscard]] status can_implement(host_backend, G const& gate, gate_args const& args,
+                                   matrix_view<T const> x, matrix_view<T const> w_gate,
+                                   host_routing const& r) noexcept {
   if (auto s = check_gate(gate, args); !s) return s;
   index_t const tokens = x.extent(0), experts = w_gate.extent(1);
   if (w_gate.extent(0) != x.extent(1) || experts != args.experts)
@@ -91,30 +92,29 @@ status check_route(G const& gate, gate_args const& args, matrix_view<T const> x,
                                std::to_string(args.experts) + ")");
   if (auto s = check_host_expert_bias(args); !s) return s;
   if (auto s = check_call_tokens(args, tokens); !s) return s;
-  return check_routing_state(r, tokens, experts, gate.k(args));
+  return detail::check_routing_state(r, tokens, experts, gate.k(args));
 }
 
-/// Everything route_backward checks before any work.
+/// Checks a host `route_backward` call as it does before any work, and writes nothing: the
+/// gate, the routing state, and the extents of every view.
 template <gate G, class T>
-void check_route_backward(G const& gate, gate_args const& args, host_routing const& r,
-                          matrix_view<double const> d_weight, matrix_view<double const> x,
-                          matrix_view<T const> w_gate, matrix_view<double> d_logits,
-                          matrix_view<double> dx, matrix_view<T> d_w_gate) {
+[[nodiscard]] status can_implement(host_backend, G const& gate, gate_args const& args,
+                                   host_routing const& r, matrix_view<double const> d_weight,
+                                   matrix_view<double const> x, matrix_view<T const> w_gate,
+                                   matrix_view<double> d_logits, matrix_view<double> dx,
+                                   matrix_view<T> d_w_gate) noexcept {
   index_t const tokens = r.tokens(), experts = r.experts(), hidden = x.extent(1);
-  if (auto s = check_gate(gate, args); !s) s.throw_if_failed();
-  if (auto s = check_routing_state(r, tokens, experts, gate.k(args)); !s) s.throw_if_failed();
-  auto const expect = [](auto const& v, char const* name, index_t rows, index_t cols) {
-    if (auto s = check_extents(v, name, {rows, cols}); !s) s.throw_if_failed();
-  };
-  expect(d_weight, "d_weight", tokens, r.k());
-  expect(x, "x", tokens, hidden);
-  expect(w_gate, "w_gate", hidden, experts);
-  expect(d_logits, "d_logits", tokens, experts);
-  expect(dx, "dx", tokens, hidden);
-  expect(d_w_gate, "d_w_gate", hidden, experts);
+  if (auto s = check_gate(gate, args); !s) return s;
+  if (auto s = detail::check_routing_state(r, tokens, experts, gate.k(args)); !s) return s;
+  for (status s :
+       {check_extents(d_weight, "d_weight", {tokens, r.k()}),
+        check_extents(x, "x", {tokens, hidden}), check_extents(w_gate, "w_gate", {hidden, experts}),
+        check_extents(d_logits, "d_logits", {tokens, experts}),
+        check_extents(dx, "dx", {tokens, hidden}),
+        check_extents(d_w_gate, "d_w_gate", {hidden, experts})})
+    if (!s) return s;
+  return {};
 }
-
-}  // namespace detail
 
 /// Forward of gate G on the host: fills `r` and returns the call's scalars. Throws
 /// `invalid_argument` before any work when the arguments or shapes do not suit G.
@@ -129,7 +129,7 @@ routing_summary route(host_backend, G const& gate, gate_args const& args, matrix
                       matrix_view<T const> w_gate, host_routing& r,
                       ReduceMaxLoad reduce_max_load = {}) {
   using Score = typename G::score_function;
-  detail::check_route(gate, args, x, w_gate, r).throw_if_failed();
+  can_implement(host, gate, args, x, w_gate, r).throw_if_failed();
   index_t const tokens = x.extent(0);
   int const k = gate.k(args);
   renormalize const normalize = effective_renormalize<Score, renormalization_of<G>>(args, k);
@@ -162,7 +162,7 @@ void route_backward(host_backend, G const& gate, gate_args const& args, host_rou
                     matrix_view<double const> d_weight, matrix_view<double const> x,
                     matrix_view<T const> w_gate, matrix_view<double> d_logits,
                     matrix_view<double> dx, matrix_view<T> d_w_gate) {
-  detail::check_route_backward(gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate);
+  can_implement(host, gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate).throw_if_failed();
   detail::aux_score_gradient<G>(args, r, d_logits);
   detail::logits_gradient<G>(args, r, d_weight, d_logits);
 
