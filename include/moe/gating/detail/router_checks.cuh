@@ -76,7 +76,8 @@ inline void check_hidden_for_sizing(gate_args const& args, index_t hidden) {
 }
 
 /// The scratch a call carves with `carve` (a workspace_carver& → anything): non-null and
-/// large enough. Sizing may ask the device (CUB), so its errors become the status.
+/// large enough. Sizing runs on the host; an error it raises becomes the status, so that
+/// can_implement stays noexcept.
 template <class Carve>
 status check_scratch(workspace scratch, Carve&& carve) noexcept {
   try {
