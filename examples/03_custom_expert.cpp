@@ -116,12 +116,7 @@ int run() {
                                       .normalize = moe::gating::renormalize::before_drops},
                              .hidden = 2,
                              .ffn = 1};
-  if (auto const s = layer_t::can_implement(args); !s) {
-    std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
-    return EXIT_FAILURE;
-  }
-  layer_t const layer(args);
+  layer_t const layer(args);  // rejected arguments throw moe::invalid_argument (see main)
 
   // Gate weight (hidden, experts) = [[1, −1], [0, 0]]: logits (x0, −x0), so a token with
   // x0 > 0 goes to expert 0 and one with x0 < 0 to expert 1.

@@ -193,35 +193,33 @@ benchmark::IterationCount iterations_for(expert_config const& c) {
   double const rows = static_cast<double>(c.tokens * m.k);
   double const flops = 2.0 * rows * m.hidden * ((m.gated ? 3 : 2) * m.ffn) * (c.backward ? 3 : 1);
   double const seconds = flops / 4e14 + 50e-6 * (c.ragged ? m.experts / 8.0 : 1.0);
-  return static_cast<benchmark::IterationCount>(std::clamp(0.3 / seconds, 5.0, 2000.0));
+  return moe::bench::iterations_lasting(seconds, 2000.0);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  return moe::bench::cuda_benchmark_main(argc, argv, "expert_bench", [] {
-    moe::bench::blas_session const session("expert_bench", false);
-    bench_context const& ctx = session.context;
-
-    for (auto* b :
-         moe::bench::register_grid("ceiling_bf16_gemm", std::vector<expert_config>{{0, 0, 0, 0}},
-                                   [&ctx](benchmark::State&state, expert_config const&) {
-                                     ceiling_benchmark(state, ctx);
-                                   }))
-      b->Iterations(50);
-    auto const configs = moe::bench::product<expert_config>(
-        std::vector<long long>{0, 1, 2, 3, 4}, std::vector<long long>{128, 4096, 16384},
-        std::vector<long long>{0, 1}, std::vector<long long>{0, 1});
-    for (expert_config const& c : configs) {
-      auto body = [&ctx](benchmark::State& state, expert_config const& config) {
-        if (models[config.model].gated)
-          expert_benchmark<moe::expert::glu<moe::act::silu>>(state, config, ctx);
-        else
-          expert_benchmark<moe::expert::ffn<moe::act::gelu>>(state, config, ctx);
-      };
-      for (auto* b : moe::bench::register_grid("expert", std::vector<expert_config>{c}, body))
-        b->Iterations(iterations_for(c));
-    }
-    benchmark::RunSpecifiedBenchmarks();
-  });
+  return moe::bench::cuda_blas_benchmark_main(
+      argc, argv, "expert_bench", false, [](bench_context const& ctx) {
+        for (auto* b : moe::bench::register_grid(
+                 "ceiling_bf16_gemm", std::vector<expert_config>{{0, 0, 0, 0}},
+                 [&ctx](benchmark::State&state, expert_config const&) {
+                   ceiling_benchmark(state, ctx);
+                 }))
+          b->Iterations(50);
+        auto const configs = moe::bench::product<expert_config>(
+            std::vector<long long>{0, 1, 2, 3, 4}, std::vector<long long>{128, 4096, 16384},
+            std::vector<long long>{0, 1}, std::vector<long long>{0, 1});
+        for (expert_config const& c : configs) {
+          auto body = [&ctx](benchmark::State& state, expert_config const& config) {
+            if (models[config.model].gated)
+              expert_benchmark<moe::expert::glu<moe::act::silu>>(state, config, ctx);
+            else
+              expert_benchmark<moe::expert::ffn<moe::act::gelu>>(state, config, ctx);
+          };
+          for (auto* b : moe::bench::register_grid("expert", std::vector<expert_config>{c}, body))
+            b->Iterations(iterations_for(c));
+        }
+        benchmark::RunSpecifiedBenchmarks();
+      });
 }

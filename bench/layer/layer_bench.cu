@@ -239,33 +239,31 @@ benchmark::IterationCount iterations_for(layer_config const& c) {
   double const experts = std::min(static_cast<double>(m.experts), rows);
   double const weight_bytes = experts * 3.0 * m.hidden * m.ffn * 2 * (c.backward ? 3 : 1);
   double const seconds = std::max(flops / 4e14, weight_bytes / 3e12) + 200e-6;
-  return static_cast<benchmark::IterationCount>(std::clamp(0.3 / seconds, 5.0, 1000.0));
+  return moe::bench::iterations_lasting(seconds, 1000.0);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  return moe::bench::cuda_benchmark_main(argc, argv, "layer_bench", [] {
-    moe::bench::blas_session const session("layer_bench", true);
-    bench_context const& ctx = session.context;
-
-    // The capacity-layout runs first: a reader of the JSON that keys on the first four parts
-    // of a name then finds the dropless run, reported later, under the peers' name.
-    std::vector<layer_config> configs;
-    for (long long const capacity : {1, 0})
-      for (long long model = 0; model < static_cast<long long>(std::size(models)); ++model) {
-        if (capacity != 0 && model != 0) continue;  // the capacity layout: Mixtral's shape
-        for (long long const backward : {0, 1})
-          for (long long const tokens : token_counts)
-            configs.push_back({model, tokens, backward, capacity});
-      }
-    for (layer_config const& c : configs) {
-      auto body = [&ctx](benchmark::State& state, layer_config const& config) {
-        run_layer(state, config, ctx);
-      };
-      for (auto* b : moe::bench::register_grid("layer", std::vector<layer_config>{c}, body))
-        b->Iterations(iterations_for(c));
-    }
-    benchmark::RunSpecifiedBenchmarks();
-  });
+  return moe::bench::cuda_blas_benchmark_main(
+      argc, argv, "layer_bench", true, [](bench_context const& ctx) {
+        // The capacity-layout runs first: a reader of the JSON that keys on the first four parts
+        // of a name then finds the dropless run, reported later, under the peers' name.
+        std::vector<layer_config> configs;
+        for (long long const capacity : {1, 0})
+          for (long long model = 0; model < static_cast<long long>(std::size(models)); ++model) {
+            if (capacity != 0 && model != 0) continue;  // the capacity layout: Mixtral's shape
+            for (long long const backward : {0, 1})
+              for (long long const tokens : token_counts)
+                configs.push_back({model, tokens, backward, capacity});
+          }
+        for (layer_config const& c : configs) {
+          auto body = [&ctx](benchmark::State& state, layer_config const& config) {
+            run_layer(state, config, ctx);
+          };
+          for (auto* b : moe::bench::register_grid("layer", std::vector<layer_config>{c}, body))
+            b->Iterations(iterations_for(c));
+        }
+        benchmark::RunSpecifiedBenchmarks();
+      });
 }

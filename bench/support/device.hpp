@@ -224,4 +224,22 @@ int cuda_benchmark_main(int argc, char** argv, char const* program, Body&& body)
   return status;
 }
 
+/// cuda_benchmark_main for benchmarks that run cuBLAS: `body(context)` gets the blas_context
+/// of a blas_session (ceilings measured first, with the copy ceiling when `with_copy`).
+template <class Body>
+int cuda_blas_benchmark_main(int argc, char** argv, char const* program, bool with_copy,
+                             Body&& body) {
+  return cuda_benchmark_main(argc, argv, program, [&] {
+    blas_session const session(program, with_copy);
+    body(session.context);
+  });
+}
+
+/// Iterations that last about a third of a second at `seconds` each (an estimate from the
+/// work and the device's peaks), at least 5 and at most `most`: a fixed count keeps a
+/// benchmark's cost steady whatever Google Benchmark's timing heuristics would choose.
+inline benchmark::IterationCount iterations_lasting(double seconds, double most) {
+  return static_cast<benchmark::IterationCount>(std::clamp(0.3 / seconds, 5.0, most));
+}
+
 }  // namespace moe::bench

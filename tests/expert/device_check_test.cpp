@@ -99,59 +99,59 @@ TEST_CASE("CUDA entry points check everything on the host first, naming the argu
   expert::row_segments const ragged{begin, counts};
 
   auto argument_of = [](status const& st) { return st.ok() ? std::string("(ok)") : st.argument(); };
-  CHECK(glu::check_forward(cuda, shape, p, uniform, in_v, out_v, state).ok());
-  CHECK(glu::check_forward(cuda, shape, p, ragged, in_v, out_v, state).ok());
-  CHECK(glu::check_backward(cuda, shape, p, uniform, in_v, in_v, out_v, g, state).ok());
-  CHECK(glu::check_backward(cuda, shape, p, ragged, in_v, in_v, out_v, g, state).ok());
+  CHECK(glu::can_implement(cuda, shape, p, uniform, in_v, out_v, state).ok());
+  CHECK(glu::can_implement(cuda, shape, p, ragged, in_v, out_v, state).ok());
+  CHECK(glu::can_implement(cuda, shape, p, uniform, in_v, in_v, out_v, g, state).ok());
+  CHECK(glu::can_implement(cuda, shape, p, ragged, in_v, in_v, out_v, g, state).ok());
   // float gradients of bfloat16 parameters are allowed too.
   fake_params<float> float_grads{2 * shape.ffn};
-  CHECK(glu::check_backward(cuda, shape, p, uniform, in_v, in_v, out_v,
-                            float_grads.views<glu, float>(), state)
+  CHECK(glu::can_implement(cuda, shape, p, uniform, in_v, in_v, out_v,
+                           float_grads.views<glu, float>(), state)
             .ok());
 
   cuda_backend const no_blas{nullptr, nullptr};
-  CHECK(argument_of(glu::check_forward(no_blas, shape, p, uniform, in_v, out_v, state)) ==
+  CHECK(argument_of(glu::can_implement(no_blas, shape, p, uniform, in_v, out_v, state)) ==
         "cuda.blas");
   auto bad_p = p;
   bad_p.w13 = make_view(p.w13.data_handle(), shape.experts, h, shape.ffn);
-  CHECK(argument_of(glu::check_forward(cuda, shape, bad_p, uniform, in_v, out_v, state)) ==
+  CHECK(argument_of(glu::can_implement(cuda, shape, bad_p, uniform, in_v, out_v, state)) ==
         "params.w13");
   auto bad_g = g;
   bad_g.b2 = make_view(g.b2.data_handle(), shape.experts, h - 1);
-  CHECK(argument_of(glu::check_backward(cuda, shape, p, uniform, in_v, in_v, out_v, bad_g,
-                                        state)) == "gradients.b2");
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, uniform, in_v, in_v, out_v, bad_g, state)) ==
+        "gradients.b2");
   // A uniform batch must be E·C rows, with counts for every expert or none.
-  CHECK(argument_of(glu::check_forward(cuda, shape, p,
+  CHECK(argument_of(glu::can_implement(cuda, shape, p,
                                        expert::uniform_segments{shape.experts, capacity - 1, {}},
                                        in_v, out_v, state)) == "segments");
   CHECK(argument_of(
-            glu::check_forward(cuda, shape, p,
+            glu::can_implement(cuda, shape, p,
                                expert::uniform_segments{shape.experts, capacity,
                                                         span<std::int64_t const>(claimed).first(2)},
                                in_v, out_v, state)) == "segments");
   // A ragged batch's segments must not overlap nor leave the batch.
   std::array<std::int64_t, 3> const overlapping{0, 2, 5};
-  CHECK(argument_of(glu::check_forward(cuda, shape, p, expert::row_segments{overlapping, counts},
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, expert::row_segments{overlapping, counts},
                                        in_v, out_v, state)) == "segments");
   std::array<std::int64_t, 3> const too_long{3, 0, 8};
-  CHECK(argument_of(glu::check_forward(cuda, shape, p, expert::row_segments{begin, too_long}, in_v,
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, expert::row_segments{begin, too_long}, in_v,
                                        out_v, state)) == "segments");
-  CHECK(argument_of(glu::check_forward(cuda, shape, p, uniform, in_v,
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, uniform, in_v,
                                        make_view(out.data(), rows - 1, h), state)) == "out");
-  CHECK(argument_of(glu::check_backward(cuda, shape, p, uniform, in_v,
-                                        make_view(static_cast<T const*>(in.data()), rows, h - 1),
-                                        out_v, g, state)) == "d_out");
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, uniform, in_v,
+                                       make_view(static_cast<T const*>(in.data()), rows, h - 1),
+                                       out_v, g, state)) == "d_out");
   // The state must be carved for the batch's rows, and for training before a backward.
   host_buffer small(glu::device_workspace_bytes<T>(shape, rows - 1));
-  CHECK(argument_of(glu::check_forward(cuda, shape, p, uniform, in_v, out_v,
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, uniform, in_v, out_v,
                                        carve<glu, T>(small, rows - 1))) == "state.pre_activation");
   auto const inference = carve<glu, T>(buffer, rows, expert::expert_pass::forward_only);
-  CHECK(glu::check_forward(cuda, shape, p, uniform, in_v, out_v, inference).ok());
-  CHECK(argument_of(glu::check_backward(cuda, shape, p, uniform, in_v, in_v, out_v, g,
-                                        inference)) == "state");
+  CHECK(glu::can_implement(cuda, shape, p, uniform, in_v, out_v, inference).ok());
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, uniform, in_v, in_v, out_v, g, inference)) ==
+        "state");
   // The state of an ffn (F1 = F) does not fit a glu (F1 = 2·F).
   using ffn = expert::ffn<act::gelu>;
   host_buffer ffn_buffer(ffn::device_workspace_bytes<T>(shape, rows));
-  CHECK(argument_of(glu::check_forward(cuda, shape, p, uniform, in_v, out_v,
+  CHECK(argument_of(glu::can_implement(cuda, shape, p, uniform, in_v, out_v,
                                        carve<ffn, T>(ffn_buffer, rows))) == "state.pre_activation");
 }

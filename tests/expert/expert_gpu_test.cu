@@ -50,15 +50,8 @@ using test::widen;
 enum class batch_kind { uniform_counted, uniform_all_rows, ragged };
 
 char const* name_of(batch_kind k) {
-  switch (k) {
-    case batch_kind::uniform_counted:
-      return "uniform with device counts";
-    case batch_kind::uniform_all_rows:
-      return "uniform, all rows";
-    case batch_kind::ragged:
-      return "ragged";
-  }
-  return "?";
+  constexpr char const* names[] = {"uniform with device counts", "uniform, all rows", "ragged"};
+  return names[static_cast<int>(k)];
 }
 
 /// A batch: its rows and each expert's segment as the host reference sees it.

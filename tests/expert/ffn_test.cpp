@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Hand-computed forward and backward of the FFN expert on the host, and its activations.
 
+#include "../support/expect.hpp"
 #include "two_layer_support.hpp"
 
 #include <doctest/doctest.h>
@@ -9,6 +10,7 @@
 
 #include <array>
 #include <cmath>
+#include <string>
 
 using namespace moe;
 using doctest::Approx;
@@ -173,4 +175,58 @@ TEST_CASE("ffn rejects segments that overlap or leave the batch, writing nothing
   CHECK_FALSE(expert::check_segments({one, one}, 2, 4, "segments").ok());  // wrong size
   std::array<std::int64_t, 2> const begin{0, 3}, rows{2, 1};               // a gap at row 2 is fine
   CHECK(expert::check_segments({begin, rows}, 2, 4, "segments").ok());
+}
+
+TEST_CASE("the host expert checks its parameters, gradients and state before any write") {
+  using ffn = expert::ffn<act::relu>;
+  expert::expert_shape const shape{.experts = 2, .hidden = 1, .ffn = 1};
+  std::array<double, 2> const w1{1, 2}, w2{3, 4};
+  std::array<double, 2> dw1{}, dw2{};
+  expert::ffn_params<double const> const p{
+      make_view(w1.data(), 2, 1, 1), {}, make_view(w2.data(), 2, 1, 1), {}};
+  expert::ffn_params<double> const g{
+      make_view(dw1.data(), 2, 1, 1), {}, make_view(dw2.data(), 2, 1, 1), {}};
+  test::owned_host_state<ffn> const host_state(shape, 4);
+  auto const& state = host_state.state;
+  std::array<std::int64_t, 2> const begin{0, 2}, rows{2, 2};
+  expert::row_segments const segments{begin, rows};
+  std::array<double, 4> const in_data{1, 2, 3, 4}, d_out_data{1, 1, 1, 1};
+  auto const in = make_view(in_data.data(), 4, 1);
+  auto const d_out = make_view(d_out_data.data(), 4, 1);
+  test::host_tensor<double> out(4), d_in(4);
+
+  // Forward and backward each run can_implement first: the same verdict, nothing written.
+  auto forward_rejects = [&](auto const& params, auto const& st, std::string const& argument) {
+    out.poison();
+    CHECK(ffn::can_implement(host, shape, params, segments, in, out.view(4, 1), st).argument() ==
+          argument);
+    CHECK(test::rejected_argument([&] {
+            ffn::forward(host, shape, params, segments, in, out.view(4, 1), st);
+          }) == argument);
+    CHECK(out.is_poisoned());
+  };
+  auto backward_rejects = [&](auto const& grads, auto const& st, std::string const& argument) {
+    d_in.poison();
+    CHECK(ffn::can_implement(host, shape, p, segments, in, d_out, d_in.view(4, 1), grads, st)
+              .argument() == argument);
+    CHECK(test::rejected_argument([&] {
+            ffn::backward(host, shape, p, segments, in, d_out, d_in.view(4, 1), grads, st);
+          }) == argument);
+    CHECK(d_in.is_poisoned());
+  };
+  CHECK(ffn::can_implement(host, shape, p, segments, in, out.view(4, 1), state).ok());
+  CHECK(ffn::can_implement(host, shape, p, segments, in, d_out, d_in.view(4, 1), g, state).ok());
+
+  auto bad_p = p;
+  bad_p.w2 = make_view(w2.data(), 1, 2, 1);  // (ffn, experts) swapped
+  forward_rejects(bad_p, state, "params.w2");
+  auto bad_g = g;
+  bad_g.w1 = make_view(dw1.data(), 2, 1, 0);
+  backward_rejects(bad_g, state, "gradients.w1");
+  auto short_state = state;
+  short_state.pre_activation = make_view(state.pre_activation.data_handle(), 3, 1);
+  forward_rejects(p, short_state, "state.pre_activation");
+  auto no_scratch = state;
+  no_scratch.d_pre_activation = {};
+  backward_rejects(g, no_scratch, "state.d_pre_activation");
 }

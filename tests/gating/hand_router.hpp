@@ -15,6 +15,10 @@
 
 namespace moe::test {
 
+/// What a hand-worked case expects of a routing's (tokens, k) experts and slots, row-major.
+using ints = std::vector<std::int32_t>;
+using slots = std::vector<std::int64_t>;
+
 struct hand_router {
   index_t tokens, experts;
   int max_k;

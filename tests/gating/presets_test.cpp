@@ -16,9 +16,7 @@
 
 using namespace moe;
 using doctest::Approx;
-using moe::test::hand_router;
-using ints = std::vector<std::int32_t>;
-using slots = std::vector<std::int64_t>;
+using moe::test::hand_router, moe::test::ints, moe::test::slots;
 
 namespace {
 

@@ -246,15 +246,8 @@ int finest_w_bits(index_t hidden) {
 }
 
 inline char const* name_of(renormalize n) {
-  switch (n) {
-    case renormalize::none:
-      return "none";
-    case renormalize::before_drops:
-      return "before_drops";
-    case renormalize::after_drops:
-      return "after_drops";
-  }
-  return "?";
+  constexpr char const* names[] = {"none", "before_drops", "after_drops"};
+  return names[static_cast<int>(n)];
 }
 
 /// The smallest relative margin a decision needs for float to decide it as double does. Float

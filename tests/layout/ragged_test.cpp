@@ -4,6 +4,7 @@
 // decode reduces each token's choices in order and never reads padding, and the backward
 // of both. Then the edges: an expert with no tokens, one expert, one token.
 
+#include "../support/expect.hpp"
 #include "../support/random.hpp"
 
 #include <doctest/doctest.h>
@@ -308,6 +309,52 @@ TEST_CASE("the ragged layout rejects a routing that dropped assignments") {
                                  make_view(dispatched.data(), 10, 2)),
                   moe::invalid_argument);
   for (double v : dispatched) CHECK(std::isnan(v));  // nothing written
+}
+
+TEST_CASE("the host row operations reject views that do not fit, writing nothing") {
+  routing f = five_tokens();
+  std::vector<std::int64_t> begin, rows;
+  REQUIRE(f.offsets(1, begin, rows) == 10);
+  std::vector<double> dispatched(10 * 2, poison), d_weight(5 * 2, poison);
+  std::vector<float> y(5 * 2, std::nanf(""));
+  auto const x_view = make_view(x.data(), 5, 2);
+  auto const untouched = [](auto const& v) {
+    return std::all_of(v.begin(), v.end(), [](auto e) { return std::isnan(e); });
+  };
+  // 9 rows where the offsets need 10: row 9 (e2's last) would be written past the end.
+  CHECK(test::rejected_argument([&] {
+          layout::encode(host, layout::ragged{}, f.r, begin, x_view,
+                         make_view(dispatched.data(), 9, 2));
+        }) == "dispatched");
+  // x of 4 tokens for a routing of 5.
+  CHECK(test::rejected_argument([&] {
+          layout::encode(host, layout::ragged{}, f.r, begin, make_view(x.data(), 4, 2),
+                         make_view(dispatched.data(), 10, 2));
+        }) == "x");
+  CHECK(untouched(dispatched));
+  // expert_out one column narrower than y.
+  CHECK(test::rejected_argument([&] {
+          layout::decode(host, layout::ragged{}, f.r, begin,
+                         make_view(std::as_const(dispatched).data(), 10, 1),
+                         make_view(y.data(), 5, 2));
+        }) == "expert_out");
+  CHECK(untouched(y));
+  // d_weight of (tokens, 1) for k = 2.
+  std::vector<double> d_expert_out(10 * 2, poison);
+  CHECK(test::rejected_argument([&] {
+          layout::decode_backward(
+              host, layout::ragged{}, f.r, begin, make_view(std::as_const(y).data(), 5, 2),
+              make_view(std::as_const(dispatched).data(), 10, 2),
+              make_view(d_expert_out.data(), 10, 2), make_view(d_weight.data(), 5, 1));
+        }) == "d_weight");
+  CHECK(untouched(d_expert_out));
+  // An expert id past the routing's experts.
+  f.expert[3] = 7;
+  CHECK(test::rejected_argument([&] {
+          layout::encode(host, layout::ragged{}, f.r, begin, x_view,
+                         make_view(dispatched.data(), 10, 2));
+        }) == "r.expert");
+  CHECK(untouched(dispatched));
 }
 
 TEST_CASE("both layouts are row maps: capacity's rows through its offsets") {

@@ -137,6 +137,44 @@ class status {
   std::string message_;
 };
 
+namespace detail {
+
+/// Reports a failed call on stderr: the noexcept paths (destructors, cleanup) cannot throw.
+inline void log_failure(char const* call, char const* description,
+                        std::source_location where) noexcept {
+  std::fprintf(stderr, "moe: %s failed: %s at %s:%u\n", call, description, where.file_name(),
+               static_cast<unsigned>(where.line()));
+}
+
+/// What MOE_CUDA_TRY expands to.
+inline void throw_if_cuda_failed(cudaError_t code, char const* call, std::source_location where) {
+  if (code == cudaSuccess) return;
+  (void)cudaGetLastError();
+  throw cuda_error(code, call, where);
+}
+
+/// What MOE_CUDA_TRY_LOG expands to.
+inline void log_if_cuda_failed(cudaError_t code, char const* call,
+                               std::source_location where) noexcept {
+  if (code == cudaSuccess) return;
+  (void)cudaGetLastError();
+  log_failure(call, cudaGetErrorName(code), where);
+}
+
+/// What MOE_NCCL_TRY does with a failed call.
+[[noreturn]] inline void throw_nccl_error(int code, char const* call, char const* description,
+                                          std::source_location where) {
+  throw nccl_error(code, call, description, where);
+}
+
+/// What MOE_NCCL_TRY_LOG does with a failed call.
+inline void log_nccl_failure(int, char const* call, char const* description,
+                             std::source_location where) noexcept {
+  log_failure(call, description, where);
+}
+
+}  // namespace detail
+
 }  // namespace moe
 
 /// Throws `moe::invalid_argument` naming `argument` when `condition` is false.
@@ -148,25 +186,12 @@ class status {
 
 /// Throws `moe::cuda_error` naming the call when a CUDA runtime call fails; clears the
 /// (non-sticky) last-error state first so that later calls do not report it again.
-#define MOE_CUDA_TRY(call)                                                               \
-  do {                                                                                   \
-    cudaError_t const moe_cuda_status_ = (call);                                         \
-    if (moe_cuda_status_ != cudaSuccess) {                                               \
-      (void)cudaGetLastError();                                                          \
-      throw ::moe::cuda_error(moe_cuda_status_, #call, std::source_location::current()); \
-    }                                                                                    \
-  } while (0)
+#define MOE_CUDA_TRY(call) \
+  ::moe::detail::throw_if_cuda_failed((call), #call, std::source_location::current())
 
 /// The noexcept variant for destructors and cleanup paths: reports on stderr, never throws.
-#define MOE_CUDA_TRY_LOG(call)                                              \
-  do {                                                                      \
-    cudaError_t const moe_cuda_status_ = (call);                            \
-    if (moe_cuda_status_ != cudaSuccess) {                                  \
-      (void)cudaGetLastError();                                             \
-      std::fprintf(stderr, "moe: %s failed: %s at %s:%d\n", #call,          \
-                   cudaGetErrorName(moe_cuda_status_), __FILE__, __LINE__); \
-    }                                                                       \
-  } while (0)
+#define MOE_CUDA_TRY_LOG(call) \
+  ::moe::detail::log_if_cuda_failed((call), #call, std::source_location::current())
 
 /// Throws `moe::cublas_error` when a cuBLAS call does not return CUBLAS_STATUS_SUCCESS (0).
 #define MOE_CUBLAS_TRY(call)                                                 \
@@ -179,20 +204,16 @@ class status {
 
 /// Throws `moe::nccl_error` when an NCCL call does not return ncclSuccess. The expansion
 /// site includes nccl.h; this header does not.
-#define MOE_NCCL_TRY(call)                                               \
-  do {                                                                   \
-    auto const moe_nccl_status_ = (call);                                \
-    if (moe_nccl_status_ != ncclSuccess)                                 \
-      throw ::moe::nccl_error(static_cast<int>(moe_nccl_status_), #call, \
-                              ncclGetErrorString(moe_nccl_status_),      \
-                              std::source_location::current());          \
-  } while (0)
+#define MOE_NCCL_TRY(call) MOE_DETAIL_NCCL_CHECK(call, ::moe::detail::throw_nccl_error)
 
-/// The noexcept NCCL variant for destructors.
-#define MOE_NCCL_TRY_LOG(call)                                                \
-  do {                                                                        \
-    auto const moe_nccl_status_ = (call);                                     \
-    if (moe_nccl_status_ != ncclSuccess)                                      \
-      std::fprintf(stderr, "moe: %s failed: %s at %s:%d\n", #call,            \
-                   ncclGetErrorString(moe_nccl_status_), __FILE__, __LINE__); \
+/// The noexcept NCCL variant for destructors: reports on stderr, never throws.
+#define MOE_NCCL_TRY_LOG(call) MOE_DETAIL_NCCL_CHECK(call, ::moe::detail::log_nccl_failure)
+
+/// Hands a failed NCCL call's result, name and description to `report`.
+#define MOE_DETAIL_NCCL_CHECK(call, report)                                                   \
+  do {                                                                                        \
+    auto const moe_nccl_status_ = (call);                                                     \
+    if (moe_nccl_status_ != ncclSuccess)                                                      \
+      report(static_cast<int>(moe_nccl_status_), #call, ncclGetErrorString(moe_nccl_status_), \
+             std::source_location::current());                                                \
   } while (0)

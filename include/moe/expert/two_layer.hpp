@@ -150,26 +150,26 @@ struct two_layer {
     return detail::two_layer_state_bytes<T>(s, first_width(s), max_rows, pass);
   }
 
-  /// Whether a CUDA forward call can run with these arguments; reads nothing on the device.
+  /// Whether a CUDA forward call can run with these arguments: the one check `forward` runs
+  /// first. Reads nothing on the device.
   template <element T, segment_description Segments>
-  [[nodiscard]] static status check_forward(cuda_backend const& cuda, expert_shape const& s,
-                                            params<T const> const& p, Segments const& segments,
-                                            matrix_view<std::type_identity_t<T> const> in,
-                                            matrix_view<std::type_identity_t<T>> out,
-                                            device_state<std::type_identity_t<T>> const& state) {
+  [[nodiscard]] static status can_implement(
+      cuda_backend const& cuda, expert_shape const& s, params<T const> const& p,
+      Segments const& segments, matrix_view<std::type_identity_t<T> const> in,
+      matrix_view<std::type_identity_t<T>> out,
+      device_state<std::type_identity_t<T>> const& state) noexcept {
     return detail::check_forward_call<T>(cuda, s, first_width(s), check(p, s, "params"), segments,
                                          in, out, state);
   }
 
-  /// Whether a CUDA backward call can run with these arguments; reads nothing on the device.
+  /// Whether a CUDA backward call can run with these arguments: the one check `backward`
+  /// runs first. Reads nothing on the device.
   template <element T, class G, segment_description Segments>
-  [[nodiscard]] static status check_backward(cuda_backend const& cuda, expert_shape const& s,
-                                             params<T const> const& p, Segments const& segments,
-                                             matrix_view<std::type_identity_t<T> const> in,
-                                             matrix_view<std::type_identity_t<T> const> d_out,
-                                             matrix_view<std::type_identity_t<T>> d_in,
-                                             params<G> const& g,
-                                             device_state<std::type_identity_t<T>> const& state) {
+  [[nodiscard]] static status can_implement(
+      cuda_backend const& cuda, expert_shape const& s, params<T const> const& p,
+      Segments const& segments, matrix_view<std::type_identity_t<T> const> in,
+      matrix_view<std::type_identity_t<T> const> d_out, matrix_view<std::type_identity_t<T>> d_in,
+      params<G> const& g, device_state<std::type_identity_t<T>> const& state) noexcept {
     return detail::check_backward_call<T>(cuda, s, first_width(s), check(p, s, "params"),
                                           check(g, s, "gradients"), segments, in, d_out, d_in,
                                           state);
@@ -194,7 +194,7 @@ struct two_layer {
                       Segments const& segments, matrix_view<std::type_identity_t<T> const> in,
                       matrix_view<std::type_identity_t<T>> out,
                       device_state<std::type_identity_t<T>> const& state) {
-    check_forward(cuda, s, p, segments, in, out, state).throw_if_failed();
+    can_implement(cuda, s, p, segments, in, out, state).throw_if_failed();
     detail::cuda_backend_of<two_layer>::forward(cuda, s, detail::first_layer(p), segments, in, out,
                                                 state);
   }
@@ -213,12 +213,44 @@ struct two_layer {
       matrix_view<std::type_identity_t<T> const> in,
       matrix_view<std::type_identity_t<T> const> d_out, matrix_view<std::type_identity_t<T>> d_in,
       params<G> const& g, device_state<std::type_identity_t<T>> const& state) {
-    check_backward(cuda, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
+    can_implement(cuda, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
     detail::cuda_backend_of<two_layer>::backward(cuda, s, detail::first_layer(p), segments, in,
                                                  d_out, d_in, detail::first_layer(g), state);
   }
 
   // --- host backend ---------------------------------------------------------------------
+
+  /// Whether a host forward call can run with these arguments: the parameters against the
+  /// shape, the batch's views against each other, the segments inside the batch. The one
+  /// check `forward` runs first.
+  template <class T>
+  [[nodiscard]] static status can_implement(host_backend, expert_shape const& s,
+                                            params<T const> const& p, row_segments const& segments,
+                                            matrix_view<double const> in, matrix_view<double> out,
+                                            host_state const& state) noexcept {
+    if (auto st = check(p, s, "params"); !st) return st;
+    if (auto st = check_extents(out, "out", {in.extent(0), s.hidden}); !st) return st;
+    return check_host_batch(s, segments, in, state.pre_activation);
+  }
+
+  /// Whether a host backward call can run with these arguments: forward's checks, the
+  /// gradients against the shape, and backward's views and scratch. The one check `backward`
+  /// runs first.
+  template <class T, class G>
+  [[nodiscard]] static status can_implement(host_backend, expert_shape const& s,
+                                            params<T const> const& p, row_segments const& segments,
+                                            matrix_view<double const> in,
+                                            matrix_view<double const> d_out,
+                                            matrix_view<double> d_in, params<G> const& g,
+                                            host_state const& state) noexcept {
+    if (auto st = check(p, s, "params"); !st) return st;
+    if (auto st = check(g, s, "gradients"); !st) return st;
+    if (auto st = check_extents(d_out, "d_out", {in.extent(0), s.hidden}); !st) return st;
+    if (auto st = check_extents(d_in, "d_in", {in.extent(0), s.hidden}); !st) return st;
+    if (auto st = check_host_batch(s, segments, in, state.pre_activation); !st) return st;
+    return check_extents(state.d_pre_activation, "state.d_pre_activation",
+                         {in.extent(0), first_width(s)});
+  }
 
   /// Forward of every expert's segment of the batch; rows outside every segment of `out`
   /// are zero.
@@ -230,7 +262,7 @@ struct two_layer {
   static void forward(host_backend, expert_shape const& s, params<T const> const& p,
                       row_segments const& segments, matrix_view<double const> in,
                       matrix_view<double> out, host_state const& state) {
-    check_batch(s, segments, in, out, state).throw_if_failed();
+    can_implement(host, s, p, segments, in, out, state).throw_if_failed();
     std::fill_n(out.data_handle(), element_count(out), 0.0);
     ffn_params<T const> const layers = detail::first_layer(p);
     index_t const f1 = first_width(s);
@@ -266,8 +298,7 @@ struct two_layer {
                        row_segments const& segments, matrix_view<double const> in,
                        matrix_view<double const> d_out, matrix_view<double> d_in,
                        params<G> const& g, host_state const& state) {
-    check_batch(s, segments, in, d_in, state).throw_if_failed();
-    check_extents(d_out, "d_out", {in.extent(0), s.hidden}).throw_if_failed();
+    can_implement(host, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
     std::fill_n(d_in.data_handle(), element_count(d_in), 0.0);
     ffn_params<T const> const layers = detail::first_layer(p);
     ffn_params<G> const grads = detail::first_layer(g);
@@ -336,14 +367,15 @@ struct two_layer {
       return Act::forward(pre(c, f));
   }
 
-  /// The batch's views agree with each other and its segments fit in them.
-  [[nodiscard]] static status check_batch(expert_shape const& s, row_segments const& segments,
-                                          matrix_view<double const> in, matrix_view<double> out,
-                                          host_state const& state) {
+  /// The batch's input against the shape, the saved pre-activation against the batch, and its
+  /// segments inside it.
+  [[nodiscard]] static status check_host_batch(expert_shape const& s, row_segments const& segments,
+                                               matrix_view<double const> in,
+                                               matrix_view<double> pre_activation) {
     index_t const rows = in.extent(0);
     if (auto st = check_extents(in, "in", {rows, s.hidden}); !st) return st;
-    if (auto st = check_extents(out, "out", {rows, s.hidden}); !st) return st;
-    if (auto st = check_extents(state.pre_activation, "state", {rows, first_width(s)}); !st)
+    if (auto st = check_extents(pre_activation, "state.pre_activation", {rows, first_width(s)});
+        !st)
       return st;
     return check_segments(segments, s.experts, rows, "segments");
   }

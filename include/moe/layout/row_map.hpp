@@ -17,6 +17,7 @@
 #include <moe/core/backend.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
+#include <moe/core/error.hpp>
 #include <moe/core/view.hpp>
 #include <moe/gating/host_routing.hpp>
 #include <moe/gating/top_k.hpp>
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <concepts>
 #include <cstdint>
+#include <string>
 
 namespace moe::layout {
 
@@ -59,13 +61,49 @@ struct segment_rows {
 };
 static_assert(row_map<segment_rows>);
 
+namespace detail {
+
+/// The check every host row operation runs first, so that a rejected call writes nothing:
+/// the routing's (tokens, k) assignments over its experts, the token-side view
+/// (tokens, hidden), the row-side view (rows, hidden), and every kept row of the map inside
+/// the row side (the map's offsets are the caller's: a row past them would be written out of
+/// bounds).
+template <row_map Map, class TokenView, class RowView>
+[[nodiscard]] status check_host_rows(gating::host_routing const& r, Map const& row_of,
+                                     TokenView token_side, char const* token_name, RowView row_side,
+                                     char const* row_name) noexcept {
+  index_t const tokens = r.tokens(), experts = r.experts(), k = r.k();
+  index_t const hidden = token_side.extent(1), rows = row_side.extent(0);
+  if (auto st = check_extents(r.slot, "r.slot", {tokens, k}); !st) return st;
+  if (auto st = check_extents(token_side, token_name, {tokens, hidden}); !st) return st;
+  if (auto st = check_extents(row_side, row_name, {rows, hidden}); !st) return st;
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t j = 0; j < k; ++j) {
+      if (r.expert(t, j) < 0 || r.expert(t, j) >= experts)
+        return status::failure("r.expert", "assignment (" + std::to_string(t) + ", " +
+                                               std::to_string(j) + ") names expert " +
+                                               std::to_string(r.expert(t, j)) + " of " +
+                                               std::to_string(experts));
+      if (index_t const row = row_of(t, j); row != no_row && (row < 0 || row >= rows))
+        return status::failure(row_name,
+                               "holds " + std::to_string(rows) + " rows, but assignment (" +
+                                   std::to_string(t) + ", " + std::to_string(j) + ") goes to row " +
+                                   std::to_string(row) + ": size it for the layout's offsets");
+    }
+  return {};
+}
+
+}  // namespace detail
+
 /// Dispatch: dispatched[row(t, j), :] = x[t, :] for every kept (t, j); every other row zero.
+/// Checks every argument first and throws `invalid_argument`, writing nothing.
 /// @param[in]  r          routing of the call (tokens and k)
 /// @param[in]  x          (tokens, hidden)  host memory
 /// @param[out] dispatched (rows, hidden)    host memory
 template <row_map Map, element T>
 void gather(host_backend, gating::host_routing const& r, Map const& row_of, matrix_view<T const> x,
             matrix_view<double> dispatched) {
+  detail::check_host_rows(r, row_of, x, "x", dispatched, "dispatched").throw_if_failed();
   std::fill_n(dispatched.data_handle(), element_count(dispatched), 0.0);
   index_t const hidden = x.extent(1);
   for (index_t t = 0; t < r.tokens(); ++t)
@@ -105,6 +143,8 @@ void sum_rows_per_token(host_backend, gating::host_routing const& r, Map const& 
 template <row_map Map, element T>
 void combine(host_backend, gating::host_routing const& r, Map const& row_of,
              matrix_view<double const> expert_out, matrix_view<T> y) {
+  detail::check_host_rows(r, row_of, y, "y", expert_out, "expert_out").throw_if_failed();
+  check_extents(r.weight, "r.weight", {r.tokens(), r.k()}).throw_if_failed();
   detail::sum_rows_per_token(
       host, r, row_of, expert_out, y.extent(1),
       [&](index_t t, index_t j) { return r.weight(t, j); },
@@ -124,6 +164,11 @@ template <row_map Map, element T>
 void combine_backward(host_backend, gating::host_routing const& r, Map const& row_of,
                       matrix_view<T const> dy, matrix_view<double const> expert_out,
                       matrix_view<double> d_expert_out, matrix_view<double> d_weight) {
+  detail::check_host_rows(r, row_of, dy, "dy", expert_out, "expert_out").throw_if_failed();
+  check_extents(d_expert_out, "d_expert_out", {expert_out.extent(0), dy.extent(1)})
+      .throw_if_failed();
+  check_extents(r.weight, "r.weight", {r.tokens(), r.k()}).throw_if_failed();
+  check_extents(d_weight, "d_weight", {r.tokens(), r.k()}).throw_if_failed();
   std::fill_n(d_expert_out.data_handle(), element_count(d_expert_out), 0.0);
   index_t const hidden = dy.extent(1);
   for (index_t t = 0; t < r.tokens(); ++t)
@@ -148,6 +193,7 @@ void combine_backward(host_backend, gating::host_routing const& r, Map const& ro
 template <row_map Map>
 void gather_backward(host_backend, gating::host_routing const& r, Map const& row_of,
                      matrix_view<double const> d_dispatched, matrix_view<double> dx) {
+  detail::check_host_rows(r, row_of, dx, "dx", d_dispatched, "d_dispatched").throw_if_failed();
   // Unit weights: 1 · x is x exactly, so this is the plain sum.
   detail::sum_rows_per_token(
       host, r, row_of, d_dispatched, dx.extent(1), [](index_t, index_t) { return 1.0; },
