@@ -64,6 +64,8 @@ def rel_err(a, b):
     """Largest |a − b| relative to the larger magnitude of the two (1 where both are tiny)."""
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
+    if a.numel() == 0:
+        return 0.0
     scale = torch.maximum(a.abs().max(), b.abs().max())
     if scale == 0:
         return 0.0

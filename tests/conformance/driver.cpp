@@ -154,20 +154,59 @@ json run_gate(json const& c) {
   return out;
 }
 
+using gate_table = std::map<std::string, std::function<json(json const&)>>;
+
+/// Megatron-Core's TopKRouter under capacity policy Capacity and aux loss Aux, as
+/// "<prefix>_<score>_<drop policy>": score softmax_topk (pre-softmax off), softmax
+/// (pre-softmax on) or sigmoid (renormalised over the k when k > 1); drop policy "probs"
+/// (by_score) or "position" (token_major); and the group-limited selections of the tests.
+template <class Capacity, class Aux>
+void add_megatron_gates(std::string const& prefix, gate_table& table) {
+  using sigmoid_renormalized = g::fixed_renormalization<g::renormalize::before_drops, 2>;
+  auto const add = [&]<class Priority>(std::string const& policy, Priority) {
+    table.emplace(prefix + "_softmax_topk_" + policy,
+                  run_gate<g::with<g::top_any<g::softmax_topk, Priority>, Capacity, Aux>>);
+    table.emplace(prefix + "_softmax_" + policy,
+                  run_gate<g::with<g::top_any<g::softmax, Priority>, Capacity, Aux>>);
+    table.emplace(
+        prefix + "_sigmoid_" + policy,
+        run_gate<g::with<g::top_any<g::sigmoid, Priority>, Capacity, Aux, sigmoid_renormalized>>);
+    table.emplace(
+        prefix + "_softmax_groups_4_2_" + policy,
+        run_gate<g::with<g::top_any<g::softmax, Priority>, g::group_limited<4, 2>, Capacity, Aux>>);
+    table.emplace(prefix + "_sigmoid_groups_4_2_" + policy,
+                  run_gate<g::with<g::top_any<g::sigmoid, Priority>, g::group_limited<4, 2>,
+                                   Capacity, Aux, sigmoid_renormalized>>);
+    table.emplace(prefix + "_sigmoid_groups_8_4_" + policy,
+                  run_gate<g::with<g::top_any<g::sigmoid, Priority>, g::group_limited<8, 4>,
+                                   Capacity, Aux, sigmoid_renormalized>>);
+  };
+  add("probs", g::by_score{});
+  add("position", g::token_major{});
+}
+
 /// The gates a case may name.
-std::map<std::string, std::function<json(json const&)>> const& gates() {
+gate_table const& gates() {
   // DeepSpeed's topkgating: top-k of a softmax, capacity ⌈S/E · f · k⌉, the weights
   // renormalised over the kept experts (gate_args::normalize = after_drops, at every k), its
   // l_aux E² / k · mean_e(me · ce) with ce over all k choices: switch_aux.
   using deepspeed_topk_probs =
       g::with<g::top_any<g::softmax, g::by_score>, g::deepspeed_capacity, g::switch_aux>;
   using deepspeed_topk_position = g::with<deepspeed_topk_probs, g::token_major>;
-  static std::map<std::string, std::function<json(json const&)>> const table{
-      {"deepspeed", run_gate<g::preset::deepspeed>},
-      {"deepspeed_top2", run_gate<g::preset::deepspeed_top2>},
-      {"deepspeed_topk_probs", run_gate<deepspeed_topk_probs>},
-      {"deepspeed_topk_position", run_gate<deepspeed_topk_position>},
-  };
+  static gate_table const table = [] {
+    gate_table t{
+        {"deepspeed", run_gate<g::preset::deepspeed>},
+        {"deepspeed_top2", run_gate<g::preset::deepspeed_top2>},
+        {"deepspeed_topk_probs", run_gate<deepspeed_topk_probs>},
+        {"deepspeed_topk_position", run_gate<deepspeed_topk_position>},
+        {"megatron", run_gate<g::preset::megatron>},
+    };
+    add_megatron_gates<g::megatron_capacity, g::switch_aux>("megatron", t);
+    // capacity_factor None; seq_aux_loss over the local groups (one sequence each).
+    add_megatron_gates<g::dropless, g::switch_aux>("megatron_dropless", t);
+    add_megatron_gates<g::dropless, g::sequence_aux>("megatron_dropless_seq", t);
+    return t;
+  }();
   return table;
 }
 
