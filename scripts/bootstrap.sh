@@ -9,8 +9,9 @@ set -euo pipefail
 # python3-venv: scripts/packaging_tools.sh puts Conan and a newer CMake in a virtual environment.
 # libboost-context-dev: the fibers of the emulated CUDA runtime (tests/emulation/).
 # clang: libFuzzer and its sanitizer runtimes, for the fuzz targets (scripts/fuzz.sh).
+# nlohmann-json3-dev: the conformance suite's driver reads and writes JSON (tests/conformance/).
 packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format python3-venv
-          libboost-context-dev clang)
+          libboost-context-dev clang nlohmann-json3-dev)
 
 if ! command -v dpkg >/dev/null 2>&1; then
   echo "bootstrap: not a Debian system; make sure these are installed: ${packages[*]}" >&2

@@ -9,6 +9,11 @@
 # The packaging tests also need Conan and a second, newer CMake: pinned versions come from
 # PyPI into build-ci/tools. MOE_SKIP_PACKAGING_TOOLS=1 (for a machine without PyPI) leaves
 # them out, and with them the consumer.conan* and consumer.*.cmake-<version> tests.
+#
+# The conformance suite (tests/conformance/, labels conformance and cpu) needs torch,
+# transformers, Megatron-Core and DeepSpeed: pinned versions come from PyPI into
+# build-ci/conformance, installed once per build tree (about 5.6 GB: PyPI's torch brings the
+# CUDA libraries). MOE_SKIP_CONFORMANCE=1 leaves the suite out.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,6 +25,13 @@ if [[ ${MOE_SKIP_PACKAGING_TOOLS:-0} != 1 ]]; then
   bash scripts/packaging_tools.sh "$tools"
   tool_settings=(-DMOE_CONAN="$tools/bin/conan" -DMOE_CONSUMER_CMAKE="$tools/bin/cmake")
 fi
+
+conformance_python=
+if [[ ${MOE_SKIP_CONFORMANCE:-0} != 1 ]]; then
+  bash scripts/conformance_tools.sh "$PWD/build-ci/conformance"
+  conformance_python=$PWD/build-ci/conformance/bin/python
+fi
+tool_settings+=(-DMOE_CONFORMANCE_PYTHON="$conformance_python")
 
 cmake --preset ci "${tool_settings[@]}"
 cmake --build --preset ci --parallel "$(nproc)"

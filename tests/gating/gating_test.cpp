@@ -73,6 +73,34 @@ TEST_CASE("capacity follows Tutel: k·⌊f·⌈T/E⌉⌋, dynamic when f ≤ 0, 
                     {.tokens = 8, .experts = 2, .k = 1, .factor = 1.0f, .alignment = 1}, 0) == 4);
 }
 
+TEST_CASE("capacity: each rule does its framework's arithmetic on the double factor") {
+  // f = 1.1 at T = 40, E = 4: T/E · f is 11.000000000000000888 in double (Megatron-Core's
+  // get_capacity: ⌈11⌉ = 11) and 11.00000024 in float32 operands, which the float32 product
+  // rounds back to 11 (DeepSpeed's _capacity: 11). The float 1.1f widened to double gave 12.
+  gating::capacity_args a{.tokens = 40, .experts = 4, .k = 1, .factor = 1.1, .min_capacity = 0};
+  a.rounding = gating::capacity_rounding::megatron;
+  CHECK(gating::resolve_capacity(a, 0) == 11);
+  a.rounding = gating::capacity_rounding::deepspeed;
+  CHECK(gating::resolve_capacity(a, 0) == 11);
+  a.factor = static_cast<double>(1.1f);         // what a float field used to hold
+  CHECK(gating::resolve_capacity(a, 0) == 11);  // DeepSpeed rounds f to float32 anyway
+  a.rounding = gating::capacity_rounding::megatron;
+  CHECK(gating::resolve_capacity(a, 0) == 12);
+  // Where the two differ: T = 25, E = 2, f = 1.2: 12.5 · 1.2 is 15 in double (Megatron: 15)
+  // and 12.5 · 1.2000000477 = 15.0000006 in float32 (DeepSpeed: 16).
+  a = {.tokens = 25, .experts = 2, .k = 1, .factor = 1.2, .min_capacity = 0};
+  a.rounding = gating::capacity_rounding::deepspeed;
+  CHECK(gating::resolve_capacity(a, 0) == 16);
+  a.rounding = gating::capacity_rounding::megatron;
+  CHECK(gating::resolve_capacity(a, 0) == 15);
+  // k multiplies f before the float32 rounding: torch.tensor(f · k).
+  a = {.tokens = 40, .experts = 4, .k = 2, .factor = 1.1, .min_capacity = 0};
+  a.rounding = gating::capacity_rounding::deepspeed;
+  CHECK(gating::resolve_capacity(a, 0) == 22);
+  a.min_capacity = 30;
+  CHECK(gating::resolve_capacity(a, 0) == 30);
+}
+
 TEST_CASE("choice-major priority: all 1st choices claim slots before any 2nd choice") {
   // t0 → (0, 1), t1 → (0, 2), t2 → (1, 0), t3 → (0, 1).
   std::array<std::int32_t, 8> const expert{0, 1, 0, 2, 1, 0, 0, 1};

@@ -141,7 +141,7 @@ TEST_CASE("top_any: k may change between calls in a workspace carved for the lar
 TEST_CASE("capacity rounding rules, worked by hand") {
   using gating::capacity_rounding;
   gating::capacity_args a{.tokens = 10, .experts = 4, .k = 2, .factor = 1.25f, .alignment = 1};
-  auto c = [&](capacity_rounding rounding, float f, index_t max_load = 0) {
+  auto c = [&](capacity_rounding rounding, double f, index_t max_load = 0) {
     a.rounding = rounding;
     a.factor = f;
     return gating::resolve_capacity(a, max_load);
@@ -153,12 +153,14 @@ TEST_CASE("capacity rounding rules, worked by hand") {
   CHECK(c(capacity_rounding::gshard, 2.0f) == 8);
   CHECK(c(capacity_rounding::gshard, 0.2f) == 4);
   // deepspeed: ⌈10/4·1.25·2⌉ = ⌈6.25⌉ = 7; f = 0.125: ⌈0.625⌉ = 1 → min_capacity 4; with 0
-  // → 1. (f is the float widened: 0.2f is 0.2000000030, and ⌈2.5·0.4000000060⌉ = 2, not 1.)
+  // → 1. f = 0.2: 2.5 · 0.4 in float32, as DeepSpeed computes it, is 1.0000000149 rounded to
+  // 1 (⌈⌉ = 1); the double product 2.5 · 0.4000000059604645 of a float 0.2f gave 2.
   CHECK(c(capacity_rounding::deepspeed, 1.25f) == 7);
   CHECK(c(capacity_rounding::deepspeed, 0.125f) == 4);
   a.min_capacity = 0;
   CHECK(c(capacity_rounding::deepspeed, 0.125f) == 1);
-  CHECK(c(capacity_rounding::deepspeed, 0.2f) == 2);
+  CHECK(c(capacity_rounding::deepspeed, 0.2) == 1);
+  CHECK(c(capacity_rounding::deepspeed, 0.2f) == 1);
   // megatron: ⌈10·2/4·1.25⌉ = ⌈6.25⌉ = 7; f = 3: ⌈15⌉ capped at T = 10 (no dropping).
   CHECK(c(capacity_rounding::megatron, 1.25f) == 7);
   CHECK(c(capacity_rounding::megatron, 3.0f) == 10);

@@ -23,7 +23,7 @@ enum class renormalize {
 enum class capacity_rounding {
   tutel,      ///< k · ⌊f · ⌈S/E⌉⌋
   gshard,     ///< ⌊S · f / E⌋, 0 → 4, rounded up to a multiple of 4
-  deepspeed,  ///< ⌈S/E · f · k⌉, at least min_capacity
+  deepspeed,  ///< ⌈S/E · f · k⌉ in float32, at least min_capacity
   megatron,   ///< ⌈S · k / E · f⌉, at most S
   switch_tf,  ///< max(4, min(S, ⌊S · f / E⌋)) (Switch Transformer, Mesh TensorFlow)
   dropless,   ///< no capacity: the largest load
@@ -37,10 +37,12 @@ enum class jitter_target {
 
 /// The run-time arguments of a gate.
 struct gate_args {
-  index_t tokens = 0;              ///< T: tokens routed in one call (an upper bound for sizing)
-  index_t experts = 0;             ///< E: experts over all ranks
-  int k = 0;                       ///< experts per token for `top_any`; 0 = the gate's static k
-  float capacity_factor = 1.0f;    ///< f: > 0 fixed, == 0 dynamic, < 0 dynamic capped by |f|
+  index_t tokens = 0;   ///< T: tokens routed in one call (an upper bound for sizing)
+  index_t experts = 0;  ///< E: experts over all ranks
+  int k = 0;            ///< experts per token for `top_any`; 0 = the gate's static k
+  /// f: > 0 fixed, == 0 dynamic, < 0 dynamic capped by |f|. A double, as the frameworks'
+  /// Python gives it: each capacity rule does its framework's arithmetic on it (capacity.hpp).
+  double capacity_factor = 1.0;
   index_t capacity_alignment = 1;  ///< capacity rounded up to a multiple of this
   renormalize normalize = renormalize::none;
   float aux_loss_coef = 0.0f;  ///< coefficient of the gate's aux loss; 0 disables it
@@ -50,7 +52,7 @@ struct gate_args {
   /// Training or evaluation: noise and random routing apply only in training, and
   /// evaluation uses `eval_capacity_factor` instead of `capacity_factor`.
   bool training = true;
-  float eval_capacity_factor = 1.0f;  ///< f while !training (DeepSpeed's and GShard's default 1)
+  double eval_capacity_factor = 1.0;  ///< f while !training (DeepSpeed's and GShard's default 1)
   /// `deepspeed_capacity` only: C is at least this (DeepSpeed's `min_capacity`, default 4).
   index_t min_capacity = 4;
   /// G local groups (GShard): the call's T tokens split into G contiguous groups of S = T/G,

@@ -20,9 +20,13 @@
 //   f == 0:  C_g = the largest per-(group, expert) load (all choices, before drops; with
 //            several ranks, the maximum over the ranks)
 //   f < 0:   C_g = min(largest load, the rule at |f|)
-// rounded up to a multiple of `alignment`. Every product is taken in double, f widened from
-// float, as the frameworks' Python does. The integer steps saturate (core/checked.hpp): a
-// capacity that does not fit index_t comes out as `size_overflow`, which the layer rejects.
+// rounded up to a multiple of `alignment`. f is the double the user wrote, and each rule does
+// its framework's arithmetic on it: DeepSpeed's in float32, because its _capacity multiplies
+// the Python float S/E by torch.tensor(f · k), a float32 tensor under torch's default dtype
+// (f = 1.1 at S = 40, E = 4 gives 11 there, and 12 in double from a float 1.1); the others in
+// double, as Python's floats (Megatron-Core's get_capacity, Tutel, GShard). The integer steps
+// saturate (core/checked.hpp): a capacity that does not fit index_t comes out as
+// `size_overflow`, which the layer rejects.
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
@@ -37,7 +41,7 @@ struct capacity_args {
   index_t tokens = 0;  ///< T of the call, all groups together
   index_t experts = 0;
   int k = 0;
-  float factor = 1.0f;  ///< f of the call (the training or the evaluation factor)
+  double factor = 1.0;  ///< f of the call (the training or the evaluation factor)
   index_t alignment = 1;
   capacity_rounding rounding = capacity_rounding::tutel;
   index_t min_capacity = 4;  ///< deepspeed_capacity only
@@ -71,6 +75,9 @@ static_assert(!capacity_policy<int> && !capacity_policy<capacity_args>);
 
 namespace detail {
 
+/// The largest finite float, 0x1.fffffep+127.
+inline constexpr double float_max = 3.4028234663852886e+38;
+
 /// ⌊x⌋ and ⌈x⌉ of a non-negative double, as index_t; `size_overflow` past index_t.
 MOE_HOST_DEVICE constexpr index_t floor_index(double x) noexcept {
   return checked_floor(x);
@@ -95,7 +102,7 @@ MOE_HOST_DEVICE constexpr index_t group_tokens(capacity_args const& a) noexcept 
 /// The per-group capacity a factor of magnitude |f| gives under `a.rounding`, before the
 /// alignment (0 for dropless, which has none). Tutel's: k · ⌊|f| · ⌈S/E⌉⌋.
 MOE_HOST_DEVICE constexpr index_t factor_capacity(capacity_args const& a) noexcept {
-  double const f = a.factor < 0 ? -static_cast<double>(a.factor) : static_cast<double>(a.factor);
+  double const f = a.factor < 0 ? -a.factor : a.factor;
   index_t const s = group_tokens(a), e = a.experts > 0 ? a.experts : 1;
   auto const k = static_cast<index_t>(a.k);
   switch (a.rounding) {
@@ -105,10 +112,19 @@ MOE_HOST_DEVICE constexpr index_t factor_capacity(capacity_args const& a) noexce
       index_t const c = detail::floor_index(static_cast<double>(s) * f / static_cast<double>(e));
       return c == 0 ? 4 : round_up(c, 4);
     }
-    case capacity_rounding::deepspeed:
-      return detail::max_index(detail::ceil_index(static_cast<double>(s) / static_cast<double>(e) *
-                                                  (f * static_cast<double>(k))),
+    case capacity_rounding::deepspeed: {
+      // torch.ceil((S / E) * torch.tensor(f · k)): both operands rounded to float32, their
+      // product (exact in double) rounded to float32. A factor or product past float32's
+      // range (torch's inf) saturates: converting such a double to float is undefined.
+      double const factor = f * static_cast<double>(k);
+      if (!(factor <= detail::float_max)) return size_overflow;
+      double const product =
+          static_cast<double>(static_cast<float>(static_cast<double>(s) / static_cast<double>(e))) *
+          static_cast<double>(static_cast<float>(factor));
+      if (!(product <= detail::float_max)) return size_overflow;
+      return detail::max_index(detail::ceil_index(static_cast<double>(static_cast<float>(product))),
                                a.min_capacity);
+    }
     case capacity_rounding::megatron:
       return detail::min_index(detail::ceil_index(static_cast<double>(s) * static_cast<double>(k) /
                                                   static_cast<double>(e) * f),
