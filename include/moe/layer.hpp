@@ -4,3 +4,4 @@
 
 #include <moe/layer/concepts.hpp>
 #include <moe/layer/layer.hpp>
+#include <moe/layer/parameters.hpp>

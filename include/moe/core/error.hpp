@@ -15,6 +15,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
+#include <optional>
 #include <source_location>
 #include <stdexcept>
 #include <string>
@@ -24,26 +25,70 @@ namespace moe {
 
 namespace detail {
 
-inline std::string describe_location(std::source_location const& where) {
-  return std::string(where.file_name()) + ":" + std::to_string(where.line()) + " in " +
-         where.function_name();
+/// "file:line": where, without the function's signature (which, for a template, runs to
+/// hundreds of characters and buries the message).
+inline std::string short_location(std::source_location const& where) {
+  return std::string(where.file_name()) + ":" + std::to_string(where.line());
 }
 
 }  // namespace detail
 
-/// Base of every exception the library throws. `where()` is the place the check failed.
+/// Base of every exception the library throws. `what()` is short: "moe: ", the message (for
+/// a rejected argument: which one, what is wrong and what to do), and where the caller
+/// called the library from, when a public entry point recorded it (`called_from()`); else
+/// the library's own line. `where()` is the library's check that failed, for a debugger.
 class error : public std::runtime_error {
  public:
   explicit error(std::string const& message,
                  std::source_location where = std::source_location::current())
-      : std::runtime_error("moe: " + message + " [at " + detail::describe_location(where) + "]"),
-        where_(where) {}
+      : std::runtime_error(message), message_(message), where_(where) {
+    compose();
+  }
 
+  [[nodiscard]] char const* what() const noexcept override { return what_.c_str(); }
+  /// The message alone, without "moe: " and the location.
+  [[nodiscard]] std::string const& message() const noexcept { return message_; }
+  /// The library's check that failed.
   [[nodiscard]] std::source_location const& where() const noexcept { return where_; }
+  /// The caller's call of the public entry point that failed, when it recorded one.
+  [[nodiscard]] std::optional<std::source_location> const& called_from() const noexcept {
+    return called_from_;
+  }
+
+  /// Records the caller's location; the public entry points do (detail::at_entry_point), the
+  /// outermost last, so that what() names the user's own line.
+  void set_called_from(std::source_location caller) {
+    called_from_ = caller;
+    compose();
+  }
 
  private:
+  void compose() {
+    what_ = "moe: " + message_ +
+            (called_from_ ? " [called from " + detail::short_location(*called_from_) + "]"
+                          : " [at " + detail::short_location(where_) + "]");
+  }
+
+  std::string message_, what_;
   std::source_location where_;
+  std::optional<std::source_location> called_from_;
 };
+
+namespace detail {
+
+/// Runs a public entry point's `body`; a moe::error out of it is marked as called from
+/// `caller` (the entry point's defaulted std::source_location::current() argument).
+template <class Body>
+decltype(auto) at_entry_point(std::source_location const& caller, Body&& body) {
+  try {
+    return std::forward<Body>(body)();
+  } catch (error& e) {
+    e.set_called_from(caller);
+    throw;
+  }
+}
+
+}  // namespace detail
 
 /// A precondition on the caller's input failed. `argument()` names the offending argument
 /// (e.g. "k", "x", "capacity_factor"). The call that threw wrote nothing.
@@ -113,10 +158,14 @@ class status {
  public:
   constexpr status() = default;
 
-  [[nodiscard]] static status failure(std::string argument, std::string message) {
+  /// A failure naming `argument`; `where` is the library's check (invalid_argument::where).
+  [[nodiscard]] static status failure(
+      std::string argument, std::string message,
+      std::source_location where = std::source_location::current()) {
     status s;
     s.argument_ = std::move(argument);
     s.message_ = std::move(message);
+    s.where_ = where;
     s.ok_ = false;
     return s;
   }
@@ -125,16 +174,21 @@ class status {
   explicit operator bool() const noexcept { return ok_; }
   [[nodiscard]] std::string const& argument() const noexcept { return argument_; }
   [[nodiscard]] std::string const& message() const noexcept { return message_; }
+  /// "ok", or "invalid argument 'x': …" as the exception would say it.
+  [[nodiscard]] std::string to_string() const {
+    return ok_ ? "ok" : "invalid argument '" + argument_ + "': " + message_;
+  }
 
   /// Throws `invalid_argument` when this status is a failure.
-  void throw_if_failed(std::source_location where = std::source_location::current()) const {
-    if (!ok_) throw invalid_argument(argument_, message_, where);
+  void throw_if_failed() const {
+    if (!ok_) throw invalid_argument(argument_, message_, where_);
   }
 
  private:
   bool ok_ = true;
   std::string argument_;
   std::string message_;
+  std::source_location where_;
 };
 
 namespace detail {

@@ -9,12 +9,14 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/parameter_shape.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/gating/concepts.hpp>
 
 #include <concepts>
 #include <cstdint>
+#include <ranges>
 #include <string>
 
 namespace moe::expert {
@@ -36,6 +38,18 @@ concept has_parameters = requires(expert_shape const& shape,
                                   typename X::template params<float> const& g) {
   { X::check(p, shape, "params") } -> std::same_as<status>;
   { X::check(g, shape, "gradients") } -> std::same_as<status>;
+};
+
+/// X describes its parameters, so that containers can own them (moe::host_parameters):
+/// `X::parameter_shapes(shape)` lists every tensor (core/parameter_shape.hpp) in a fixed
+/// order, and `X::view_parameters<T>(shape, data)` gives `params<T>` over one pointer per
+/// tensor in that order (null for an absent bias).
+template <class X>
+concept describes_parameters = requires(expert_shape const& shape, span<float* const> data) {
+  { X::parameter_shapes(shape) } -> std::ranges::random_access_range;
+  {
+    X::template view_parameters<float>(shape, data)
+    } -> std::same_as<typename X::template params<float>>;
 };
 
 /// The expert batch: where each expert's rows lie in an (total rows, hidden) row matrix.

@@ -22,6 +22,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/parameter_shape.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/detail/host_gemm.hpp>
@@ -30,6 +31,7 @@
 #include <moe/expert/device_state.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -50,6 +52,11 @@ struct two_layer_params<T, false> {
   matrix_view<T> b1;   // (experts, ffn)     optional
   tensor3_view<T> w2;  // (experts, ffn, hidden)
   matrix_view<T> b2;   // (experts, hidden)  optional
+
+  /// Writable views are also read-only ones.
+  operator two_layer_params<T const, false>() const requires(!std::is_const_v<T>) {
+    return {w1, b1, w2, b2};
+  }
 };
 
 /// The GLU expert's parameters: the gate and up projections side by side in one weight.
@@ -59,6 +66,11 @@ struct two_layer_params<T, true> {
   matrix_view<T> b13;   // (experts, 2·ffn)          [gate | up]  optional
   tensor3_view<T> w2;   // (experts, ffn, hidden)
   matrix_view<T> b2;    // (experts, hidden)                      optional
+
+  /// Writable views are also read-only ones.
+  operator two_layer_params<T const, true>() const requires(!std::is_const_v<T>) {
+    return {w13, b13, w2, b2};
+  }
 };
 
 template <class T>
@@ -101,23 +113,62 @@ struct two_layer {
     matrix_view<double> d_pre_activation;  // (rows, F1)  backward scratch
   };
 
-  /// Checks every view of `p` against `shape`; `name` prefixes the argument in the message.
+  /// Every parameter, in the order of `params`' members: name, axes, whether a bias, fan-in,
+  /// and the PyTorch tensor (moe stores each weight (in, out), the transpose of nn.Linear's).
+  [[nodiscard]] static std::array<parameter_shape, 4> parameter_shapes(expert_shape const& s) {
+    index_t const f1 = first_width(s);
+    parameter_axis const experts{"experts", s.experts}, hidden{"hidden", s.hidden},
+        ffn{"ffn", s.ffn}, first{Gated ? "2·ffn" : "ffn", f1};
+    return {{{.name = Gated ? "w13" : "w1",
+              .rank = 3,
+              .axes = {experts, hidden, first},
+              .fan_in = s.hidden,
+              .torch = Gated ? "cat(gate_proj.weight, up_proj.weight).T of each expert"
+                             : "fc1.weight.T of each expert"},
+             {.name = Gated ? "b13" : "b1",
+              .rank = 2,
+              .axes = {experts, first},
+              .bias = true,
+              .fan_in = s.hidden,
+              .torch = Gated ? "cat(gate_proj.bias, up_proj.bias) of each expert"
+                             : "fc1.bias of each expert"},
+             {.name = "w2",
+              .rank = 3,
+              .axes = {experts, ffn, hidden},
+              .fan_in = s.ffn,
+              .torch = Gated ? "down_proj.weight.T of each expert" : "fc2.weight.T of each expert"},
+             {.name = "b2",
+              .rank = 2,
+              .axes = {experts, hidden},
+              .bias = true,
+              .fan_in = s.ffn,
+              .torch = Gated ? "down_proj.bias of each expert" : "fc2.bias of each expert"}}};
+  }
+
+  /// Views of the parameters laid out at `data`, one pointer per entry of parameter_shapes in
+  /// its order; a null bias pointer gives "no bias".
+  template <class T>
+  [[nodiscard]] static params<T> view_parameters(expert_shape const& s, span<T* const> data) {
+    auto const shapes = parameter_shapes(s);
+    auto axis = [&](std::size_t i, std::size_t a) { return shapes[i].axes[a].extent; };
+    auto bias = [&](std::size_t i) {
+      return data[i] != nullptr ? make_view(data[i], axis(i, 0), axis(i, 1)) : matrix_view<T>{};
+    };
+    return {make_view(data[0], axis(0, 0), axis(0, 1), axis(0, 2)), bias(1),
+            make_view(data[2], axis(2, 0), axis(2, 1), axis(2, 2)), bias(3)};
+  }
+
+  /// Checks every view of `p` against parameter_shapes; `name` prefixes the argument in the
+  /// message ("params.expert.w13").
   template <class T>
   [[nodiscard]] static status check(params<T> const& p, expert_shape const& s, char const* name) {
     std::string const prefix = std::string(name) + ".";
-    std::string const w1_name = Gated ? "w13" : "w1", b1_name = Gated ? "b13" : "b1";
-    index_t const f1 = first_width(s);
+    auto const shapes = parameter_shapes(s);
     ffn_params<T> const layers = detail::first_layer(p);
-    if (auto st = check_extents(layers.w1, (prefix + w1_name).c_str(), {s.experts, s.hidden, f1});
-        !st)
-      return st;
-    if (auto st = check_optional_extents(layers.b1, (prefix + b1_name).c_str(), {s.experts, f1});
-        !st)
-      return st;
-    if (auto st = check_extents(layers.w2, (prefix + "w2").c_str(), {s.experts, s.ffn, s.hidden});
-        !st)
-      return st;
-    return check_optional_extents(layers.b2, (prefix + "b2").c_str(), {s.experts, s.hidden});
+    if (auto st = check_parameter(layers.w1, shapes[0], prefix); !st) return st;
+    if (auto st = check_parameter(layers.b1, shapes[1], prefix); !st) return st;
+    if (auto st = check_parameter(layers.w2, shapes[2], prefix); !st) return st;
+    return check_parameter(layers.b2, shapes[3], prefix);
   }
 
   /// Lays out the saved state for a batch of up to `max_rows` rows; views of `rows` rows.

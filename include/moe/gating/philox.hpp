@@ -64,6 +64,7 @@ enum class rng_stream : std::uint32_t {
   jitter_logits = 3,    ///< jitter of the logits; column = expert
   random_routing = 4,   ///< GShard's 2nd-expert draw; column = 1 (the choice)
   random_priority = 5,  ///< the random slot priority; column = choice j
+  parameter_init = 6,   ///< moe::initializer's draws; token = element, column = tensor
 };
 
 /// The Philox block of (seed, token, column, stream, attempt).

@@ -8,6 +8,7 @@
 #include <moe/gating/args.hpp>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace moe {
 
@@ -42,11 +43,20 @@ struct layer_args {
   index_t expert_row_alignment = 1;
 };
 
-/// Views of a layer's parameters (T const) or of their gradients (T).
+/// Views of a layer's parameters (T const) or of their gradients (T). `layer.parameter_shapes()`
+/// lists every tensor with its axes and PyTorch layout; moe::host_parameters owns them.
 template <class T, class Expert>
 struct layer_params {
   matrix_view<T> gate_weight;                  // (hidden, experts)
   typename Expert::template params<T> expert;  // the expert's own views
+
+  /// Writable views are also read-only ones (forward takes either).
+  operator layer_params<T const, Expert>() const
+      requires(!std::is_const_v<T> &&
+               std::is_convertible_v<typename Expert::template params<T>,
+                                     typename Expert::template params<T const>>) {
+    return {gate_weight, expert};
+  }
 };
 
 /// What one forward call decided, read back with `layer::stats`.

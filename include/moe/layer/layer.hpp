@@ -20,6 +20,7 @@
 #include <moe/core/config.hpp>
 #include <moe/core/dtype.hpp>
 #include <moe/core/error.hpp>
+#include <moe/core/parameter_shape.hpp>
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/expert/concepts.hpp>
@@ -32,8 +33,11 @@
 
 #include <exception>
 #include <optional>
+#include <source_location>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace moe {
 
@@ -71,8 +75,11 @@ class layer {
   using gradients = layer_params<T, Expert>;
 
   /// A layer on one rank. Throws `moe::invalid_argument` when `can_implement(args)` fails.
-  explicit layer(layer_args const& args) requires Collective::is_identity : args_(args) {
-    can_implement(args).throw_if_failed();
+  /// (Every entry point takes the caller's location last, defaulted: errors name it.)
+  explicit layer(layer_args const& args,
+                 std::source_location caller = std::source_location::current()) requires
+      Collective::is_identity : args_(args) {
+    detail::at_entry_point(caller, [&] { can_implement(args).throw_if_failed(); });
   }
 
   /// A layer whose experts are split over the ranks of `comm` (expert parallelism): rank w
@@ -80,13 +87,17 @@ class layer {
   /// Every rank builds its layer with the same arguments. `comm` is borrowed: it must
   /// outlive the layer. Throws `moe::invalid_argument` when `can_implement(args)` fails or
   /// E is not a multiple of the world size.
-  layer(layer_args const& args, comm::communicator_ref comm) requires(!Collective::is_identity)
+  layer(layer_args const& args, comm::communicator_ref comm,
+        std::source_location caller =
+            std::source_location::current()) requires(!Collective::is_identity)
       : args_(args), comm_(comm), ranks_(comm.size()), rank_(comm.rank()) {
-    can_implement(args).throw_if_failed();
-    MOE_EXPECTS(comm.size() >= 1 && args.gate.experts % comm.size() == 0, "experts",
-                std::to_string(args.gate.experts) + " experts do not split evenly over " +
-                    std::to_string(comm.size()) + " ranks");
-    sizes::check_sizes(args, comm.size()).throw_if_failed();
+    detail::at_entry_point(caller, [&] {
+      can_implement(args).throw_if_failed();
+      MOE_EXPECTS(comm.size() >= 1 && args.gate.experts % comm.size() == 0, "experts",
+                  std::to_string(args.gate.experts) + " experts do not split evenly over " +
+                      std::to_string(comm.size()) + " ranks");
+      sizes::check_sizes(args, comm.size()).throw_if_failed();
+    });
   }
 
   /// Whether a layer can be built with these arguments, and if not, which argument is wrong:
@@ -129,6 +140,27 @@ class layer {
   [[nodiscard]] expert::expert_shape expert_shape() const noexcept {
     return {args_.gate.experts / ranks(), args_.hidden, args_.ffn};
   }
+  /// The gate weight: (hidden, experts), all E experts on every rank.
+  [[nodiscard]] parameter_shape gate_weight_shape() const {
+    return {.name = "gate_weight",
+            .rank = 2,
+            .axes = {{{"hidden", args_.hidden}, {"experts", args_.gate.experts}}},
+            .fan_in = args_.hidden,
+            .torch = "the router's nn.Linear(hidden, experts).weight.T"};
+  }
+
+  /// Every parameter of this rank's layer, named as its checks name them: the gate weight,
+  /// then the expert's own ("expert.w13"), with their axes, extents and PyTorch layouts.
+  [[nodiscard]] std::vector<parameter_shape> parameter_shapes()
+      const requires expert::describes_parameters<Expert> {
+    std::vector<parameter_shape> shapes{gate_weight_shape()};
+    for (parameter_shape p : Expert::parameter_shapes(expert_shape())) {
+      p.name = "expert." + p.name;
+      shapes.push_back(std::move(p));
+    }
+    return shapes;
+  }
+
   /// The world size the experts are split over (1 on one rank).
   [[nodiscard]] int ranks() const noexcept { return ranks_; }
   /// The first expert this rank holds.
@@ -141,7 +173,7 @@ class layer {
   template <element T, class Backend>
   requires backend<Backend>
   [[nodiscard]] status can_implement(Backend on, matrix_view<std::type_identity_t<T> const> x,
-                                     params<T> const& p, matrix_view<T> y,
+                                     params<std::type_identity_t<T>> const& p, matrix_view<T> y,
                                      workspace ws) const noexcept {
     if (auto s = check_backend(on); !s) return s;
     if constexpr (std::is_same_v<Backend, host_backend>)
@@ -157,8 +189,8 @@ class layer {
   template <element T, class Backend>
   requires backend<Backend>
   [[nodiscard]] status can_implement(Backend on, matrix_view<std::type_identity_t<T> const> dy,
-                                     params<T> const& p, matrix_view<T> dx, gradients<T> const& g,
-                                     workspace ws) const noexcept {
+                                     params<std::type_identity_t<T>> const& p, matrix_view<T> dx,
+                                     gradients<T> const& g, workspace ws) const noexcept {
     if (auto s = check_backend(on); !s) return s;
     if (auto s = check_workspace<T>(on, ws); !s) return s;
     if constexpr (std::is_same_v<Backend, host_backend>) {
@@ -182,8 +214,11 @@ class layer {
   /// Bytes of device workspace that forward and backward with elements T need on the CUDA
   /// backend.
   template <element T>
-  [[nodiscard]] std::size_t workspace_bytes(cuda_backend cuda) const {
-    return detail::cuda_layer<layer>::template workspace_bytes<T>(*this, cuda);
+  [[nodiscard]] std::size_t workspace_bytes(
+      cuda_backend cuda, std::source_location caller = std::source_location::current()) const {
+    return detail::at_entry_point(caller, [&] {
+      return detail::cuda_layer<layer>::template workspace_bytes<T>(*this, cuda);
+    });
   }
 
   /// Forward: y = Σ_j w_{t,j} · expert_{e_j}(x_t) over kept choices. Throws
@@ -200,9 +235,11 @@ class layer {
   /// @param[in,out] ws workspace of `workspace_bytes` bytes; keeps what backward needs
   template <class T, class Backend>
   requires backend<Backend>
-  void forward(Backend on, matrix_view<std::type_identity_t<T> const> x, params<T> const& p,
-               matrix_view<T> y, workspace ws) const {
-    if constexpr (is_element<T>()) backend_of<Backend>::forward(*this, on, x, p, y, ws);
+  void forward(Backend on, matrix_view<std::type_identity_t<T> const> x,
+               params<std::type_identity_t<T>> const& p, matrix_view<T> y, workspace ws,
+               std::source_location caller = std::source_location::current()) const {
+    if constexpr (is_element<T>())
+      detail::at_entry_point(caller, [&] { backend_of<Backend>::forward(*this, on, x, p, y, ws); });
   }
 
   /// Backward, of the objective ⟨dy, y⟩ + the layer's losses, after `forward` in the same
@@ -213,25 +250,33 @@ class layer {
   /// @param[out] g  gradients, overwritten
   template <class T, class Backend>
   requires backend<Backend>
-  void backward(Backend on, matrix_view<std::type_identity_t<T> const> dy, params<T> const& p,
-                matrix_view<T> dx, gradients<T> const& g, workspace ws) const {
+  void backward(Backend on, matrix_view<std::type_identity_t<T> const> dy,
+                params<std::type_identity_t<T>> const& p, matrix_view<T> dx, gradients<T> const& g,
+                workspace ws, std::source_location caller = std::source_location::current()) const {
     static_assert(expert::trainable_expert<Expert>,
                   "moe::layer::backward: Expert has no backward (it is not a "
                   "moe::expert::trainable_expert). Give it backward(...) as expert/two_layer.hpp "
                   "does, or use the layer for inference only.");
     if constexpr (is_element<T>() && expert::trainable_expert<Expert>)
-      backend_of<Backend>::backward(*this, on, dy, p, dx, g, ws);
+      detail::at_entry_point(caller,
+                             [&] { backend_of<Backend>::backward(*this, on, dy, p, dx, g, ws); });
   }
 
   /// What the last forward call in `ws` decided (host backend).
-  [[nodiscard]] layer_stats stats(host_backend, workspace ws) const {
-    return detail::host_layer<layer>::stats(*this, ws);
+  [[nodiscard]] layer_stats stats(
+      host_backend, workspace ws,
+      std::source_location caller = std::source_location::current()) const {
+    return detail::at_entry_point(caller,
+                                  [&] { return detail::host_layer<layer>::stats(*this, ws); });
   }
 
   /// What the last forward call in `ws` decided (CUDA backend). Synchronises `cuda.stream`
   /// to read the call's scalars; `load` is a view of device memory.
-  [[nodiscard]] layer_stats stats(cuda_backend cuda, workspace ws, index_t tokens) const {
-    return detail::cuda_layer<layer>::stats(*this, cuda, ws, tokens);
+  [[nodiscard]] layer_stats stats(
+      cuda_backend cuda, workspace ws, index_t tokens,
+      std::source_location caller = std::source_location::current()) const {
+    return detail::at_entry_point(
+        caller, [&] { return detail::cuda_layer<layer>::stats(*this, cuda, ws, tokens); });
   }
 
  private:
@@ -265,8 +310,7 @@ class layer {
 
   template <class T>
   [[nodiscard]] status check_params(layer_params<T, Expert> const& p, char const* name) const {
-    std::string const arg = std::string(name) + ".gate_weight";
-    if (auto s = check_extents(p.gate_weight, arg.c_str(), {args_.hidden, args_.gate.experts}); !s)
+    if (auto s = check_parameter(p.gate_weight, gate_weight_shape(), std::string(name) + "."); !s)
       return s;
     return Expert::check(p.expert, expert_shape(), (std::string(name) + ".expert").c_str());
   }

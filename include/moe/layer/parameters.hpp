@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// Containers that own a layer's parameters and their gradients, laid out from the layer
+// itself (its `parameter_shapes`), so that a program never writes the extents twice:
+//
+//   moe::host_parameters<layer_t, float> w(layer);     // host memory
+//   w.initialize(moe::initializer::torch_linear(), 42);
+//   layer.forward(moe::host, x, w.params(), y, ws);
+//   layer.backward(moe::host, dy, w.params(), dx, w.gradients(), ws);
+//
+//   moe::device_parameters<layer_t, __nv_bfloat16, float> d(layer, stream);  // device memory
+//   d.copy_from(w_in_bf16);                            // the same layout: one copy each
+//
+// Each container holds two buffers, the values and the gradients, with every tensor carved
+// in the order of `parameter_shapes` (absent biases take nothing). The buffers start zero,
+// alignment padding included, so an update over a whole flat buffer is safe.
+
+#include <moe/core/backend.hpp>
+#include <moe/core/config.hpp>
+#include <moe/core/dtype.hpp>
+#include <moe/core/error.hpp>
+#include <moe/core/parameter_shape.hpp>
+#include <moe/core/resource.hpp>
+#include <moe/core/view.hpp>
+#include <moe/core/workspace.hpp>
+#include <moe/expert/concepts.hpp>
+#include <moe/gating/philox.hpp>
+#include <moe/layer/args.hpp>
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace moe {
+
+/// How `initialize` draws a layer's parameters. The draws come from Philox
+/// (gating/philox.hpp) keyed by the seed, the tensor and the element's index in the whole
+/// layer (all E experts): the values are the same on every platform and backend, and do not
+/// depend on how many ranks the experts are split over.
+struct initializer {
+  enum class distribution : std::uint8_t { uniform, normal };
+  distribution draw = distribution::uniform;
+  /// uniform: b of U(−b, b); normal: the standard deviation. 0: 1/√fan_in (nn.Linear's b).
+  double scale = 0;
+  bool zero_biases = false;
+
+  /// PyTorch's nn.Linear default: weights and biases U(−1/√fan_in, 1/√fan_in).
+  static constexpr initializer torch_linear() noexcept { return {}; }
+  /// N(0, std²) weights and zero biases: Megatron-Core's init_method_normal and Hugging
+  /// Face's initializer_range (both 0.02 by default).
+  static constexpr initializer normal(double std = 0.02) noexcept {
+    return {distribution::normal, std, true};
+  }
+  /// U(−bound, bound) weights and zero biases.
+  static constexpr initializer uniform(double bound) noexcept {
+    return {distribution::uniform, bound, true};
+  }
+};
+
+/// What a parameter container holds besides the weights.
+struct parameter_options {
+  /// The experts' optional biases (Mixtral's, DeepSeek's and Qwen's experts have none).
+  bool biases = false;
+};
+
+namespace detail {
+
+/// What both containers share: the layer's tensors, which are present, and their carve.
+template <class Layer>
+class parameter_layout {
+ public:
+  using expert_type = typename Layer::expert_type;
+  static_assert(expert::describes_parameters<expert_type>,
+                "moe::host_parameters / device_parameters: the expert does not describe its "
+                "parameters. Give it parameter_shapes(shape) and view_parameters<T>(shape, "
+                "data), as expert/two_layer.hpp does.");
+
+  parameter_layout(Layer const& layer, parameter_options options)
+      : shapes_(layer.parameter_shapes()),
+        expert_shape_(layer.expert_shape()),
+        first_expert_(layer.first_expert()) {
+    for (parameter_shape const& p : shapes_) present_.push_back(!p.bias || options.biases);
+  }
+
+  [[nodiscard]] std::vector<parameter_shape> const& shapes() const noexcept { return shapes_; }
+  [[nodiscard]] bool present(std::size_t tensor) const noexcept { return present_[tensor]; }
+
+  /// One pointer per tensor into `buffer` (null for an absent bias).
+  template <class T>
+  [[nodiscard]] std::vector<T*> carve(workspace buffer) const {
+    workspace_carver carver(buffer);
+    std::vector<T*> data;
+    for (std::size_t i = 0; i < shapes_.size(); ++i)
+      data.push_back(present_[i] ? carver.take<T>(shapes_[i].elements()) : nullptr);
+    return data;
+  }
+
+  template <class T>
+  [[nodiscard]] std::size_t bytes() const {
+    workspace_carver counter;
+    for (std::size_t i = 0; i < shapes_.size(); ++i)
+      if (present_[i]) (void)counter.take<T>(shapes_[i].elements());
+    return counter.bytes();
+  }
+
+  /// The layer's parameter views over one pointer per tensor.
+  template <class T>
+  [[nodiscard]] layer_params<T, expert_type> view(std::vector<T*> const& data) const {
+    return {make_view(data[0], shapes_[0].axes[0].extent, shapes_[0].axes[1].extent),
+            expert_type::template view_parameters<T>(
+                expert_shape_, span<T* const>(data.data() + 1, data.size() - 1))};
+  }
+
+  /// Draws every present tensor into `data` (host memory), as `init` says.
+  template <class T>
+  void initialize(std::vector<T*> const& data, initializer init, std::uint64_t seed) const {
+    for (std::size_t i = 0; i < shapes_.size(); ++i) {
+      if (!present_[i]) continue;
+      parameter_shape const& p = shapes_[i];
+      index_t const n = p.elements();
+      // Expert tensors are expert-major: element 0 of this rank is global expert
+      // first_expert's, so the draws follow the global index.
+      index_t const offset = i == 0 ? 0 : first_expert_ * (n / expert_shape_.experts);
+      double const scale =
+          init.scale > 0 ? init.scale : 1 / std::sqrt(static_cast<double>(p.fan_in));
+      for (index_t e = 0; e < n; ++e) {
+        double v = 0;
+        if (!(p.bias && init.zero_biases)) {
+          auto const tensor = static_cast<std::uint32_t>(i);
+          v = init.draw == initializer::distribution::normal
+                  ? scale * gating::rng_normal(seed, offset + e, tensor,
+                                               gating::rng_stream::parameter_init)
+                  : scale * (2 * gating::rng_uniform(seed, offset + e, tensor,
+                                                     gating::rng_stream::parameter_init) -
+                             1);
+        }
+        data[i][e] = from_accumulate<T>(static_cast<accumulate_t<T>>(v));
+      }
+    }
+  }
+
+ private:
+  std::vector<parameter_shape> shapes_;
+  std::vector<bool> present_;
+  expert::expert_shape expert_shape_;
+  index_t first_expert_;
+};
+
+}  // namespace detail
+
+/// A layer's parameters (elements T) and their gradients (elements G: T, or float for
+/// low-precision parameters on the CUDA backend) in host memory, laid out for `layer` (this
+/// rank's experts with expert parallelism).
+template <class Layer, class T, class G = T>
+class host_parameters {
+ public:
+  using expert_type = typename Layer::expert_type;
+
+  explicit host_parameters(Layer const& layer, parameter_options options = {})
+      : layout_(layer, options),
+        values_buffer_(layout_.template bytes<T>()),
+        gradients_buffer_(layout_.template bytes<G>()),
+        values_(layout_.template carve<T>(values_buffer_.view())),
+        gradients_(layout_.template carve<G>(gradients_buffer_.view())) {
+    std::memset(values_buffer_.view().data(), 0, values_buffer_.size());
+    std::memset(gradients_buffer_.view().data(), 0, gradients_buffer_.size());
+  }
+
+  /// The parameters, as forward and backward take them.
+  [[nodiscard]] layer_params<T const, expert_type> params() const {
+    return layout_.view(std::vector<T const*>(values_.begin(), values_.end()));
+  }
+  /// The same, writable: to load a checkpoint or apply an update.
+  [[nodiscard]] layer_params<T, expert_type> values() { return layout_.view(values_); }
+  /// The gradients, as backward writes them.
+  [[nodiscard]] layer_params<G, expert_type> gradients() { return layout_.view(gradients_); }
+
+  /// Every tensor of the layer, present or not (`values(i)` is empty for an absent bias).
+  [[nodiscard]] std::vector<parameter_shape> const& shapes() const noexcept {
+    return layout_.shapes();
+  }
+  /// Tensor i's values and gradients, flat (row-major over its axes).
+  [[nodiscard]] span<T> values(std::size_t tensor) const noexcept { return flat(values_, tensor); }
+  [[nodiscard]] span<G> gradients(std::size_t tensor) const noexcept {
+    return flat(gradients_, tensor);
+  }
+  /// Both buffers whole, padding included (zero): for updates over all parameters at once.
+  [[nodiscard]] workspace values_bytes() const noexcept { return values_buffer_.view(); }
+  [[nodiscard]] workspace gradients_bytes() const noexcept { return gradients_buffer_.view(); }
+
+  /// Draws every parameter as `init` says (initializer's comment: which values, and why they
+  /// do not depend on the world size).
+  void initialize(initializer init, std::uint64_t seed) { layout_.initialize(values_, init, seed); }
+
+  void zero_gradients() noexcept {
+    std::memset(gradients_buffer_.view().data(), 0, gradients_buffer_.size());
+  }
+
+ private:
+  template <class U>
+  span<U> flat(std::vector<U*> const& data, std::size_t tensor) const noexcept {
+    if (data[tensor] == nullptr) return {};
+    return {data[tensor], static_cast<std::size_t>(layout_.shapes()[tensor].elements())};
+  }
+
+  detail::parameter_layout<Layer> layout_;
+  host_buffer values_buffer_, gradients_buffer_;
+  std::vector<T*> values_;
+  std::vector<G*> gradients_;
+};
+
+/// The same in device memory, allocated from `resource` on the caller's stream (released on
+/// it when the container dies), zeroed on the stream. T and G are device elements.
+template <class Layer, class T, class G = T, stream_ordered_resource Resource = async_resource>
+class device_parameters {
+ public:
+  using expert_type = typename Layer::expert_type;
+
+  device_parameters(Layer const& layer, cudaStream_t stream, parameter_options options = {},
+                    Resource resource = {})
+      : layout_(layer, options),
+        values_buffer_(layout_.template bytes<T>(), stream, resource),
+        gradients_buffer_(layout_.template bytes<G>(), stream, resource),
+        values_(layout_.template carve<T>(values_buffer_.view())),
+        gradients_(layout_.template carve<G>(gradients_buffer_.view())) {
+    MOE_CUDA_TRY(cudaMemsetAsync(values_buffer_.view().data(), 0, values_buffer_.size(), stream));
+    zero_gradients();
+  }
+
+  [[nodiscard]] layer_params<T const, expert_type> params() const {
+    return layout_.view(std::vector<T const*>(values_.begin(), values_.end()));
+  }
+  [[nodiscard]] layer_params<T, expert_type> values() { return layout_.view(values_); }
+  [[nodiscard]] layer_params<G, expert_type> gradients() { return layout_.view(gradients_); }
+  [[nodiscard]] std::vector<parameter_shape> const& shapes() const noexcept {
+    return layout_.shapes();
+  }
+  [[nodiscard]] cudaStream_t stream() const noexcept { return values_buffer_.stream(); }
+
+  /// Draws on the host, as host_parameters::initialize does (the same values for the same
+  /// seed), then copies on the stream. The copy is from pageable memory: it returns once the
+  /// values are staged, as cudaMemcpyAsync from pageable memory does.
+  void initialize(initializer init, std::uint64_t seed) {
+    host_buffer staging(values_buffer_.size());
+    std::memset(staging.view().data(), 0, staging.size());
+    layout_.initialize(layout_.template carve<T>(staging.view()), init, seed);
+    copy(values_buffer_.view(), staging.view(), cudaMemcpyHostToDevice);
+  }
+
+  /// Zeroes the gradients on the stream.
+  void zero_gradients() {
+    MOE_CUDA_TRY(
+        cudaMemsetAsync(gradients_buffer_.view().data(), 0, gradients_buffer_.size(), stream()));
+  }
+
+  /// Copies values and gradients from a host container of the same layer and options (the
+  /// same layout), on the stream; returns once the host memory is staged.
+  void copy_from(host_parameters<Layer, T, G> const& from) {
+    copy(values_buffer_.view(), from.values_bytes(), cudaMemcpyHostToDevice);
+    copy(gradients_buffer_.view(), from.gradients_bytes(), cudaMemcpyHostToDevice);
+  }
+
+  /// Copies values and gradients into a host container of the same layer and options, after
+  /// the stream's work so far; returns when the copies are done.
+  void copy_to(host_parameters<Layer, T, G>& to) const {
+    copy(to.values_bytes(), values_buffer_.view(), cudaMemcpyDeviceToHost);
+    copy(to.gradients_bytes(), gradients_buffer_.view(), cudaMemcpyDeviceToHost);
+  }
+
+ private:
+  void copy(workspace to, workspace from, cudaMemcpyKind kind) const {
+    MOE_EXPECTS(to.size() == from.size(), "host parameters",
+                "are laid out differently: build both containers from the same layer and "
+                "options");
+    MOE_CUDA_TRY(cudaMemcpyAsync(to.data(), from.data(), to.size(), kind, stream()));
+    if (kind == cudaMemcpyDeviceToHost) MOE_CUDA_TRY(cudaStreamSynchronize(stream()));
+  }
+
+  detail::parameter_layout<Layer> layout_;
+  device_buffer<Resource> values_buffer_, gradients_buffer_;
+  std::vector<T*> values_;
+  std::vector<G*> gradients_;
+};
+
+}  // namespace moe
