@@ -64,12 +64,14 @@ concept second_expert_policy = std::semiregular<P> && tagged_as<P, second_expert
 };
 
 /// A models aux_loss_policy if it is a stateless policy tagged `aux_loss_tag` that says which
-/// choices it counts (`A::first_choice_only`) and whether it averages over the local groups
-/// (`A::per_group`) (losses.hpp: gshard_aux, switch_aux, sequence_aux).
+/// choices it counts (`A::first_choice_only`), whether it averages over the local groups
+/// (`A::per_group`) and its name in reports (`A::name`) (losses.hpp: gshard_aux, switch_aux,
+/// sequence_aux).
 template <class A>
 concept aux_loss_policy = std::semiregular<A> && tagged_as<A, aux_loss_tag> && requires {
   { A::first_choice_only } -> std::convertible_to<bool>;
   { A::per_group } -> std::convertible_to<bool>;
+  { A::name } -> std::convertible_to<char const*>;
 };
 
 /// R models renormalization_policy if it is a stateless policy tagged `renormalization_tag`

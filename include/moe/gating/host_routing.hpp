@@ -11,9 +11,11 @@
 #include <moe/core/view.hpp>
 #include <moe/core/workspace.hpp>
 #include <moe/gating/detail/carve_routing.hpp>
+#include <moe/gating/random_routing.hpp>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace moe::gating {
 
@@ -76,6 +78,20 @@ inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tok
 inline host_routing carve_host_routing(workspace_carver& carver, index_t max_tokens, index_t tokens,
                                        index_t experts, int k) {
   return carve_host_routing(carver, max_tokens, k, tokens, experts, k);
+}
+
+/// Per expert, the assignments that found no slot: those of expert e whose slot is past the
+/// capacity (GShard's unrouted 2nd choices, slot `no_slot`, count in no load and are not
+/// dropped). Host memory; the sum is the summary's `dropped`.
+inline std::vector<std::int64_t> dropped_per_expert(matrix_view<std::int32_t const> expert,
+                                                    matrix_view<std::int64_t const> slot,
+                                                    index_t capacity, index_t experts) {
+  std::vector<std::int64_t> dropped(static_cast<std::size_t>(experts), 0);
+  for (index_t t = 0; t < expert.extent(0); ++t)
+    for (index_t j = 0; j < expert.extent(1); ++j)
+      if (slot(t, j) >= capacity && slot(t, j) != no_slot)
+        ++dropped[static_cast<std::size_t>(expert(t, j))];
+  return dropped;
 }
 
 namespace detail {

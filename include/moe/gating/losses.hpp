@@ -36,6 +36,7 @@ namespace moe::gating {
 /// GShard's aux loss (the default): 1st choices, per local group.
 struct gshard_aux {
   using moe_concept = aux_loss_tag;
+  static constexpr char const* name = "gshard_aux";
   static constexpr bool first_choice_only = true;
   static constexpr bool per_group = true;
 };
@@ -44,6 +45,7 @@ static_assert(aux_loss_policy<gshard_aux>);
 /// The Switch/Megatron aux loss: all k choices, over the whole call.
 struct switch_aux {
   using moe_concept = aux_loss_tag;
+  static constexpr char const* name = "switch_aux";
   static constexpr bool first_choice_only = false;
   static constexpr bool per_group = false;
 };
@@ -52,6 +54,7 @@ static_assert(aux_loss_policy<switch_aux>);
 /// The sequence-level aux loss (DeepSeek-V3): switch_aux of each local group, averaged.
 struct sequence_aux {
   using moe_concept = aux_loss_tag;
+  static constexpr char const* name = "sequence_aux";
   static constexpr bool first_choice_only = false;
   static constexpr bool per_group = true;
 };

@@ -8,7 +8,11 @@
 #include <moe/gating/args.hpp>
 
 #include <cstdint>
+#include <ostream>
+#include <sstream>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 namespace moe {
 
@@ -59,19 +63,48 @@ struct layer_params {
   }
 };
 
-/// What one forward call decided, read back with `layer::stats`.
+/// What one forward call decided, read back with `layer::stats`, in host memory on either
+/// backend. Printable: `std::cout << stats` (or `to_string(stats)`) gives one line.
 struct layer_stats {
   index_t tokens = 0;
   /// C of the call; with a dropless layout, the largest per-expert load (nothing is dropped).
   index_t capacity = 0;
   index_t expert_rows = 0;  ///< rows of the expert batch, padding included (E·C for capacity)
   index_t dropped = 0;      ///< assignments that found no slot; 0 with a dropless layout
-  double aux_loss = 0;      ///< gshard_aux, before its coefficient
-  double z_loss = 0;        ///< z_loss, before its coefficient
-  double loss = 0;          ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
-  /// (experts) assignments per expert, before drops. A view into the workspace: the next
-  /// forward call overwrites it.
-  span<std::int64_t const> load;
+  /// 2nd choices that GShard's random routing left out (not counted in `dropped`).
+  index_t unrouted = 0;
+  double aux_loss = 0;  ///< the gate's aux loss, `aux_loss_name`, before its coefficient
+  char const* aux_loss_name = "aux_loss";  ///< "gshard_aux", "switch_aux", "sequence_aux"
+  double z_loss = 0;                       ///< z_loss, before its coefficient
+  double loss = 0;                         ///< aux_loss_coef · aux_loss + z_loss_coef · z_loss
+  std::vector<std::int64_t> load;          ///< (experts) assignments per expert, before drops
+  std::vector<std::int64_t> dropped_per_expert;  ///< (experts) of those, how many were dropped
 };
+
+/// One line: "tokens 128, capacity 64, dropped 3, switch_aux 1.012, z_loss 0, loss 0.0101,
+/// load [40 30 ...], dropped per expert [0 3 ...]" (unrouted and expert rows when they say
+/// something).
+inline std::ostream& operator<<(std::ostream& out, layer_stats const& s) {
+  auto list = [&](std::vector<std::int64_t> const& v) {
+    out << "[";
+    for (std::size_t e = 0; e < v.size(); ++e) out << (e ? " " : "") << v[e];
+    out << "]";
+  };
+  out << "tokens " << s.tokens << ", capacity " << s.capacity << ", expert rows " << s.expert_rows
+      << ", dropped " << s.dropped;
+  if (s.unrouted > 0) out << ", unrouted " << s.unrouted;
+  out << ", " << s.aux_loss_name << " " << s.aux_loss << ", z_loss " << s.z_loss << ", loss "
+      << s.loss << ", load ";
+  list(s.load);
+  out << ", dropped per expert ";
+  list(s.dropped_per_expert);
+  return out;
+}
+
+[[nodiscard]] inline std::string to_string(layer_stats const& s) {
+  std::ostringstream out;
+  out << s;
+  return out.str();
+}
 
 }  // namespace moe

@@ -70,16 +70,11 @@ struct host_layer<layer<Gate, Layout, Collective, Expert>> {
     MOE_EXPECTS(h.forward_done(), "ws", "holds no forward call's state");
     workspace_carver carver(ws);
     auto const state = carve(l, carver, h.forward_tokens, h.local_rows, h.expert_rows);
-    return {
-        .tokens = h.forward_tokens,
-        .capacity = h.summary.capacity,
-        .expert_rows = h.expert_rows,
-        .dropped = h.summary.dropped,
-        .aux_loss = h.summary.aux_loss,
-        .z_loss = h.summary.z_loss,
-        .loss = l.args_.gate.aux_loss_coef * h.summary.aux_loss +
-                l.args_.gate.z_loss_coef * h.summary.z_loss,
-        .load = {state.routing.load.data_handle(), static_cast<std::size_t>(l.args_.gate.experts)}};
+    auto const& r = state.routing;
+    return l.stats_of(h.summary, h.expert_rows,
+                      {r.load.data_handle(), static_cast<std::size_t>(l.args_.gate.experts)},
+                      gating::dropped_per_expert(as_const(r.expert), as_const(r.slot),
+                                                 h.summary.capacity, l.args_.gate.experts));
   }
 
   template <element T>

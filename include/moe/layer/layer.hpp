@@ -270,8 +270,9 @@ class layer {
                                   [&] { return detail::host_layer<layer>::stats(*this, ws); });
   }
 
-  /// What the last forward call in `ws` decided (CUDA backend). Synchronises `cuda.stream`
-  /// to read the call's scalars; `load` is a view of device memory.
+  /// What the last forward call in `ws` decided (CUDA backend), in host memory. Synchronises
+  /// `cuda.stream` and copies the call's scalars, load and assignments (tokens · k · 12
+  /// bytes, for the drops per expert) to the host: a report, not a per-step call.
   [[nodiscard]] layer_stats stats(
       cuda_backend cuda, workspace ws, index_t tokens,
       std::source_location caller = std::source_location::current()) const {
@@ -313,6 +314,24 @@ class layer {
     if (auto s = check_parameter(p.gate_weight, gate_weight_shape(), std::string(name) + "."); !s)
       return s;
     return Expert::check(p.expert, expert_shape(), (std::string(name) + ".expert").c_str());
+  }
+
+  /// The stats of a call both backends report: its summary, expert rows, and the load and
+  /// drops per expert (host memory).
+  [[nodiscard]] layer_stats stats_of(gating::routing_summary const& s, index_t expert_rows,
+                                     span<std::int64_t const> load,
+                                     std::vector<std::int64_t> dropped) const {
+    return {.tokens = s.tokens,
+            .capacity = s.capacity,
+            .expert_rows = expert_rows,
+            .dropped = s.dropped,
+            .unrouted = s.unrouted,
+            .aux_loss = s.aux_loss,
+            .aux_loss_name = gating::aux_loss_of<Gate>::name,
+            .z_loss = s.z_loss,
+            .loss = args_.gate.aux_loss_coef * s.aux_loss + args_.gate.z_loss_coef * s.z_loss,
+            .load = {load.begin(), load.end()},
+            .dropped_per_expert = std::move(dropped)};
   }
 
   /// What a call on `on` needs of the backend itself.

@@ -241,6 +241,10 @@ class device_parameters {
     return layout_.shapes();
   }
   [[nodiscard]] cudaStream_t stream() const noexcept { return values_buffer_.stream(); }
+  /// Both buffers whole, padding included (zero), device memory: for updates over all
+  /// parameters at once.
+  [[nodiscard]] workspace values_bytes() const noexcept { return values_buffer_.view(); }
+  [[nodiscard]] workspace gradients_bytes() const noexcept { return gradients_buffer_.view(); }
 
   /// Draws on the host, as host_parameters::initialize does (the same values for the same
   /// seed), then copies on the stream. The copy is from pageable memory: it returns once the

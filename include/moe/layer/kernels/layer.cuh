@@ -241,24 +241,29 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
 
     gating::routing_summary const summary = gating::read_summary(cuda, r);  // synchronises
     index_t rows = a.gate.experts * summary.capacity;
-    if constexpr (!Layout::drops_tokens) {
-      std::int64_t total = 0;
-      MOE_CUDA_TRY(
-          cudaMemcpyAsync(&total, total_rows, sizeof total, cudaMemcpyDeviceToHost, cuda.stream));
-      MOE_CUDA_TRY(cudaStreamSynchronize(cuda.stream));
-      rows = total;
-    }
-    return {.tokens = tokens,
-            .capacity = summary.capacity,
-            .expert_rows = rows,
-            .dropped = summary.dropped,
-            .aux_loss = summary.aux_loss,
-            .z_loss = summary.z_loss,
-            .loss = a.gate.aux_loss_coef * summary.aux_loss + a.gate.z_loss_coef * summary.z_loss,
-            .load = {r.load.data_handle(), static_cast<std::size_t>(a.gate.experts)}};
+    if constexpr (!Layout::drops_tokens) rows = copy_to_host(cuda, total_rows, 1)[0];
+    // The call's load and assignments, to the host: what the drops per expert are counted on.
+    index_t const k = l.k();
+    std::vector<std::int64_t> const load = copy_to_host(cuda, r.load.data_handle(), a.gate.experts);
+    std::vector<std::int32_t> const expert = copy_to_host(cuda, r.expert.data_handle(), tokens * k);
+    std::vector<std::int64_t> const slot = copy_to_host(cuda, r.slot.data_handle(), tokens * k);
+    return l.stats_of(summary, rows, {load.data(), load.size()},
+                      gating::dropped_per_expert(make_view(expert.data(), tokens, k),
+                                                 make_view(slot.data(), tokens, k),
+                                                 summary.capacity, a.gate.experts));
   }
 
  private:
+  /// `count` elements of device memory at `from`, on the host once the stream has them.
+  template <class U>
+  static std::vector<U> copy_to_host(cuda_backend cuda, U const* from, index_t count) {
+    std::vector<U> to(static_cast<std::size_t>(count));
+    MOE_CUDA_TRY(cudaMemcpyAsync(to.data(), from, to.size() * sizeof(U), cudaMemcpyDeviceToHost,
+                                 cuda.stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(cuda.stream));
+    return to;
+  }
+
   static span<std::int64_t const> as_span(span<std::int64_t> s) noexcept {
     return {s.data(), s.size()};
   }
