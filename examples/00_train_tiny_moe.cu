@@ -11,7 +11,12 @@
 //
 // It trains on the CUDA backend when a GPU is present and on the host backend otherwise:
 // the training loop is written once, over where the tensors live. Built without nvcc (as
-// C++), it has only the host backend.   Usage: 00_train_tiny_moe [--steps N]
+// C++), it has only the host backend.
+//
+//   Usage: 00_train_tiny_moe [--steps N] [--load-csv FILE]
+//
+// --load-csv writes each step's assignments and drops per expert; scripts/plot_load.sh
+// renders them as a heat map (load balance over training).
 
 #include <moe/moe.hpp>
 #if defined(__CUDACC__)  // the CUDA backend needs nvcc; without it, the host backend runs
@@ -21,12 +26,16 @@
 #endif
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <numbers>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -78,62 +87,36 @@ struct cluster_task {
   }
 };
 
-/// The layer's parameters, or their gradients: the trainer owns them, the layer sees views.
-/// Array is where they live: std::vector<float> on the host, cuda_place::array on the GPU.
-template <class Array>
-struct ffn_layer_tensors {
-  moe::layer_args args;
-  Array gate_weight, w1, b1, w2, b2;
-
-  /// `make(n)` gives an Array of n floats.
-  template <class Make>
-  ffn_layer_tensors(moe::layer_args const& a, Make make)
-      : args(a),
-        gate_weight(make(a.hidden * a.gate.experts)),
-        w1(make(a.gate.experts * a.hidden * a.ffn)),
-        b1(make(a.gate.experts * a.ffn)),
-        w2(make(a.gate.experts * a.ffn * a.hidden)),
-        b2(make(a.gate.experts * a.hidden)) {}
-
-  std::array<Array*, 5> all() { return {&gate_weight, &w1, &b1, &w2, &b2}; }
-
-  template <class T>  // float const for parameters, float for gradients
-  moe::layer_params<T, expert_t> views() {
-    auto const [h, f, e] = std::array{args.hidden, args.ffn, args.gate.experts};
-    return {moe::make_view<T>(gate_weight.data(), h, e),
-            {moe::make_view<T>(w1.data(), e, h, f), moe::make_view<T>(b1.data(), e, f),
-             moe::make_view<T>(w2.data(), e, f, h), moe::make_view<T>(b2.data(), e, h)}};
-  }
-};
-
-/// What the router decided in the last forward call, in host memory.
-struct routing_report {
-  moe::layer_stats stats;
-  std::vector<std::int64_t> load;  // (experts) assignments per expert, before drops
-};
-
 // --- where the layer runs ------------------------------------------------------------------
-// A place holds the backend, makes arrays and the workspace where that backend reads them,
-// moves the trainer's host vectors in and out, and applies an SGD step where the parameters
-// live. The trainer's side (the task, the loss, the printout) stays on the host either way.
+// A place holds the backend, makes arrays, the parameters and the workspace where that
+// backend reads them, moves the trainer's host vectors in and out, and applies an SGD step
+// where the parameters live. The trainer's side (the task, the loss, the printout) stays on
+// the host either way.
 
 /// Host memory and the host backend: runs anywhere, no GPU needed.
 struct host_place {
   using array = std::vector<float>;
+  using parameters = moe::host_parameters<layer_t, float>;
 
   [[nodiscard]] moe::host_backend backend() const { return moe::host; }
   [[nodiscard]] array make(moe::index_t count) const { return array(std::size_t(count)); }
+  [[nodiscard]] parameters make_parameters(layer_t const& layer) const {
+    return parameters(layer, {.biases = true});
+  }
   [[nodiscard]] moe::host_buffer workspace(layer_t const& layer) const {
     return moe::host_buffer(layer.workspace_bytes(moe::host));
   }
   void upload(std::vector<float> const& from, array& to) const { to = from; }
   void download(array const& from, std::vector<float>& to) const { to = from; }
-  void sgd(array& parameter, array const& gradient, double lr) const {
-    for (std::size_t j = 0; j < parameter.size(); ++j) parameter[j] -= float(lr * gradient[j]);
+  void sgd(parameters& w, double lr) const {  // every parameter at once: p −= lr · g
+    auto const p = w.values_bytes(), g = w.gradients_bytes();
+    auto* const value = reinterpret_cast<float*>(p.data());
+    auto const* const gradient = reinterpret_cast<float const*>(g.data());
+    for (std::size_t j = 0; j < p.size() / sizeof(float); ++j) value[j] -= float(lr * gradient[j]);
   }
-  [[nodiscard]] routing_report report(layer_t const& layer, moe::workspace ws, moe::index_t) const {
-    moe::layer_stats const stats = layer.stats(moe::host, ws);
-    return {stats, {stats.load.begin(), stats.load.end()}};
+  [[nodiscard]] moe::layer_stats stats(layer_t const& layer, moe::workspace ws,
+                                       moe::index_t) const {
+    return layer.stats(moe::host, ws);
   }
 };
 
@@ -154,9 +137,14 @@ class cuda_place {
     MOE_CUBLAS_TRY(cublasSetStream(blas_.get(), stream_.get));  // for the SGD steps
   }
 
+  using parameters = moe::device_parameters<layer_t, float>;
+
   [[nodiscard]] moe::cuda_backend backend() const { return {stream_.get, blas_.get()}; }
   [[nodiscard]] array make(moe::index_t count) const {
     return {moe::device_buffer<>(std::size_t(count) * sizeof(float), stream_.get)};
+  }
+  [[nodiscard]] parameters make_parameters(layer_t const& layer) const {
+    return parameters(layer, stream_.get, {.biases = true});
   }
   [[nodiscard]] moe::device_buffer<> workspace(layer_t const& layer) const {
     return moe::device_buffer<>(layer.workspace_bytes<float>(backend()), stream_.get);
@@ -170,19 +158,16 @@ class cuda_place {
                                  cudaMemcpyDeviceToHost, stream_.get));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream_.get));
   }
-  void sgd(array& parameter, array const& gradient, double lr) const {  // p += −lr · g
+  void sgd(parameters& w, double lr) const {  // every parameter at once: p += −lr · g
+    auto const p = w.values_bytes(), g = w.gradients_bytes();
     float const step = float(-lr);
-    MOE_CUBLAS_TRY(cublasSaxpy(blas_.get(), int(parameter.size()), &step, gradient.data(), 1,
-                               parameter.data(), 1));
+    MOE_CUBLAS_TRY(cublasSaxpy(blas_.get(), int(p.size() / sizeof(float)), &step,
+                               reinterpret_cast<float const*>(g.data()), 1,
+                               reinterpret_cast<float*>(p.data()), 1));
   }
-  [[nodiscard]] routing_report report(layer_t const& layer, moe::workspace ws,
-                                      moe::index_t tokens) const {
-    moe::layer_stats const stats = layer.stats(backend(), ws, tokens);  // synchronises
-    std::vector<std::int64_t> load(stats.load.size());
-    MOE_CUDA_TRY(cudaMemcpyAsync(load.data(), stats.load.data(), load.size() * sizeof(std::int64_t),
-                                 cudaMemcpyDeviceToHost, stream_.get));
-    MOE_CUDA_TRY(cudaStreamSynchronize(stream_.get));
-    return {stats, std::move(load)};
+  [[nodiscard]] moe::layer_stats stats(layer_t const& layer, moe::workspace ws,
+                                       moe::index_t tokens) const {
+    return layer.stats(backend(), ws, tokens);  // synchronises; in host memory
   }
 
  private:
@@ -212,33 +197,81 @@ double mse(std::vector<float> const& y, std::vector<float> const& target, std::v
   return sum / double(y.size());
 }
 
-int parse_steps(int argc, char** argv) {
-  if (argc == 1) return 300;
-  char* end = nullptr;
-  long const steps = argc == 3 ? std::strtol(argv[2], &end, 10) : 0;
-  if (argc != 3 || std::string_view(argv[1]) != "--steps" || *end != '\0' || steps < 1) {
-    std::fprintf(stderr, "usage: %s [--steps N]   (N ≥ 1, default 300)\n", argv[0]);
-    std::exit(EXIT_FAILURE);
+/// The command line: --steps N, --load-csv FILE.
+struct options {
+  int steps = 300;
+  char const* load_csv = nullptr;  // each step's assignments per expert, for plot_load.py
+};
+
+options parse(int argc, char** argv) {
+  options o;
+  for (int i = 1; i < argc; i += 2) {
+    std::string_view const flag = argv[i];
+    char* end = nullptr;
+    bool ok = i + 1 < argc;
+    if (ok && flag == "--steps") {
+      long const steps = std::strtol(argv[i + 1], &end, 10);
+      ok = *end == '\0' && steps >= 1 && steps <= 1000000;
+      o.steps = int(steps);
+    } else if (ok && flag == "--load-csv") {
+      o.load_csv = argv[i + 1];
+    } else {
+      ok = false;
+    }
+    if (!ok) {
+      std::fprintf(stderr, "usage: %s [--steps N] [--load-csv FILE]   (N ≥ 1, default 300)\n",
+                   argv[0]);
+      std::exit(EXIT_FAILURE);
+    }
   }
-  return int(steps);
+  return o;
 }
 
+/// Writes one CSV row per step: step, then the assignments per expert (before drops), then
+/// the drops per expert. scripts/plot_load.py renders it as a heat map.
+class load_log {
+ public:
+  load_log(char const* path, moe::index_t experts) {
+    if (path == nullptr) return;
+    file_.reset(std::fopen(path, "w"));
+    if (!file_) throw std::runtime_error(std::string("cannot write ") + path);
+    std::fprintf(file_.get(), "step");
+    for (moe::index_t e = 0; e < experts; ++e) std::fprintf(file_.get(), ",load_%d", int(e));
+    for (moe::index_t e = 0; e < experts; ++e) std::fprintf(file_.get(), ",dropped_%d", int(e));
+    std::fprintf(file_.get(), "\n");
+  }
+  [[nodiscard]] bool enabled() const { return file_ != nullptr; }
+  void write(int step, moe::layer_stats const& s) {
+    std::fprintf(file_.get(), "%d", step);
+    for (auto v : s.load) std::fprintf(file_.get(), ",%lld", static_cast<long long>(v));
+    for (auto v : s.dropped_per_expert)
+      std::fprintf(file_.get(), ",%lld", static_cast<long long>(v));
+    std::fprintf(file_.get(), "\n");
+  }
+
+ private:
+  struct closer {
+    void operator()(std::FILE* f) const { std::fclose(f); }
+  };
+  std::unique_ptr<std::FILE, closer> file_;
+};
+
 template <class Place>
-int train(Place const& place, int steps) {
+int train(Place const& place, options const& o) {
+  int const steps = o.steps;
   // Capacity factor 1: 2·⌊128/4⌋ = 64 slots per expert, so an unbalanced router drops
   // tokens. There is no residual path in this toy model, so a token that lost one of its two
   // experts gives full weight to the other (renormalised after drops), and a small aux loss
   // pushes the router towards balance.
   moe::layer_args const args{.gate = {.tokens = 128,
                                       .experts = 4,
-                                      .capacity_factor = 1.0f,
+                                      .capacity_factor = 1.0,
                                       .normalize = moe::gating::renormalize::after_drops,
                                       .aux_loss_coef = 0.01f},
                              .hidden = 32,
                              .ffn = 64};
   if (auto const s = layer_t::can_implement(args); !s) {
-    std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
+    std::fprintf(stderr, "cannot build the layer: %s\n", s.to_string().c_str());
     return EXIT_FAILURE;
   }
   layer_t const layer(args);
@@ -246,18 +279,9 @@ int train(Place const& place, int steps) {
 
   random_source rng{std::mt19937_64(2024)};
   cluster_task const task(int(args.hidden), int(args.gate.experts), 0.5, rng);
-  auto make = [&](moe::index_t count) { return place.make(count); };
-  ffn_layer_tensors<typename Place::array> params(args, make), grads(args, make);
-  {
-    ffn_layer_tensors<std::vector<float>> initial(
-        args, [](moe::index_t count) { return std::vector<float>(std::size_t(count)); });
-    double const init[] = {1.0, 1.0, 0.0, 0.5, 0.0};  // gate, w1, b1, w2, b2: × 1/√fan-in
-    double const fan_in[] = {double(args.hidden), double(args.hidden), 1, double(args.ffn), 1};
-    for (std::size_t i = 0; i < 5; ++i) {
-      for (auto& v : *initial.all()[i]) v = float(init[i] * rng.normal() / std::sqrt(fan_in[i]));
-      place.upload(*initial.all()[i], *params.all()[i]);
-    }
-  }
+  // Parameters and gradients, laid out from the layer: PyTorch's nn.Linear initialisation.
+  auto w = place.make_parameters(layer);
+  w.initialize(moe::initializer::torch_linear(), 2024);
 
   // The trainer's side in host memory; x, y, dy and dx also where the backend reads them.
   std::size_t const n = std::size_t(args.gate.tokens * args.hidden);
@@ -267,16 +291,15 @@ int train(Place const& place, int steps) {
     return moe::make_view(static_cast<float const*>(a.data()), args.gate.tokens, args.hidden);
   };
   auto out = [&](auto& a) { return moe::make_view(a.data(), args.gate.tokens, args.hidden); };
-  auto const p = params.template views<float const>();  // (the arrays never reallocate)
-  auto const g = grads.template views<float>();
-  if (auto const s = layer.can_implement(place.backend(), in(x_at), p, out(y_at), ws.view()); !s) {
-    std::fprintf(stderr, "cannot run the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
+  if (auto const s =
+          layer.can_implement(place.backend(), in(x_at), w.params(), out(y_at), ws.view());
+      !s) {
+    std::fprintf(stderr, "cannot run the layer: %s\n", s.to_string().c_str());
     return EXIT_FAILURE;
   }
   auto forward = [&](std::vector<float> const& input) {  // y = layer(input)
     place.upload(input, x_at);
-    layer.forward(place.backend(), in(x_at), p, out(y_at), ws.view());
+    layer.forward(place.backend(), in(x_at), w.params(), out(y_at), ws.view());
     place.download(y_at, y);
   };
 
@@ -289,26 +312,28 @@ int train(Place const& place, int steps) {
   double const initial_loss = evaluate();
   std::printf("training: T=%d H=%d F=%d E=%d k=%d, capacity %d per expert, %d steps\n",
               int(args.gate.tokens), int(args.hidden), int(args.ffn), int(args.gate.experts),
-              layer.k(), int(place.report(layer, ws.view(), args.gate.tokens).stats.capacity),
-              steps);
+              layer.k(), int(place.stats(layer, ws.view(), args.gate.tokens).capacity), steps);
+  if (!moe::optimized_build)
+    std::printf("note: built without optimisation; the host backend runs many times slower\n");
 
+  load_log log(o.load_csv, args.gate.experts);
   double const lr = 2.0;
-  auto const p_all = params.all(), g_all = grads.all();
+  auto const started = std::chrono::steady_clock::now();
   for (int step = 1; step <= steps; ++step) {
     task.sample(rng, x, target);
     forward(x);
     double const loss = mse(y, target, dy);
+    if (log.enabled()) log.write(step, place.stats(layer, ws.view(), args.gate.tokens));
     if (step == 1 || step % 25 == 0 || step == steps) {
-      routing_report const r = place.report(layer, ws.view(), args.gate.tokens);
-      std::printf("step %4d  mse %.4f  aux %.3f  dropped %3d  assignments per expert", step, loss,
-                  r.stats.aux_loss, int(r.stats.dropped));
-      for (auto load : r.load) std::printf(" %4d", int(load));
-      std::printf("\n");
+      double const seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      std::printf("step %4d/%d  %5.1f s  mse %.4f  %s\n", step, steps, seconds, loss,
+                  to_string(place.stats(layer, ws.view(), args.gate.tokens)).c_str());
     }
     // Gradients of mse + aux_loss_coef · aux: backward adds the aux term itself.
     place.upload(dy, dy_at);
-    layer.backward(place.backend(), in(dy_at), p, out(dx_at), g, ws.view());
-    for (std::size_t i = 0; i < p_all.size(); ++i) place.sgd(*p_all[i], *g_all[i], lr);
+    layer.backward(place.backend(), in(dy_at), w.params(), out(dx_at), w.gradients(), ws.view());
+    place.sgd(w, lr);
   }
   double const final_loss = evaluate();
 
@@ -317,7 +342,7 @@ int train(Place const& place, int steps) {
     task.sample(rng, x, target, c);
     forward(x);
     std::printf("cluster %d goes to experts", c);
-    for (auto load : place.report(layer, ws.view(), args.gate.tokens).load)
+    for (auto load : place.stats(layer, ws.view(), args.gate.tokens).load)
       std::printf(" %4d", int(load));
     std::printf("\n");
   }
@@ -330,14 +355,14 @@ int train(Place const& place, int steps) {
   return EXIT_SUCCESS;
 }
 
-int run(int steps) {
+int run(options const& o) {
   int const gpus = moe::cuda_device_count();
 #if defined(__CUDACC__)
   if (gpus > 0) {
     cudaDeviceProp device{};
     MOE_CUDA_TRY(cudaGetDeviceProperties(&device, 0));
     std::printf("training on the CUDA backend (%s)\n", device.name);
-    return train(cuda_place{}, steps);
+    return train(cuda_place{}, o);
   }
   std::printf("no CUDA device: training on the host backend\n");
 #else
@@ -349,14 +374,14 @@ int run(int steps) {
   else
     std::printf("no CUDA device: training on the host backend\n");
 #endif
-  return train(host_place{}, steps);
+  return train(host_place{}, o);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
-    return run(parse_steps(argc, argv));
+    return run(parse(argc, argv));
   } catch (moe::error const& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return EXIT_FAILURE;

@@ -33,6 +33,12 @@ if [[ ${MOE_SKIP_CONFORMANCE:-0} != 1 ]]; then
 fi
 tool_settings+=(-DMOE_CONFORMANCE_PYTHON="$conformance_python")
 
+# The load heat map's matplotlib (scripts/plot_load.sh), for its ctest.
+if [[ ${MOE_SKIP_PACKAGING_TOOLS:-0} != 1 ]]; then
+  bash scripts/plot_load.sh --install "$PWD/build-ci/tools-plot"
+  tool_settings+=(-DMOE_PLOT_PYTHON="$PWD/build-ci/tools-plot/bin/python")
+fi
+
 cmake --preset ci "${tool_settings[@]}"
 cmake --build --preset ci --parallel "$(nproc)"
 # What one layer call costs in launches, library calls and synchronisations, counted on the

@@ -33,3 +33,17 @@ which requests cxx_std_20 and cuda_std_20)."
 #define MOE_DEVICE
 #define MOE_FORCEINLINE inline
 #endif
+
+namespace moe {
+
+/// Whether the translation unit including this was compiled with optimisation (-O1 and up
+/// define __OPTIMIZE__ on GCC, Clang and nvcc's host side): the host backend, loops over
+/// double, runs tens of times slower without it. Programs can say so (the examples do).
+/// Not inline: each translation unit has its own, so units built differently do not clash.
+#if defined(__OPTIMIZE__) || (defined(_MSC_VER) && !defined(_DEBUG))
+constexpr bool optimized_build = true;
+#else
+constexpr bool optimized_build = false;
+#endif
+
+}  // namespace moe
