@@ -34,36 +34,31 @@ using collective_t = moe::comm::all_to_all_2dh;  // Tutel's hierarchical all-to-
 
 constexpr moe::index_t global_tokens = 64, hidden = 16, ffn = 32, experts = 8;
 
-/// The trainer's tensors for all experts and all tokens; each rank takes its slices.
-struct model {
-  std::vector<float> gate_weight, w1, b1, w2, b2, x, dy;
+/// The global batch and its output gradient; each rank takes its tokens' rows.
+struct batch {
+  std::vector<float> x, dy;
 
-  model() {
+  batch() {
     std::mt19937_64 engine(2024);  // the same numbers for every W
-    auto fill = [&](std::vector<float>& v, std::size_t n, double scale) {
+    auto fill = [&](std::vector<float>& v, std::size_t n) {
       v.resize(n);
       for (auto& value : v)
-        value = static_cast<float>(scale * (static_cast<double>(engine() >> 11) * 0x1.0p-52 - 1));
+        value = static_cast<float>(static_cast<double>(engine() >> 11) * 0x1.0p-52 - 1);
     };
-    fill(gate_weight, hidden * experts, 0.5);
-    fill(w1, experts * hidden * ffn, 0.3);
-    fill(b1, experts * ffn, 0.1);
-    fill(w2, experts * ffn * hidden, 0.3);
-    fill(b2, experts * hidden, 0.1);
-    fill(x, global_tokens * hidden, 1.0);
-    fill(dy, global_tokens * hidden, 1.0);
+    fill(x, global_tokens * hidden);
+    fill(dy, global_tokens * hidden);
   }
 };
 
 /// Runs the layer on W virtual ranks; returns the checksum of y and dx over all tokens.
 template <class Layout>
-double run(model const& m, int ranks) {
+double run(batch const& m, int ranks) {
   using layer_t = moe::layer<gate_t, Layout, collective_t, expert_t>;
   moe::index_t const tokens = global_tokens / ranks, local_experts = experts / ranks;
   moe::layer_args const args{
       .gate = {.tokens = tokens,  // per rank
                .experts = experts,
-               .capacity_factor = 0.0f,  // dynamic: the largest load, all ranks
+               .capacity_factor = 0.0,  // dynamic: the largest load, all ranks
                .normalize = moe::gating::renormalize::before_drops},
       .hidden = hidden,
       .ffn = ffn};
@@ -77,34 +72,19 @@ double run(model const& m, int ranks) {
     int const r = comm.rank();
     layer_t layer(args, comm);  // borrows comm; experts [r·E/W, (r+1)·E/W) live here
 
-    // This rank's parameters: the whole gate, its own experts' slices.
-    auto expert_slice = [&](std::vector<float> const& v, moe::index_t per_expert) {
-      return v.data() + r * local_experts * per_expert;
-    };
-    typename layer_t::template params<float> const params{
-        moe::make_view(m.gate_weight.data(), hidden, experts),
-        {moe::make_view(expert_slice(m.w1, hidden * ffn), local_experts, hidden, ffn),
-         moe::make_view(expert_slice(m.b1, ffn), local_experts, ffn),
-         moe::make_view(expert_slice(m.w2, ffn * hidden), local_experts, ffn, hidden),
-         moe::make_view(expert_slice(m.b2, hidden), local_experts, hidden)}};
-    std::vector<float> gate_grad(hidden * experts), w1_grad(local_experts * hidden * ffn),
-        b1_grad(local_experts * ffn), w2_grad(local_experts * ffn * hidden),
-        b2_grad(local_experts * hidden);
-    typename layer_t::template gradients<float> const grads{
-        moe::make_view(gate_grad.data(), hidden, experts),
-        {moe::make_view(w1_grad.data(), local_experts, hidden, ffn),
-         moe::make_view(b1_grad.data(), local_experts, ffn),
-         moe::make_view(w2_grad.data(), local_experts, ffn, hidden),
-         moe::make_view(b2_grad.data(), local_experts, hidden)}};
+    // This rank's parameters, the whole gate and its own experts, and their gradients. The
+    // initialiser draws each expert's values from its global index: the same model for any W.
+    moe::host_parameters<layer_t, float> w(layer, {.biases = true});
+    w.initialize(moe::initializer::torch_linear(), 2024);
 
     // This rank's tokens: rows [r·T, (r+1)·T) of the global batch.
     moe::index_t const first = r * tokens * hidden;
     auto const x = moe::make_view(m.x.data() + first, tokens, hidden);
     auto const dy = moe::make_view(m.dy.data() + first, tokens, hidden);
     std::vector<std::byte> ws(layer.workspace_bytes(moe::host));
-    layer.forward(moe::host, x, params, moe::make_view(y.data() + first, tokens, hidden), ws);
-    layer.backward(moe::host, dy, params, moe::make_view(dx.data() + first, tokens, hidden), grads,
-                   ws);
+    layer.forward(moe::host, x, w.params(), moe::make_view(y.data() + first, tokens, hidden), ws);
+    layer.backward(moe::host, dy, w.params(), moe::make_view(dx.data() + first, tokens, hidden),
+                   w.gradients(), ws);
 
     moe::layer_stats const s = layer.stats(moe::host, ws);
     std::string line = "  rank " + std::to_string(r) + ": experts " +
@@ -122,7 +102,7 @@ double run(model const& m, int ranks) {
   return checksum;
 }
 
-double run(model const& m, int ranks, std::string_view layout) {
+double run(batch const& m, int ranks, std::string_view layout) {
   std::printf("W = %d, %.*s layout\n", ranks, static_cast<int>(layout.size()), layout.data());
   double const checksum = layout == "ragged" ? run<moe::layout::ragged>(m, ranks)
                                              : run<moe::layout::capacity>(m, ranks);
@@ -151,7 +131,7 @@ int main(int argc, char** argv) {
     return EXIT_FAILURE;
   }
   try {
-    model const m;
+    batch const m;
     if (ranks != 0) {
       if (ranks < 1 || experts % ranks != 0 || global_tokens % ranks != 0) {
         std::fprintf(stderr, "--simulate: W must divide %lld experts and %lld tokens\n",

@@ -4,7 +4,8 @@
 // The layer routes, dispatches, combines and differentiates; what each expert computes is
 // yours. Any type that models moe::expert::expert (a tag, parameter views it can check, a
 // saved state it lays out in the layer's workspace, and a forward over its rows of the
-// batch) runs in moe::layer, and one that also has a backward trains in it. This program
+// batch) runs in moe::layer, and one that also has a backward trains in it; one that lists
+// its parameters (parameter_shapes) gets them owned by moe::host_parameters. This program
 // writes such a type, a linear map per expert with a learned gain, out = s_e · (x · W_e),
 // runs it in a layer on the host backend, and checks the output against numbers worked out
 // by hand and one gradient against a finite difference. It needs no GPU.
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -33,14 +35,35 @@ struct scaled_linear {
 
   struct host_state {};  // nothing to save: backward recomputes x · W_e from its input
 
+  /// Its parameters by name and axes (what errors print, and what moe::host_parameters lays
+  /// out), in the order of `params`' members.
+  static std::array<moe::parameter_shape, 2> parameter_shapes(moe::expert::expert_shape const& s) {
+    return {{{.name = "w",
+              .rank = 3,
+              .axes = {{{"experts", s.experts}, {"hidden", s.hidden}, {"hidden", s.hidden}}},
+              .fan_in = s.hidden,
+              .torch = "nn.Linear(hidden, hidden, bias=False).weight.T of each expert"},
+             {.name = "scale",
+              .rank = 1,
+              .axes = {{{"experts", s.experts}}},
+              .fan_in = 1,
+              .torch = "a Parameter of shape (experts,)"}}};
+  }
+
+  /// Views over one pointer per tensor of parameter_shapes.
+  template <class T>
+  static params<T> view_parameters(moe::expert::expert_shape const& s, moe::span<T* const> data) {
+    return {moe::make_view(data[0], s.experts, s.hidden, s.hidden),
+            moe::make_view(data[1], s.experts)};
+  }
+
   template <class T>
   static moe::status check(params<T> const& p, moe::expert::expert_shape const& s,
                            char const* name) {
     std::string const prefix = std::string(name) + ".";
-    if (auto st = moe::check_extents(p.w, (prefix + "w").c_str(), {s.experts, s.hidden, s.hidden});
-        !st)
-      return st;
-    return moe::check_extents(p.scale, (prefix + "scale").c_str(), {s.experts});
+    auto const shapes = parameter_shapes(s);
+    if (auto st = moe::check_parameter(p.w, shapes[0], prefix); !st) return st;
+    return moe::check_parameter(p.scale, shapes[1], prefix);
   }
 
   static host_state carve_host_state(moe::workspace_carver&, moe::expert::expert_shape const&,
@@ -102,7 +125,8 @@ struct scaled_linear {
     return sum;
   }
 };
-static_assert(moe::expert::trainable_expert<scaled_linear>);
+static_assert(moe::expert::trainable_expert<scaled_linear> &&
+              moe::expert::describes_parameters<scaled_linear>);
 
 // Top-1 routing, the weight renormalised to exactly 1, so that y_t = s_e · (x_t · W_e).
 using layer_t =
@@ -112,18 +136,24 @@ int run() {
   // T = 4 tokens, H = 2, E = 2. `ffn` is not used by this expert (it must still be ≥ 1).
   moe::layer_args const args{.gate = {.tokens = 4,
                                       .experts = 2,
-                                      .capacity_factor = 2.0f,  // C = ⌊2 · ⌈4/2⌉⌋ = 4: no drops
+                                      .capacity_factor = 2.0,  // C = ⌊2 · ⌈4/2⌉⌋ = 4: no drops
                                       .normalize = moe::gating::renormalize::before_drops},
                              .hidden = 2,
                              .ffn = 1};
   layer_t const layer(args);  // rejected arguments throw moe::invalid_argument (see main)
 
+  // Its parameters and their gradients, laid out from the layer (parameter_shapes).
+  moe::host_parameters<layer_t, float> params(layer);
+  auto set = [&](std::size_t tensor, std::initializer_list<float> values) {
+    std::copy(values.begin(), values.end(), params.values(tensor).begin());
+  };
   // Gate weight (hidden, experts) = [[1, −1], [0, 0]]: logits (x0, −x0), so a token with
   // x0 > 0 goes to expert 0 and one with x0 < 0 to expert 1.
-  std::array<float, 4> const gate{1, -1, 0, 0};
+  set(0, {1, -1, 0, 0});
   // W_0 = [[1, 2], [3, 4]], s_0 = 0.5;  W_1 = [[0, 1], [1, 0]] (a swap), s_1 = 2.
-  std::array<float, 8> w{1, 2, 3, 4, 0, 1, 1, 0};
-  std::array<float, 2> scale{0.5f, 2.0f};
+  set(1, {1, 2, 3, 4, 0, 1, 1, 0});
+  set(2, {0.5f, 2.0f});
+  float& gain_1 = params.values(2)[1];
   std::array<float, 8> const x{1, 2, -1, 3, 2, -1, -3, 0.5f};
   // By hand:  (1, 2) · W_0 = (7, 10),   · 0.5 = (3.5, 5)
   //          (−1, 3) · W_1 = (3, −1),   · 2   = (6, −2)
@@ -132,17 +162,13 @@ int run() {
   std::array<float, 8> const expected{3.5f, 5, 6, -2, -0.5f, 0, 1, -6};
 
   auto matrix = [&](auto* data) { return moe::make_view(data, args.gate.tokens, args.hidden); };
-  layer_t::params<float> const p{
-      moe::make_view(gate.data(), args.hidden, args.gate.experts),
-      {moe::make_view(std::as_const(w).data(), args.gate.experts, args.hidden, args.hidden),
-       moe::make_view(std::as_const(scale).data(), args.gate.experts)}};
+  auto const p = params.params();
   moe::host_buffer ws(layer.workspace_bytes(moe::host));
   std::array<float, 8> y{};
   if (auto const s =
           layer.can_implement(moe::host, matrix(x.data()), p, matrix(y.data()), ws.view());
       !s) {
-    std::fprintf(stderr, "cannot run the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
+    std::fprintf(stderr, "cannot run the layer: %s\n", s.to_string().c_str());
     return EXIT_FAILURE;
   }
   layer.forward(moe::host, matrix(x.data()), p, matrix(y.data()), ws.view());
@@ -160,30 +186,25 @@ int run() {
   // Backward of L = Σ y (dy = 1) into gradients the caller owns, and the gain of expert 1
   // against a central difference of L.
   std::array<float, 8> const dy{1, 1, 1, 1, 1, 1, 1, 1};
-  std::array<float, 8> dx{}, d_w{};
-  std::array<float, 4> d_gate{};
-  std::array<float, 2> d_scale{};
-  layer_t::gradients<float> const g{
-      moe::make_view(d_gate.data(), args.hidden, args.gate.experts),
-      {moe::make_view(d_w.data(), args.gate.experts, args.hidden, args.hidden),
-       moe::make_view(d_scale.data(), args.gate.experts)}};
-  layer.backward(moe::host, matrix(dy.data()), p, matrix(dx.data()), g, ws.view());
+  std::array<float, 8> dx{};
+  layer.backward(moe::host, matrix(dy.data()), p, matrix(dx.data()), params.gradients(), ws.view());
+  float const d_gain_1 = params.gradients(2)[1];
   auto loss = [&] {
     layer.forward(moe::host, matrix(x.data()), p, matrix(y.data()), ws.view());
     double sum = 0;
     for (float v : y) sum += v;
     return sum;
   };
-  float const saved = scale[1], h = 1e-2f;  // L is linear in s_1: the difference is exact
-  scale[1] = saved + h;
+  float const saved = gain_1, h = 1e-2f;  // L is linear in s_1: the difference is exact
+  gain_1 = saved + h;
   double const up = loss();
-  scale[1] = saved - h;
+  gain_1 = saved - h;
   double const down = loss();
-  scale[1] = saved;
+  gain_1 = saved;
   double const numeric = (up - down) / (2.0 * h);
   // By hand: dL/ds_1 = Σ over expert 1's tokens of Σ_j (x · W_1)_j = (3 − 1) + (0.5 − 3) = −0.5.
-  std::printf("dL/ds_1 = %g (finite difference %g, by hand -0.5)\n", double(d_scale[1]), numeric);
-  if (std::abs(d_scale[1] - (-0.5f)) > 1e-6f || std::abs(numeric - (-0.5)) > 1e-4) {
+  std::printf("dL/ds_1 = %g (finite difference %g, by hand -0.5)\n", double(d_gain_1), numeric);
+  if (std::abs(d_gain_1 - (-0.5f)) > 1e-6f || std::abs(numeric - (-0.5)) > 1e-4) {
     std::fprintf(stderr, "the gradient of s_1 is wrong\n");
     ++failures;
   }

@@ -72,29 +72,13 @@ std::vector<element_t> random_values(std::size_t count, double scale, std::uint6
   return values;
 }
 
-/// The layer's parameters as a server loads them, in host memory (Mixtral has no biases).
-struct weights {
-  index_t hidden, ffn;
-  std::vector<element_t> gate;  // (hidden, experts)
-  std::vector<element_t> w13;   // (experts, hidden, 2·ffn)  [gate | up]
-  std::vector<element_t> w2;    // (experts, ffn, hidden)
-
-  weights(index_t h, index_t f)
-      : hidden(h),
-        ffn(f),
-        gate(random_values(static_cast<std::size_t>(h * experts), 1.0 / std::sqrt(h), 1)),
-        w13(random_values(static_cast<std::size_t>(experts * h * 2 * f), 1.0 / std::sqrt(h), 2)),
-        w2(random_values(static_cast<std::size_t>(experts * f * h), 1.0 / std::sqrt(f), 3)) {}
-};
-
-/// Views of parameters stored at `gate`, `w13` and `w2` (host or device memory).
-moe::layer_params<element_t const, expert_t> views_of(weights const& w, element_t const* gate,
-                                                      element_t const* w13, element_t const* w2) {
-  return {moe::make_view(gate, w.hidden, experts),
-          {.w13 = moe::make_view(w13, experts, w.hidden, 2 * w.ffn),
-           .b13 = {},
-           .w2 = moe::make_view(w2, experts, w.ffn, w.hidden),
-           .b2 = {}}};
+/// The layer's parameters as a server holds them in host memory (Mixtral's experts have no
+/// biases): the gate weight, W13 and W2, PyTorch's nn.Linear initialisation.
+template <class Layer>
+moe::host_parameters<Layer, element_t> weights_for(Layer const& layer) {
+  moe::host_parameters<Layer, element_t> w(layer, {.gradients = false});  // inference
+  w.initialize(moe::initializer::torch_linear(), 1);
+  return w;
 }
 
 /// ‖a − b‖ / ‖b‖ over all elements.
@@ -111,15 +95,18 @@ double relative_error(std::vector<element_t> const& a, std::vector<element_t> co
 /// What the layer computes for one token, written out in float64 (no capacity reached):
 /// y = Σ over the two best experts e of w_e · (silu(x·Wg_e) ⊙ (x·Wu_e)) · W2_e, with w the
 /// softmax scores of the two renormalised over the pair.
-std::vector<double> formula(weights const& w, element_t const* x) {
-  index_t const h = w.hidden, f = w.ffn;
-  auto at = [](std::vector<element_t> const& v, index_t i) {
-    return double(moe::to_accumulate(v[i]));
-  };
+template <class Parameters>
+std::vector<double> formula(Parameters const& parameters, element_t const* x) {
+  auto const w = parameters.params();
+  index_t const h = w.gate_weight.extent(0), f = w.expert.w2.extent(1);
+  auto at = [](auto const* data, index_t i) { return double(moe::to_accumulate(data[i])); };
+  struct {
+    element_t const *gate, *w13, *w2;
+  } const flat{w.gate_weight.data_handle(), w.expert.w13.data_handle(), w.expert.w2.data_handle()};
   std::vector<double> logits(experts, 0.0), y(h, 0.0), inner(f);
   for (index_t e = 0; e < experts; ++e)
     for (index_t i = 0; i < h; ++i)
-      logits[e] += moe::to_accumulate(x[i]) * at(w.gate, i * experts + e);
+      logits[e] += moe::to_accumulate(x[i]) * at(flat.gate, i * experts + e);
   index_t first = 0;  // ties go to the lower expert index
   for (index_t e = 1; e < experts; ++e)
     if (logits[e] > logits[first]) first = e;
@@ -133,14 +120,14 @@ std::vector<double> formula(weights const& w, element_t const* x) {
       double g = 0, u = 0;
       for (index_t i = 0; i < h; ++i) {
         double const xi = moe::to_accumulate(x[i]);
-        g += xi * at(w.w13, (e * h + i) * 2 * f + j);
-        u += xi * at(w.w13, (e * h + i) * 2 * f + f + j);
+        g += xi * at(flat.w13, (e * h + i) * 2 * f + j);
+        u += xi * at(flat.w13, (e * h + i) * 2 * f + f + j);
       }
       inner[j] = g / (1.0 + std::exp(-g)) * u;
     }
     for (index_t i = 0; i < h; ++i) {
       double sum = 0;
-      for (index_t j = 0; j < f; ++j) sum += inner[j] * at(w.w2, (e * f + j) * h + i);
+      for (index_t j = 0; j < f; ++j) sum += inner[j] * at(flat.w2, (e * f + j) * h + i);
       y[i] += weight * sum;
     }
   }
@@ -157,9 +144,7 @@ void print_rate(char const* label, index_t tokens, double seconds_per_call) {
 template <class Layout>
 bool can_build(moe::layer_args const& args) {
   auto const s = layer_t<Layout>::can_implement(args);
-  if (!s)
-    std::fprintf(stderr, "cannot build the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
+  if (!s) std::fprintf(stderr, "cannot build the layer: %s\n", s.to_string().c_str());
   return s.ok();
 }
 
@@ -171,8 +156,8 @@ int run_on_host() {
   if (!can_build<Layout>(args)) return EXIT_FAILURE;
   layer_t<Layout> const layer(args);
   moe::host_buffer ws(layer.workspace_bytes(moe::host));  // once, for the largest call
-  weights const w(hidden, ffn);
-  auto const p = views_of(w, w.gate.data(), w.w13.data(), w.w2.data());
+  auto const w = weights_for(layer);
+  auto const p = w.params();
   std::vector<element_t> const x =
       random_values(static_cast<std::size_t>(most_tokens * hidden), 1.0, 4);
   std::vector<element_t> y(x.size());
@@ -180,8 +165,7 @@ int run_on_host() {
   if (auto const s = layer.can_implement(moe::host, rows(x.data(), most_tokens), p,
                                          rows(y.data(), most_tokens), ws.view());
       !s) {
-    std::fprintf(stderr, "cannot run the layer: '%s' %s\n", s.argument().c_str(),
-                 s.message().c_str());
+    std::fprintf(stderr, "cannot run the layer: %s\n", s.to_string().c_str());
     return EXIT_FAILURE;
   }
 
@@ -288,19 +272,17 @@ int run_on_gpu() {
   // Once, for the largest call: every forward below runs in this workspace.
   moe::device_buffer<> const ws(layer.template workspace_bytes<element_t>(cuda), stream.stream);
 
-  weights const w(hidden, ffn);
+  auto const w = weights_for(layer);
+  moe::device_parameters<layer_t<Layout>, element_t> device_w(layer, stream.stream,
+                                                              {.gradients = false});
+  device_w.copy_from(w);
   std::vector<element_t> const x =
       random_values(static_cast<std::size_t>(most_tokens * hidden), 1.0, 4);
   std::size_t const bytes = sizeof(element_t);
-  moe::device_buffer<> const gate(w.gate.size() * bytes, stream.stream),
-      w13(w.w13.size() * bytes, stream.stream), w2(w.w2.size() * bytes, stream.stream),
-      x_device(x.size() * bytes, stream.stream), y_device(x.size() * bytes, stream.stream);
-  upload(w.gate, gate, stream.stream);
-  upload(w.w13, w13, stream.stream);
-  upload(w.w2, w2, stream.stream);
+  moe::device_buffer<> const x_device(x.size() * bytes, stream.stream),
+      y_device(x.size() * bytes, stream.stream);
   upload(x, x_device, stream.stream);
-  auto const p =
-      views_of(w, data_of<element_t>(gate), data_of<element_t>(w13), data_of<element_t>(w2));
+  auto const p = device_w.params();
   auto forward = [&](index_t tokens) {  // the first `tokens` rows of x
     layer.forward(cuda, moe::make_view(data_of<element_t const>(x_device), tokens, hidden), p,
                   moe::make_view(data_of<element_t>(y_device), tokens, hidden), ws.view());
@@ -315,8 +297,7 @@ int run_on_gpu() {
   MOE_CUDA_TRY(cudaStreamSynchronize(stream.stream));
   layer_t<Layout> const host_layer(args_for(checked, hidden, ffn));
   moe::host_buffer host_ws(host_layer.workspace_bytes(moe::host));
-  host_layer.forward(moe::host, moe::make_view(x.data(), checked, hidden),
-                     views_of(w, w.gate.data(), w.w13.data(), w.w2.data()),
+  host_layer.forward(moe::host, moe::make_view(x.data(), checked, hidden), w.params(),
                      moe::make_view(expected.data(), checked, hidden), host_ws.view());
   double const error = relative_error(y, expected);
   std::printf("decode check against the host backend (T=%lld): relative error %.2e\n",

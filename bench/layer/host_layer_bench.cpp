@@ -43,46 +43,10 @@ struct layer_config {
   [[nodiscard]] moe::layer_args args() const {
     return {.gate = {.tokens = tokens,
                      .experts = shape.experts,
-                     .capacity_factor = 1.25f,
+                     .capacity_factor = 1.25,
                      .aux_loss_coef = 0.01f},
             .hidden = shape.hidden,
             .ffn = shape.ffn};
-  }
-};
-
-/// Parameters (or gradients) of the layer in host memory, with biases.
-struct ffn_tensors {
-  moe::layer_args args;
-  std::vector<float> gate_weight, w1, b1, w2, b2;
-
-  explicit ffn_tensors(moe::layer_args const& a)
-      : args(a),
-        gate_weight(a.hidden * a.gate.experts),
-        w1(a.gate.experts * a.hidden * a.ffn),
-        b1(a.gate.experts * a.ffn),
-        w2(a.gate.experts * a.ffn * a.hidden),
-        b2(a.gate.experts * a.hidden) {}
-
-  [[nodiscard]] double bytes() const {
-    return double(sizeof(float)) *
-           double(gate_weight.size() + w1.size() + b1.size() + w2.size() + b2.size());
-  }
-
-  void randomize(std::uint64_t seed) {
-    auto const scale = [](moe::index_t fan_in) { return 1.0 / std::sqrt(double(fan_in)); };
-    moe::bench::fill_random(std::span(gate_weight), seed, scale(args.hidden));
-    moe::bench::fill_random(std::span(w1), seed + 1, scale(args.hidden));
-    moe::bench::fill_random(std::span(b1), seed + 2, 0.1);
-    moe::bench::fill_random(std::span(w2), seed + 3, scale(args.ffn));
-    moe::bench::fill_random(std::span(b2), seed + 4, 0.1);
-  }
-
-  template <class T>  // float const for parameters, float for gradients
-  moe::layer_params<T, expert_t> views() {
-    auto const [h, f, e] = std::array{args.hidden, args.ffn, args.gate.experts};
-    return {moe::make_view<T>(gate_weight.data(), h, e),
-            {moe::make_view<T>(w1.data(), e, h, f), moe::make_view<T>(b1.data(), e, f),
-             moe::make_view<T>(w2.data(), e, f, h), moe::make_view<T>(b2.data(), e, h)}};
   }
 };
 
@@ -95,8 +59,11 @@ void host_layer(benchmark::State& state, layer_config const& config) {
   layer_t const layer(args);
   moe::host_buffer ws(layer.workspace_bytes(moe::host));
 
-  ffn_tensors params(args), grads(args);
-  params.randomize(42);
+  moe::host_parameters<layer_t, float> w(layer, {.biases = true});
+  w.initialize(moe::initializer::torch_linear(), 42);
+  double parameter_bytes = 0;  // the tensors themselves, not the buffer's alignment padding
+  for (std::size_t i = 0; i < w.shapes().size(); ++i)
+    parameter_bytes += double(w.values(i).size_bytes());
   std::size_t const n = std::size_t(args.gate.tokens * args.hidden);
   std::vector<float> x(n), dy(n), y(n), dx(n);
   moe::bench::fill_random(std::span(x), 7);
@@ -104,8 +71,8 @@ void host_layer(benchmark::State& state, layer_config const& config) {
   auto matrix = [&](auto* data) { return moe::make_view(data, args.gate.tokens, args.hidden); };
   float const* const x_data = x.data();
   float const* const dy_data = dy.data();
-  auto const p = params.views<float const>();
-  auto const g = grads.views<float>();
+  auto const p = w.params();
+  auto const g = w.gradients();
   layer.can_implement(moe::host, matrix(x_data), p, matrix(y.data()), ws.view()).throw_if_failed();
 
   // One untimed call: it finds how many assignments the router keeps, for the FLOP count.
@@ -125,9 +92,9 @@ void host_layer(benchmark::State& state, layer_config const& config) {
   double const forward_flops = 2 * t * h * e + 2 * 2 * kept * h * f;
   double const activation_bytes = double(sizeof(float)) * t * h;
   if constexpr (Pass == pass::forward)
-    moe::bench::set_bytes_and_flops(state, 2 * activation_bytes + params.bytes(), forward_flops);
+    moe::bench::set_bytes_and_flops(state, 2 * activation_bytes + parameter_bytes, forward_flops);
   else
-    moe::bench::set_bytes_and_flops(state, 4 * activation_bytes + 2 * params.bytes(),
+    moe::bench::set_bytes_and_flops(state, 4 * activation_bytes + 2 * parameter_bytes,
                                     3 * forward_flops);
   state.counters["kept"] = kept;
 }

@@ -116,15 +116,15 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
   moe::cuda_backend const cuda{ctx.stream, ctx.blas};
 
   // Device memory: parameters (and gradients), activations, the workspace.
-  std::size_t const gate_size = static_cast<std::size_t>(h * e);
-  std::size_t const w13_size = static_cast<std::size_t>(e * h * 2 * f);
-  std::size_t const w2_size = static_cast<std::size_t>(e * f * h);
+  double parameters = 0;  // elements: the gate weight, W13 and W2 (no biases)
+  for (moe::parameter_shape const& s : layer.parameter_shapes())
+    if (!s.bias) parameters += static_cast<double>(s.elements());
   std::size_t const io_size = static_cast<std::size_t>(tokens * h);
   std::size_t const ws_bytes = layer.template workspace_bytes<T>(cuda);
-  double const needed = static_cast<double>(
-      ((gate_size + w13_size + w2_size) * (backward ? 2 : 1) + io_size * (backward ? 4 : 2)) *
+  double const needed =
+      (parameters * (backward ? 2 : 1) + static_cast<double>(io_size * (backward ? 4 : 2))) *
           sizeof(T) +
-      ws_bytes);
+      static_cast<double>(ws_bytes);
   std::size_t free_bytes = 0, total_bytes = 0;
   MOE_CUDA_TRY(cudaMemGetInfo(&free_bytes, &total_bytes));
   double const limit = std::min(memory_budget, static_cast<double>(free_bytes) - (1 << 30));
@@ -136,29 +136,19 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
     return;
   }
 
-  device_array<T> gate(gate_size), w13(w13_size), w2(w2_size);
-  device_array<T> d_gate(backward ? gate_size : 0), d_w13(backward ? w13_size : 0),
-      d_w2(backward ? w2_size : 0);
+  // Parameters and (for backward) gradients, laid out from the layer; random values filled
+  // on the device (a host initialiser would dominate the setup at these sizes).
+  moe::device_parameters<layer_type, T> w(layer, ctx.stream, {.gradients = backward});
   device_array<T> x(io_size), y(io_size), dy(backward ? io_size : 0), dx(dy.size());
   device_array<std::byte> ws(ws_bytes);
-  moe::bench::fill_random(gate, 11, 0.05, ctx.stream);
-  moe::bench::fill_random(w13, 12, 0.05, ctx.stream);
-  moe::bench::fill_random(w2, 13, 0.05, ctx.stream);
+  moe::bench::fill_random(reinterpret_cast<T*>(w.values_bytes().data()),
+                          w.values_bytes().size() / sizeof(T), 11, 0.05, ctx.stream);
   moe::bench::fill_random(x, 14, 1.0, ctx.stream);
   if (backward) moe::bench::fill_random(dy, 15, 0.05, ctx.stream);
 
-  typename layer_type::template params<T> const p{
-      moe::make_view(static_cast<T const*>(gate.data()), h, e),
-      {.w13 = moe::make_view(static_cast<T const*>(w13.data()), e, h, 2 * f),
-       .b13 = {},
-       .w2 = moe::make_view(static_cast<T const*>(w2.data()), e, f, h),
-       .b2 = {}}};
-  typename layer_type::template gradients<T> const g{
-      moe::make_view(d_gate.data(), h, e),
-      {.w13 = moe::make_view(d_w13.data(), e, h, 2 * f),
-       .b13 = {},
-       .w2 = moe::make_view(d_w2.data(), e, f, h),
-       .b2 = {}}};
+  auto const p = w.params();
+  typename layer_type::template gradients<T> g{};
+  if (backward) g = w.gradients();
   auto const x_v = moe::make_view(static_cast<T const*>(x.data()), tokens, h);
   auto const y_v = moe::make_view(y.data(), tokens, h);
   auto const dy_v = moe::make_view(static_cast<T const*>(dy.data()), tokens, h);
@@ -167,10 +157,8 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
 
   // One untimed call: cuBLAS picks its kernels, and the routing is read for the counters.
   layer.forward(cuda, x_v, p, y_v, ws_v);
-  moe::layer_stats const stats = layer.stats(cuda, ws_v, tokens);  // synchronises
-  std::vector<std::int64_t> load(stats.load.size());
-  MOE_CUDA_TRY(cudaMemcpyAsync(load.data(), stats.load.data(), load.size() * sizeof(std::int64_t),
-                               cudaMemcpyDeviceToHost, ctx.stream));
+  moe::layer_stats const stats = layer.stats(cuda, ws_v, tokens);  // synchronises; host memory
+  std::vector<std::int64_t> const& load = stats.load;
   if (backward) layer.backward(cuda, dy_v, p, dx_v, g, ws_v);
   MOE_CUDA_TRY(cudaStreamSynchronize(ctx.stream));
 
@@ -191,7 +179,8 @@ void layer_benchmark(benchmark::State& state, layer_config const& c, bench_conte
   double const element_bytes = sizeof(T);
   double const expert_bytes = static_cast<double>(3 * h * f) * element_bytes;
   double const active_bytes = static_cast<double>(active) * expert_bytes;
-  double const gate_bytes = static_cast<double>(gate_size) * element_bytes;
+  double const gate_bytes =
+      static_cast<double>(layer.gate_weight_shape().elements()) * element_bytes;
   double const io_bytes = static_cast<double>(io_size) * element_bytes;
   double const forward_bytes = 2 * io_bytes + gate_bytes + active_bytes;
   double const bytes = backward

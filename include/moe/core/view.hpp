@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace moe {
 
@@ -52,6 +53,18 @@ template <class T, class E, class L, class A>
 constexpr auto as_const(mdspan_of<T, E, L, A> const& v) noexcept {
   return cuda::std::mdspan<T const, E, L>(v.data_handle(), v.mapping());
 }
+
+namespace detail {
+/// What a conversion from writable to read-only views converts to when the views are read-only
+/// already: a type nothing asks for (a conversion to the type itself is never called, and
+/// nvcc warns about one).
+struct already_read_only {};
+}  // namespace detail
+
+/// The target of a conversion operator from views of T to views of T const (`Const`), for a
+/// parameter-view struct: `operator read_only_target<T, S<T const>>() const`.
+template <class T, class Const>
+using read_only_target = std::conditional_t<std::is_const_v<T>, detail::already_read_only, Const>;
 
 /// Number of elements of a view.
 template <class T, class E, class L, class A>

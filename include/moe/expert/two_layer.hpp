@@ -54,8 +54,8 @@ struct two_layer_params<T, false> {
   matrix_view<T> b2;   // (experts, hidden)  optional
 
   /// Writable views are also read-only ones.
-  operator two_layer_params<T const, false>() const requires(!std::is_const_v<T>) {
-    return {w1, b1, w2, b2};
+  operator read_only_target<T, two_layer_params<T const, false>>() const {
+    return two_layer_params<T const, false>{w1, b1, w2, b2};
   }
 };
 
@@ -68,8 +68,8 @@ struct two_layer_params<T, true> {
   matrix_view<T> b2;    // (experts, hidden)                      optional
 
   /// Writable views are also read-only ones.
-  operator two_layer_params<T const, true>() const requires(!std::is_const_v<T>) {
-    return {w13, b13, w2, b2};
+  operator read_only_target<T, two_layer_params<T const, true>>() const {
+    return two_layer_params<T const, true>{w13, b13, w2, b2};
   }
 };
 

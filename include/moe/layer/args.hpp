@@ -55,11 +55,10 @@ struct layer_params {
   typename Expert::template params<T> expert;  // the expert's own views
 
   /// Writable views are also read-only ones (forward takes either).
-  operator layer_params<T const, Expert>() const
-      requires(!std::is_const_v<T> &&
-               std::is_convertible_v<typename Expert::template params<T>,
-                                     typename Expert::template params<T const>>) {
-    return {gate_weight, expert};
+  operator read_only_target<T, layer_params<T const, Expert>>() const
+      requires std::is_convertible_v<typename Expert::template params<T>,
+                                     typename Expert::template params<T const>> {
+    return layer_params<T const, Expert>{gate_weight, expert};
   }
 };
 

@@ -66,6 +66,8 @@ struct initializer {
 struct parameter_options {
   /// The experts' optional biases (Mixtral's, DeepSeek's and Qwen's experts have none).
   bool biases = false;
+  /// A buffer for the gradients; false for inference (then `gradients()` throws).
+  bool gradients = true;
 };
 
 namespace detail {
@@ -81,7 +83,8 @@ class parameter_layout {
                 "data), as expert/two_layer.hpp does.");
 
   parameter_layout(Layer const& layer, parameter_options options)
-      : shapes_(layer.parameter_shapes()),
+      : gradients_(options.gradients),
+        shapes_(layer.parameter_shapes()),
         expert_shape_(layer.expert_shape()),
         first_expert_(layer.first_expert()) {
     for (parameter_shape const& p : shapes_) present_.push_back(!p.bias || options.biases);
@@ -100,6 +103,9 @@ class parameter_layout {
     return data;
   }
 
+  /// Whether the container holds gradients (parameter_options::gradients).
+  [[nodiscard]] bool has_gradients() const noexcept { return gradients_; }
+
   template <class T>
   [[nodiscard]] std::size_t bytes() const {
     workspace_carver counter;
@@ -111,6 +117,8 @@ class parameter_layout {
   /// The layer's parameter views over one pointer per tensor.
   template <class T>
   [[nodiscard]] layer_params<T, expert_type> view(std::vector<T*> const& data) const {
+    MOE_EXPECTS(!data.empty() && (data[0] != nullptr || shapes_[0].elements() == 0), "gradients",
+                "this container was made without them (parameter_options::gradients = false)");
     return {make_view(data[0], shapes_[0].axes[0].extent, shapes_[0].axes[1].extent),
             expert_type::template view_parameters<T>(
                 expert_shape_, span<T* const>(data.data() + 1, data.size() - 1))};
@@ -145,6 +153,7 @@ class parameter_layout {
   }
 
  private:
+  bool gradients_;
   std::vector<parameter_shape> shapes_;
   std::vector<bool> present_;
   expert::expert_shape expert_shape_;
@@ -164,11 +173,11 @@ class host_parameters {
   explicit host_parameters(Layer const& layer, parameter_options options = {})
       : layout_(layer, options),
         values_buffer_(layout_.template bytes<T>()),
-        gradients_buffer_(layout_.template bytes<G>()),
+        gradients_buffer_(layout_.has_gradients() ? layout_.template bytes<G>() : 0),
         values_(layout_.template carve<T>(values_buffer_.view())),
         gradients_(layout_.template carve<G>(gradients_buffer_.view())) {
-    std::memset(values_buffer_.view().data(), 0, values_buffer_.size());
-    std::memset(gradients_buffer_.view().data(), 0, gradients_buffer_.size());
+    zero(values_buffer_);
+    zero(gradients_buffer_);
   }
 
   /// The parameters, as forward and backward take them.
@@ -197,11 +206,13 @@ class host_parameters {
   /// do not depend on the world size).
   void initialize(initializer init, std::uint64_t seed) { layout_.initialize(values_, init, seed); }
 
-  void zero_gradients() noexcept {
-    std::memset(gradients_buffer_.view().data(), 0, gradients_buffer_.size());
-  }
+  void zero_gradients() noexcept { zero(gradients_buffer_); }
 
  private:
+  static void zero(host_buffer const& b) noexcept {
+    if (b.size() > 0) std::memset(b.view().data(), 0, b.size());
+  }
+
   template <class U>
   span<U> flat(std::vector<U*> const& data, std::size_t tensor) const noexcept {
     if (data[tensor] == nullptr) return {};
@@ -225,11 +236,12 @@ class device_parameters {
                     Resource resource = {})
       : layout_(layer, options),
         values_buffer_(layout_.template bytes<T>(), stream, resource),
-        gradients_buffer_(layout_.template bytes<G>(), stream, resource),
+        gradients_buffer_(layout_.has_gradients() ? layout_.template bytes<G>() : 0, stream,
+                          resource),
         values_(layout_.template carve<T>(values_buffer_.view())),
         gradients_(layout_.template carve<G>(gradients_buffer_.view())) {
-    MOE_CUDA_TRY(cudaMemsetAsync(values_buffer_.view().data(), 0, values_buffer_.size(), stream));
-    zero_gradients();
+    zero(values_buffer_);
+    zero(gradients_buffer_);
   }
 
   [[nodiscard]] layer_params<T const, expert_type> params() const {
@@ -251,16 +263,13 @@ class device_parameters {
   /// values are staged, as cudaMemcpyAsync from pageable memory does.
   void initialize(initializer init, std::uint64_t seed) {
     host_buffer staging(values_buffer_.size());
-    std::memset(staging.view().data(), 0, staging.size());
+    if (staging.size() > 0) std::memset(staging.view().data(), 0, staging.size());
     layout_.initialize(layout_.template carve<T>(staging.view()), init, seed);
     copy(values_buffer_.view(), staging.view(), cudaMemcpyHostToDevice);
   }
 
   /// Zeroes the gradients on the stream.
-  void zero_gradients() {
-    MOE_CUDA_TRY(
-        cudaMemsetAsync(gradients_buffer_.view().data(), 0, gradients_buffer_.size(), stream()));
-  }
+  void zero_gradients() { zero(gradients_buffer_); }
 
   /// Copies values and gradients from a host container of the same layer and options (the
   /// same layout), on the stream; returns once the host memory is staged.
@@ -277,10 +286,15 @@ class device_parameters {
   }
 
  private:
+  void zero(device_buffer<Resource> const& b) const {
+    if (b.size() > 0) MOE_CUDA_TRY(cudaMemsetAsync(b.view().data(), 0, b.size(), stream()));
+  }
+
   void copy(workspace to, workspace from, cudaMemcpyKind kind) const {
     MOE_EXPECTS(to.size() == from.size(), "host parameters",
                 "are laid out differently: build both containers from the same layer and "
                 "options");
+    if (to.empty()) return;
     MOE_CUDA_TRY(cudaMemcpyAsync(to.data(), from.data(), to.size(), kind, stream()));
     if (kind == cudaMemcpyDeviceToHost) MOE_CUDA_TRY(cudaStreamSynchronize(stream()));
   }
