@@ -129,7 +129,6 @@ class cuda_place {
   struct array {
     moe::device_buffer<> buffer;
     [[nodiscard]] float* data() const { return reinterpret_cast<float*>(buffer.view().data()); }
-    [[nodiscard]] std::size_t size() const { return buffer.size() / sizeof(float); }
   };
 
   cuda_place() {

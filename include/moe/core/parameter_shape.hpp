@@ -48,10 +48,14 @@ struct parameter_shape {
   std::string names = "(", extents = "(";
   for (int a = 0; a < p.rank; ++a) {
     auto const& axis = p.axes[static_cast<std::size_t>(a)];
-    names += std::string(a ? ", " : "") + axis.name;
-    extents += (a ? ", " : "") + std::to_string(axis.extent);
+    if (a > 0) {
+      names.append(", ");
+      extents.append(", ");
+    }
+    names.append(axis.name);
+    extents.append(std::to_string(axis.extent));
   }
-  return names + ") = " + extents + ")";
+  return names.append(") = ").append(extents).append(")");
 }
 
 /// Checks `view` against `p` (an empty view passes for a bias), naming `prefix` + p.name.

@@ -55,9 +55,9 @@ struct layer_params {
   typename Expert::template params<T> expert;  // the expert's own views
 
   /// Writable views are also read-only ones (forward takes either).
-  operator read_only_target<T, layer_params<T const, Expert>>() const
-      requires std::is_convertible_v<typename Expert::template params<T>,
-                                     typename Expert::template params<T const>> {
+  operator read_only_target<T, layer_params<T const, Expert>>()
+          const requires std::is_convertible_v < typename Expert::template params<T>,
+  typename Expert::template params < T const >> {
     return layer_params<T const, Expert>{gate_weight, expert};
   }
 };
