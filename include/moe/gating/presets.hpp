@@ -15,6 +15,8 @@
 //   switch_transformer   1      softmax       top-k               token order   switch
 //   mixtral              2      softmax_topk  top-k               token-major   dropless
 //   deepseek_v3          8      sigmoid+bias  8 groups, best 4    token-major   dropless
+//   deepseek<K, G, M>    K      sigmoid+bias  G groups, best M    token-major   dropless
+//   deepseek_native<…>   as deepseek; groups scored by their top 2, renormalised at every k
 //   qwen3                8      softmax       top-k               token-major   dropless
 //
 //   preset               renormalisation       2nd expert   aux loss
@@ -98,16 +100,33 @@ static_assert(gate<switch_transformer>);
 struct mixtral : with<top_k<2, softmax_topk, token_major>, dropless, switch_aux> {};
 static_assert(gate<mixtral> && is_dropless<mixtral>);
 
-/// DeepSeek-V3's gate at another shape: k of a sigmoid, the experts ranked by s + b (the
-/// expert bias, gate_args::expert_bias), Groups expert groups of which the TopGroups with the
-/// largest sum of their top-(k/TopGroups) biased scores are kept, the k weights the unbiased
-/// scores renormalised over the selected (k > 1) times the scaling factor (2.5 in V3), no
-/// capacity, the sequence-level aux loss over the local groups (a sequence each).
+/// DeepSeek-V3's gate at another shape, as Megatron-Core generalises it (moe_router_num_groups,
+/// moe_router_group_topk, score function sigmoid with expert bias): k of a sigmoid, the
+/// experts ranked by s + b (the expert bias, gate_args::expert_bias), Groups expert groups of
+/// which the TopGroups with the largest sum of their top ⌊k/TopGroups⌋ biased scores are kept
+/// (top_share_group_score; at least the best one, where Megatron sums none when k <
+/// TopGroups), the k weights the unbiased scores renormalised over the selected when k > 1,
+/// times the scaling factor (2.5 in V3), no capacity, the sequence-level aux loss over the
+/// local groups (a sequence each). `deepseek_native` is the other generalisation.
 template <int K, int Groups, int TopGroups>
 struct deepseek : with<top_k<K, sigmoid, token_major>, group_limited<Groups, TopGroups>, dropless,
                        fixed_renormalization<renormalize::before_drops, 2>, sequence_aux> {};
+static_assert(gate<deepseek<2, 2, 1>>);
 
-/// DeepSeek-V3: k = 8, 8 groups, the best 4 (256 experts in the model).
+/// DeepSeek-V3's gate at another shape, as DeepSeek-V3's own inference code and Hugging
+/// Face's DeepseekV3TopkRouter write it: as `deepseek`, but a group scores the sum of its top
+/// 2 biased scores whatever k and TopGroups (top_two_group_score; groups need 2 experts), and
+/// the weights are renormalised at every k, so that at k = 1 the weight is the scaling factor.
+/// (DeepSeek's code scores a group by its best score when the model has no bias; V3 has one,
+/// and Hugging Face always sums two.) Both agree at V3's shape, k = 8 of 8 groups keeping 4.
+template <int K, int Groups, int TopGroups>
+struct deepseek_native
+    : with<top_k<K, sigmoid, token_major>, group_limited<Groups, TopGroups, 0, top_two_group_score>,
+           dropless, fixed_renormalization<renormalize::before_drops>, sequence_aux> {};
+static_assert(gate<deepseek_native<1, 4, 2>>);
+
+/// DeepSeek-V3: k = 8, 8 groups, the best 4 (256 experts in the model), where `deepseek` and
+/// `deepseek_native` agree.
 struct deepseek_v3 : deepseek<8, 8, 4> {};
 static_assert(gate<deepseek_v3> && is_dropless<deepseek_v3> && deepseek_v3::static_k == 8);
 
