@@ -44,13 +44,14 @@ def run_library(cases):
     for r in results:
         if "error" in r:
             pytest.fail(f"the library rejected a case: {r['error']}")
-        for key in ("weight", "scores", "dx", "d_w_gate"):
+        for key in ("weight", "scores", "dx", "d_w_gate", "y"):
             if key in r:
                 r[key] = torch.tensor(r[key], dtype=torch.float64)
-        for key in ("expert", "slot"):
-            r[key] = torch.tensor(r[key], dtype=torch.int64)
-        r["kept"] = torch.tensor(r["kept"], dtype=torch.bool)
-        r["load"] = torch.tensor(r["load"], dtype=torch.int64)
+        for key in ("expert", "slot", "load"):
+            if key in r:
+                r[key] = torch.tensor(r[key], dtype=torch.int64)
+        if "kept" in r:
+            r["kept"] = torch.tensor(r["kept"], dtype=torch.bool)
         out.append(r)
     return out
 
@@ -91,9 +92,11 @@ class Report:
     def __init__(self):
         self.rows = {}
 
-    def add(self, key, framework, compared, cases, err):
+    def add(self, key, framework, compared, cases, err, preset=""):
+        """`preset`: the library's gate or layer compared (a preset, or the composition that
+        matches the framework's flags)."""
         row = self.rows.setdefault(key, {"framework": framework, "compared": compared,
-                                         "cases": 0, "largest_error": 0.0})
+                                         "preset": preset, "cases": 0, "largest_error": 0.0})
         row["cases"] += cases
         row["largest_error"] = max(row["largest_error"], float(err))
 

@@ -13,8 +13,14 @@
 // of ⟨d_weight, weight⟩ + aux_loss_coef · aux + z_loss_coef · z and returns d_w_gate and dx.
 // The gate is one of the names in `gates()` below: the presets, and the compositions that
 // match a framework's flags.
+//
+// A case with "layer" instead of "gate" runs a whole layer (the host backend, one rank) in
+// double: "x" (T, H), "w_gate" (H, E), the expert's weights as flat row-major lists ("w13"
+// (E, H, 2F) [gate | up] for a GLU expert, "w1" (E, H, F) for an FFN one; "w2" (E, F, H)),
+// "ffn" F, "dy" (T, H) and "args". It returns "y", "dx", "d_w_gate", the expert weights'
+// gradients under the same names with "d_", "capacity", "dropped" and "load".
 
-#include <moe/gating.hpp>
+#include <moe/moe.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -24,6 +30,7 @@
 #include <iostream>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -85,12 +92,12 @@ g::gate_args args_of(json const& a, index_t tokens, index_t experts, std::vector
   args.eval_capacity_factor = a.value("eval_capacity_factor", 1.0);
   args.capacity_alignment = a.value("capacity_alignment", index_t{1});
   args.normalize = renormalize_of(a.value("normalize", std::string("none")));
-  args.aux_loss_coef = a.value("aux_loss_coef", 0.0f);
-  args.z_loss_coef = a.value("z_loss_coef", 0.0f);
+  args.aux_loss_coef = a.value("aux_loss_coef", 0.0);
+  args.z_loss_coef = a.value("z_loss_coef", 0.0);
   args.training = a.value("training", true);
   args.min_capacity = a.value("min_capacity", index_t{4});
   args.groups = a.value("groups", index_t{1});
-  args.scaling_factor = a.value("scaling_factor", 1.0f);
+  args.scaling_factor = a.value("scaling_factor", 1.0);
   args.seed = a.value("seed", std::uint64_t{0});
   if (a.contains("expert_bias")) {
     bias = a.at("expert_bias").get<std::vector<float>>();
@@ -154,7 +161,99 @@ json run_gate(json const& c) {
   return out;
 }
 
+/// A flat list of doubles.
+std::vector<double> flat(json const& list) {
+  return list.get<std::vector<double>>();
+}
+
+/// Runs one forward and backward of layer L (host, one rank) on the case's tensors.
+template <class L>
+json run_layer(json const& c) {
+  using expert_t = typename L::expert_type;
+  constexpr bool gated = std::is_same_v<expert_t, expert::glu<act::silu>>;
+  matrix const x = matrix::from(c.at("x")), w_gate = matrix::from(c.at("w_gate")),
+               dy = matrix::from(c.at("dy"));
+  index_t const tokens = x.rows, hidden = x.cols, experts = w_gate.cols;
+  index_t const ffn = c.at("ffn").get<index_t>(), width = gated ? 2 * ffn : ffn;
+  std::vector<float> bias;
+  layer_args const args{.gate = args_of(c.value("args", json::object()), tokens, experts, bias),
+                        .hidden = hidden,
+                        .ffn = ffn};
+  char const* first_name = gated ? "w13" : "w1";
+  std::vector<double> const w1 = flat(c.at(first_name)), w2 = flat(c.at("w2"));
+  if (w1.size() != static_cast<std::size_t>(experts * hidden * width) ||
+      w2.size() != static_cast<std::size_t>(experts * ffn * hidden))
+    throw std::runtime_error("expert weights of the wrong size");
+  std::vector<double> y(static_cast<std::size_t>(tokens * hidden)), dx(y.size()),
+      d_w_gate(w_gate.values.size()), d_w1(w1.size()), d_w2(w2.size());
+
+  typename L::template params<double> p{w_gate.view(), {}};
+  typename L::template gradients<double> g{make_view(d_w_gate.data(), hidden, experts), {}};
+  auto const w1_view = make_view(w1.data(), experts, hidden, width);
+  auto const w2_view = make_view(w2.data(), experts, ffn, hidden);
+  auto const d_w1_view = make_view(d_w1.data(), experts, hidden, width);
+  auto const d_w2_view = make_view(d_w2.data(), experts, ffn, hidden);
+  if constexpr (gated) {
+    p.expert.w13 = w1_view;
+    g.expert.w13 = d_w1_view;
+  } else {
+    p.expert.w1 = w1_view;
+    g.expert.w1 = d_w1_view;
+  }
+  p.expert.w2 = w2_view;
+  g.expert.w2 = d_w2_view;
+
+  L const layer(args);
+  host_buffer ws(layer.workspace_bytes(host));
+  layer.forward(host, x.view(), p, make_view(y.data(), tokens, hidden), ws.view());
+  layer_stats const stats = layer.stats(host, ws.view());
+  json out{{"capacity", stats.capacity}, {"dropped", stats.dropped}};
+  out["load"] = std::vector<std::int64_t>(stats.load.begin(), stats.load.end());
+  layer.backward(host, dy.view(), p, make_view(dx.data(), tokens, hidden), g, ws.view());
+  out["y"] = rows_of(make_view(std::as_const(y).data(), tokens, hidden));
+  out["dx"] = rows_of(make_view(std::as_const(dx).data(), tokens, hidden));
+  out["d_w_gate"] = rows_of(make_view(std::as_const(d_w_gate).data(), hidden, experts));
+  out[std::string("d_") + first_name] = d_w1;
+  out["d_w2"] = d_w2;
+  return out;
+}
+
 using gate_table = std::map<std::string, std::function<json(json const&)>>;
+
+/// The layers a case may name: Hugging Face's MoE blocks, their router's preset (or, where
+/// a block's k or normalisation is a config knob, the composition that matches it) with a
+/// SwiGLU expert, dropless; the Switch Transformers block with its capacity and a ReLU FFN.
+gate_table const& layers() {
+  using swiglu = expert::glu<act::silu>;
+  // Qwen3-MoE with any num_experts_per_tok, norm_topk_prob as gate_args::normalize.
+  using qwen3_any = g::with<g::top_any<g::softmax, g::token_major>, g::dropless, g::switch_aux>;
+  using mixtral_any =
+      g::with<g::top_any<g::softmax_topk, g::token_major>, g::dropless, g::switch_aux>;
+  static gate_table const table{
+      {"mixtral", run_layer<layer<g::preset::mixtral, layout::ragged, comm::single_rank, swiglu>>},
+      {"mixtral_any", run_layer<layer<mixtral_any, layout::ragged, comm::single_rank, swiglu>>},
+      {"qwen3", run_layer<layer<g::preset::qwen3, layout::ragged, comm::single_rank, swiglu>>},
+      {"qwen3_any", run_layer<layer<qwen3_any, layout::ragged, comm::single_rank, swiglu>>},
+      {"deepseek_v3",
+       run_layer<layer<g::preset::deepseek_v3, layout::ragged, comm::single_rank, swiglu>>},
+      {"deepseek_native_2_4_2",
+       run_layer<
+           layer<g::preset::deepseek_native<2, 4, 2>, layout::ragged, comm::single_rank, swiglu>>},
+      {"deepseek_native_1_4_2",
+       run_layer<
+           layer<g::preset::deepseek_native<1, 4, 2>, layout::ragged, comm::single_rank, swiglu>>},
+      {"deepseek_native_6_8_2",
+       run_layer<
+           layer<g::preset::deepseek_native<6, 8, 2>, layout::ragged, comm::single_rank, swiglu>>},
+      {"deepseek_2_4_2",
+       run_layer<layer<g::preset::deepseek<2, 4, 2>, layout::ragged, comm::single_rank, swiglu>>},
+      {"deepseek_1_4_2",
+       run_layer<layer<g::preset::deepseek<1, 4, 2>, layout::ragged, comm::single_rank, swiglu>>},
+      {"switch_transformer", run_layer<layer<g::preset::switch_transformer, layout::capacity,
+                                             comm::single_rank, expert::ffn<act::relu>>>},
+  };
+  return table;
+}
 
 /// Megatron-Core's TopKRouter under capacity policy Capacity and aux loss Aux, as
 /// "<prefix>_<score>_<drop policy>": score softmax_topk (pre-softmax off), softmax
@@ -200,6 +299,16 @@ gate_table const& gates() {
         {"deepspeed_topk_probs", run_gate<deepspeed_topk_probs>},
         {"deepspeed_topk_position", run_gate<deepspeed_topk_position>},
         {"megatron", run_gate<g::preset::megatron>},
+        {"mixtral", run_gate<g::preset::mixtral>},
+        {"qwen3", run_gate<g::preset::qwen3>},
+        {"switch_transformer", run_gate<g::preset::switch_transformer>},
+        {"deepseek_v3", run_gate<g::preset::deepseek_v3>},
+        {"deepseek_native_2_4_2", run_gate<g::preset::deepseek_native<2, 4, 2>>},
+        {"deepseek_native_1_4_2", run_gate<g::preset::deepseek_native<1, 4, 2>>},
+        {"deepseek_native_6_8_2", run_gate<g::preset::deepseek_native<6, 8, 2>>},
+        {"deepseek_2_4_2", run_gate<g::preset::deepseek<2, 4, 2>>},
+        {"deepseek_1_4_2", run_gate<g::preset::deepseek<1, 4, 2>>},
+        {"deepseek_6_8_2", run_gate<g::preset::deepseek<6, 8, 2>>},
     };
     add_megatron_gates<g::megatron_capacity, g::switch_aux>("megatron", t);
     // capacity_factor None; seq_aux_loss over the local groups (one sequence each).
@@ -217,9 +326,13 @@ int main() {
     json const request = json::parse(std::cin);
     json results = json::array();
     for (json const& c : request.at("cases")) {
-      std::string const name = c.at("gate").get<std::string>();
-      auto const found = gates().find(name);
-      if (found == gates().end()) throw std::runtime_error("unknown gate: " + name);
+      bool const is_layer = c.contains("layer");
+      gate_table const& table = is_layer ? layers() : gates();
+      std::string const name = c.at(is_layer ? "layer" : "gate").get<std::string>();
+      auto const found = table.find(name);
+      if (found == table.end())
+        throw std::runtime_error(std::string("unknown ") + (is_layer ? "layer: " : "gate: ") +
+                                 name);
       try {
         results.push_back(found->second(c));
       } catch (moe::error const& e) {

@@ -94,9 +94,9 @@ def test_top1gating(use_rts, drop_tokens, report):
         aux_err = max(aux_err, assert_close(ours["aux_loss"], l_aux, FLOAT32_RTOL, "l_aux"))
     name = f"top1gating(use_rts={use_rts}, drop_tokens={drop_tokens})"
     report.add(f"deepspeed {name} weights", "deepspeed", f"{name}: capacity, loads, kept counts, "
-               "weights", len(cases), weight_err)
+               "weights", len(cases), weight_err, preset="preset::deepspeed")
     report.add(f"deepspeed {name} l_aux", "deepspeed", f"{name}: l_aux (float32 ce)",
-               len(cases), aux_err)
+               len(cases), aux_err, preset="preset::deepspeed")
 
 
 @pytest.mark.parametrize("drop_tokens", [True, False])
@@ -128,7 +128,8 @@ def test_top2gating(drop_tokens, report):
         assert_close(ours["aux_loss"], l_aux, FLOAT32_RTOL, "l_aux")
     name = f"top2gating(top2_2nd_expert_sampling=False, drop_tokens={drop_tokens}), float32"
     report.add(f"deepspeed {name}", "deepspeed", f"{name}: capacity, kept assignments and slots "
-               "exact; weights, l_aux", len(cases), weight_err)
+               "exact; weights, l_aux", len(cases), weight_err,
+               preset="preset::deepspeed_top2")
 
 
 @pytest.mark.parametrize("drop_policy", ["probs", "position"])
@@ -170,9 +171,10 @@ def test_topkgating(drop_policy, drop_tokens, report):
         aux_err = max(aux_err, assert_close(ours["aux_loss"], l_aux, FLOAT32_RTOL, "l_aux"))
     name = f"topkgating(drop_policy={drop_policy}, drop_tokens={drop_tokens})"
     report.add(f"deepspeed {name}", "deepspeed", f"{name}: capacity, kept assignments exact; "
-               "weights", len(cases), weight_err)
+               "weights", len(cases), weight_err, preset=f"top_any<softmax>, deepspeed_capacity, "
+               f"{'by_score' if drop_policy == 'probs' else 'token_major'}, switch_aux")
     report.add(f"deepspeed {name} l_aux", "deepspeed", f"{name}: l_aux (float32 ce)",
-               len(cases), aux_err)
+               len(cases), aux_err, preset="top_any<softmax>, switch_aux")
 
 
 def test_l_aux_float32_ce():

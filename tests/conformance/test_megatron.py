@@ -203,7 +203,8 @@ def test_capacity(score, policy, report):
     worst = compare(results, exact_kept=policy == "probs")
     report.add(f"megatron {score} {policy}", "megatron-core",
                f"TopKRouter {score}, drop_policy {policy}, scaling factor, aux_loss, z-loss: "
-               "kept assignments, weights, losses, d_logits", len(cases), worst)
+               "kept assignments, weights, losses, d_logits", len(cases), worst,
+               preset=f"top_any<{score}>, megatron_capacity, {policy}")
 
 
 @pytest.mark.parametrize("score", ["softmax_topk", "sigmoid"])
@@ -220,7 +221,8 @@ def test_pad_to_capacity(score, report):
         weight = back(t, dense(ours["expert"], ours["weight"], experts))
         assert_close(weight, t["probs"], FLOAT32_RTOL, "weights")
     report.add(f"megatron {score} pad_to_capacity", "megatron-core",
-               f"TopKRouter {score}, pad_to_capacity: capacity, weights", len(cases), 0.0)
+               f"TopKRouter {score}, pad_to_capacity: capacity, weights", len(cases), 0.0,
+               preset=f"top_any<{score}>, megatron_capacity")
 
 
 def test_sigmoid_expert_bias(report):
@@ -233,7 +235,7 @@ def test_sigmoid_expert_bias(report):
     worst = compare(route_both(cases))
     report.add("megatron sigmoid expert bias", "megatron-core",
                "TopKRouter sigmoid with expert bias and scaling factor: kept assignments, weights, "
-               "d_logits", len(cases), worst)
+               "d_logits", len(cases), worst, preset="top_any<sigmoid> with expert bias")
 
 
 @pytest.mark.parametrize("score,groups", [("softmax", (4, 2)), ("sigmoid", (4, 2)),
@@ -250,7 +252,8 @@ def test_group_limited(score, groups, report):
     worst = compare(route_both(cases))
     report.add(f"megatron {score} groups {groups}", "megatron-core",
                f"TopKRouter {score}, {groups[0]} groups, best {groups[1]}: kept assignments, "
-               "weights, d_logits", len(cases), worst)
+               "weights, d_logits", len(cases), worst,
+               preset=f"top_any<{score}>, group_limited<{groups[0]}, {groups[1]}>")
 
 
 @pytest.mark.parametrize("score", ["softmax_topk", "sigmoid"])
@@ -262,7 +265,7 @@ def test_seq_aux_loss(score, report):
     worst = compare(route_both(cases))
     report.add(f"megatron {score} seq_aux_loss", "megatron-core",
                f"TopKRouter {score}, seq_aux_loss over sequences: weights, loss, d_logits",
-               len(cases), worst)
+               len(cases), worst, preset=f"top_any<{score}>, dropless, sequence_aux")
 
 
 def test_megatron_preset(report):
@@ -281,7 +284,8 @@ def test_megatron_preset(report):
         assert ours["aux_loss"] == expected["aux_loss"]
     worst = compare(results)
     report.add("megatron preset", "megatron-core", "preset::megatron (k 2, probs, aux_loss): "
-               "kept assignments, weights, aux loss, d_logits", len(cases), worst)
+               "kept assignments, weights, aux loss, d_logits", len(cases), worst,
+               preset="preset::megatron")
 
 
 def test_aux_loss_counts_unbiased_top_k():

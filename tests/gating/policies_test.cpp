@@ -13,6 +13,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 using namespace moe;
@@ -43,6 +44,24 @@ TEST_CASE("softmax_topk: top-k of the logits, a softmax over the k selected") {
   (void)h.route(gate_t{}, {.capacity_factor = 1.0f, .scaling_factor = 2.5f});
   CHECK(h.r.weight(0, 0) == Approx(1.5));
   CHECK(h.r.weight(0, 1) == Approx(1.0));
+}
+
+TEST_CASE("the scaling factor and the loss coefficients are the doubles the user wrote") {
+  // Frameworks take them as Python floats: 1.1 times the weight, not float(1.1) = 1.10000002.
+  hand_router h({{0, std::log(2.0), std::log(3.0)}}, 2);
+  using gate_t = gating::top_k<2, gating::softmax_topk>;
+  (void)h.route(gate_t{}, {.capacity_factor = 1.0});
+  double const w0 = h.r.weight(0, 0), w1 = h.r.weight(0, 1);
+  gating::gate_args const args{
+      .capacity_factor = 1.0, .aux_loss_coef = 0.1, .z_loss_coef = 1e-3, .scaling_factor = 1.1};
+  static_assert(std::is_same_v<decltype(args.scaling_factor), double> &&
+                std::is_same_v<decltype(args.aux_loss_coef), double> &&
+                std::is_same_v<decltype(args.z_loss_coef), double>);
+  (void)h.route(gate_t{}, args);
+  CHECK(h.r.weight(0, 0) == 1.1 * w0);
+  CHECK(h.r.weight(0, 1) == 1.1 * w1);
+  CHECK(h.r.weight(0, 0) != static_cast<double>(1.1f) * w0);
+  CHECK(args.aux_loss_coef == 0.1);
 }
 
 TEST_CASE("sigmoid scores; the selection bias picks experts but leaves the weights") {

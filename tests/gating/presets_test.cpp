@@ -279,6 +279,36 @@ TEST_CASE("preset::deepseek<2, 2, 1>: sigmoid, the best of two expert groups") {
   CHECK(s.aux_loss == Approx(1.0));
 }
 
+TEST_CASE("preset::deepseek and deepseek_native: the two generalisations of V3's groups") {
+  // k = 2 of 8 experts in 4 groups of 2, the best 2 groups. Scores by group:
+  //   (.95 .05) (.7 .7) (.6 .6) (.9 .1)
+  // deepseek (Megatron's): a group scores its top ⌊2/2⌋ = 1: .95, .7, .6, .9 → groups 0, 3:
+  //   e0 .95, e6 .9, weights (.95, .9) / 1.85.
+  // deepseek_native (DeepSeek-V3's code, Hugging Face): its top 2: 1.0, 1.4, 1.2, 1.0 →
+  //   groups 1, 2: e2 .7, e3 .7 (tie: lower first), weights (.5, .5).
+  hand_router h({logits_of({.95, .05, .7, .7, .6, .6, .9, .1})}, 2);
+  (void)h.route(gating::preset::deepseek<2, 4, 2>{}, {});
+  expect_routing(h, {{0, 6}}, {{0, 0}}, {{.95 / 1.85, .9 / 1.85}});
+  (void)h.route(gating::preset::deepseek_native<2, 4, 2>{}, {});
+  expect_routing(h, {{2, 3}}, {{0, 0}}, {{.5, .5}});
+  static_assert(gating::group_limited<4, 2>::per_group(2) == 1 &&
+                gating::group_limited<4, 2, 0, gating::top_two_group_score>::per_group(2) == 2);
+
+  // k = 1 of 4 experts in 2 groups, the best 1, scaling 2.5. t0 (.9 .1) (.6 .6):
+  //   deepseek: group maxima .9, .6 → e0, weight .9 · 2.5 (no renormalisation at k = 1);
+  //   deepseek_native: sums 1.0, 1.2 → e2 (tie: lower), weight renormalised, 1 · 2.5.
+  hand_router one({logits_of({.9, .1, .6, .6})}, 1);
+  (void)one.route(gating::preset::deepseek<1, 2, 1>{}, {.scaling_factor = 2.5});
+  expect_routing(one, {{0}}, {{0}}, {{.9 * 2.5}});
+  (void)one.route(gating::preset::deepseek_native<1, 2, 1>{}, {.scaling_factor = 2.5});
+  expect_routing(one, {{2}}, {{0}}, {{2.5}});
+
+  // Groups of one expert cannot be scored by their top 2.
+  hand_router singles({logits_of({.9, .1, .6, .6})}, 1);
+  CHECK(singles.can_route(gating::preset::deepseek_native<1, 4, 2>{}, {}).argument() == "experts");
+  CHECK(singles.can_route(gating::preset::deepseek<1, 4, 2>{}, {}));
+}
+
 TEST_CASE("preset::deepseek_v3: k = 8 of 16 experts in 8 groups, best 4, bias, scaling") {
   // E = 16 (k = 8 needs more than 4 experts), groups of 2, so a group's score (the sum of its
   // top k/M = 2) is the sum of both. T = 2. Scores of t0, by group:
@@ -310,6 +340,26 @@ TEST_CASE("preset::deepseek_v3: k = 8 of 16 experts in 8 groups, best 4, bias, s
   // Without the bias: t0 takes groups 1, 0, 4, 5.
   s = h.route(gating::preset::deepseek_v3{}, {.scaling_factor = 2.5f});
   CHECK(h.experts_of(0) == ints{0, 8, 2, 3, 10, 11, 1, 9});
+  // At V3's shape deepseek_native is the same gate: c = ⌊8/4⌋ = 2 and k > 1.
+  for (bool biased : {false, true}) {
+    gating::gate_args const args{
+        .scaling_factor = 2.5,
+        .expert_bias = biased ? span<float const>(bias) : span<float const>{}};
+    (void)h.route(gating::preset::deepseek_v3{}, args);
+    auto const experts = h.r.expert;
+    std::vector<double> weights;
+    for (index_t t = 0; t < 2; ++t)
+      for (int j = 0; j < 8; ++j) weights.push_back(h.r.weight(t, j));
+    std::vector<int> chosen;
+    for (index_t t = 0; t < 2; ++t)
+      for (int j = 0; j < 8; ++j) chosen.push_back(experts(t, j));
+    (void)h.route(gating::preset::deepseek_native<8, 8, 4>{}, args);
+    for (index_t t = 0; t < 2; ++t)
+      for (int j = 0; j < 8; ++j) {
+        CHECK(h.r.expert(t, j) == chosen[static_cast<std::size_t>(t * 8 + j)]);
+        CHECK(h.r.weight(t, j) == weights[static_cast<std::size_t>(t * 8 + j)]);
+      }
+  }
 }
 
 TEST_CASE("preset::qwen3: top-8 of a softmax, renormalised, dropless, switch_aux") {

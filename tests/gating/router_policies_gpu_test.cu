@@ -83,6 +83,8 @@ TEST_CASE("CUDA route matches the host under group-limited selection") {
   using deepseek_t = gating::with<gating::top_k<8, gating::sigmoid>, gating::group_limited<8, 4>>;
   using quarter_t = gating::with<gating::top_k<4, gating::softmax>, gating::group_limited<4, 2>>;
   using fixed_t = gating::with<gating::top_any<gating::sigmoid>, gating::group_limited<2, 1, 4>>;
+  using top_two_t = gating::with<gating::top_any<gating::sigmoid>,
+                                 gating::group_limited<8, 2, 0, gating::top_two_group_score>>;
   for (float bias : {0.0f, 0.1f}) {
     for (index_t experts : {64, 256})
       compare_with_host<deepseek_t, float>(cuda, deepseek_t{},
@@ -107,6 +109,18 @@ TEST_CASE("CUDA route matches the host under group-limited selection") {
       compare_with_host<fixed_t, float>(
           cuda, fixed_t{},
           {.tokens = 100, .experts = 4, .hidden = 8, .k = k, .factor = -1.5f, .bias = bias});
+    // DeepSeek-V3's own group score (the top 2 of a group whatever k), at k where it differs
+    // from Megatron's ⌊k/M⌋, and renormalised at k = 1 as deepseek_native does.
+    for (int k : {1, 2, 6})
+      compare_with_host<top_two_t, float>(cuda, top_two_t{},
+                                          {.tokens = 150,
+                                           .experts = 32,
+                                           .hidden = 8,
+                                           .k = k,
+                                           .factor = 1.0f,
+                                           .normalize = renormalize::before_drops,
+                                           .scaling = 2.5f,
+                                           .bias = bias});
   }
   compare_with_host<deepseek_t, __nv_bfloat16>(cuda, deepseek_t{},
                                                {.tokens = 64,

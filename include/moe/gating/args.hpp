@@ -45,8 +45,10 @@ struct gate_args {
   double capacity_factor = 1.0;
   index_t capacity_alignment = 1;  ///< capacity rounded up to a multiple of this
   renormalize normalize = renormalize::none;
-  float aux_loss_coef = 0.0f;  ///< coefficient of the gate's aux loss; 0 disables it
-  float z_loss_coef = 0.0f;    ///< coefficient of the router z-loss; 0 disables it
+  // The real knobs the frameworks take as Python floats are doubles, so that a coefficient
+  // such as 1e-2 or a scaling factor such as 2.5 or 1.1 is the value the user wrote.
+  double aux_loss_coef = 0.0;  ///< coefficient of the gate's aux loss; 0 disables it
+  double z_loss_coef = 0.0;    ///< coefficient of the router z-loss; 0 disables it
 
   // --- added with the policy axes (DESIGN §4); the defaults change nothing above --------
   /// Training or evaluation: noise and random routing apply only in training, and
@@ -61,7 +63,9 @@ struct gate_args {
   index_t groups = 1;
   /// The combine weights are multiplied by this after renormalisation (DeepSeek-V3's
   /// routed_scaling_factor, Megatron's moe_router_topk_scaling_factor). Must be > 0.
-  float scaling_factor = 1.0f;
+  double scaling_factor = 1.0;
+  /// The noise knobs stay float: the frameworks draw their noise in float32 from them
+  /// (DeepSpeed's Uniform(1 − ε, 1 + ε) on float32 tensors), and no draw is comparable anyway.
   float jitter = 0.0f;  ///< ε of the multiplicative jitter U[1−ε, 1+ε], 0 ≤ ε < 1; training only
   jitter_target jitter_on = jitter_target::input;
   /// Additive Gaussian logit noise with standard deviation gate_noise / E (Tutel's

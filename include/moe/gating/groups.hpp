@@ -3,9 +3,17 @@
 // Expert selection: which k experts a token picks from its selection scores (its scores plus
 // the expert bias). `all_experts` (the default) takes the top k of all E. `group_limited`
 // (DeepSeek-V3's node-limited routing) splits the E experts into N groups of E/N, scores
-// each group by the sum of its top-c selection scores, c = max(1, ⌊k/M⌋), keeps the best M
-// groups (ties: lower group index) and takes the top k inside them. Ties between experts go
-// to the lower index, and a NaN never beats a number, as in `select_top_k`.
+// each group by the sum of its top-c selection scores, keeps the best M groups (ties: lower
+// group index) and takes the top k inside them. Ties between experts go to the lower index,
+// and a NaN never beats a number, as in `select_top_k`.
+//
+// c is the group score policy's, and the frameworks disagree on it (they agree at
+// DeepSeek-V3's shape, k = 8 of 8 groups keeping 4, where both give c = 2):
+//   top_share_group_score  c = ⌊k/M⌋, at least 1   Megatron-Core's group_limited_topk
+//                                                  (its 0 when k < M is raised to 1 here)
+//   top_two_group_score    c = 2, whatever k and M  DeepSeek-V3's own inference code (with
+//                                                  its bias) and Hugging Face's
+//                                                  DeepseekV3TopkRouter
 //
 // The token groups of GShard's local groups are another thing: gate_args::groups.
 
@@ -34,6 +42,22 @@ struct all_experts {
 };
 static_assert(selection_policy<all_experts>);
 
+/// Megatron-Core's group score (the default): the sum of a group's top ⌊k/M⌋ selection
+/// scores. Megatron sums none when k < M (every group then scores 0 and torch.topk keeps
+/// arbitrary groups); here a group is scored by at least its best expert.
+struct top_share_group_score {
+  [[nodiscard]] MOE_HOST_DEVICE static constexpr int count(int k, int top_groups) noexcept {
+    return k / top_groups > 1 ? k / top_groups : 1;
+  }
+};
+
+/// DeepSeek-V3's group score, as its inference code (with the expert bias V3 always has) and
+/// Hugging Face's DeepseekV3TopkRouter compute it: the sum of a group's top 2 selection
+/// scores, whatever k and M. Groups need at least 2 experts.
+struct top_two_group_score {
+  [[nodiscard]] MOE_HOST_DEVICE static constexpr int count(int, int) noexcept { return 2; }
+};
+
 namespace detail {
 
 /// a ranks above b: greater, or a number against a NaN.
@@ -44,11 +68,13 @@ inline bool ranks_above(double a, double b) noexcept {
 }  // namespace detail
 
 /// Group-limited selection: N groups of E/N experts, the best M groups, top k inside them.
-/// @tparam Groups    N, the expert groups (DeepSeek-V3: 8)
-/// @tparam TopGroups M, the groups a token may use (DeepSeek-V3: 4)
-/// @tparam Experts   E when fixed at compile time (checked against gate_args::experts), or 0
-///                   to check only at run time that N divides E
-template <int Groups, int TopGroups, int Experts = 0>
+/// @tparam Groups     N, the expert groups (DeepSeek-V3: 8)
+/// @tparam TopGroups  M, the groups a token may use (DeepSeek-V3: 4)
+/// @tparam Experts    E when fixed at compile time (checked against gate_args::experts), or 0
+///                    to check only at run time that N divides E
+/// @tparam GroupScore how many of a group's best scores make its score: top_share_group_score
+///                    (Megatron-Core's, the default) or top_two_group_score (DeepSeek-V3's)
+template <int Groups, int TopGroups, int Experts = 0, class GroupScore = top_share_group_score>
 struct group_limited {
   static_assert(Groups >= 1 && TopGroups >= 1 && TopGroups <= Groups,
                 "moe::gating::group_limited: TopGroups must be in [1, Groups]. Keep at most as "
@@ -60,10 +86,11 @@ struct group_limited {
   static constexpr int groups = Groups;
   static constexpr int top_groups = TopGroups;
   static constexpr int static_experts = Experts;
+  using group_score = GroupScore;
 
   /// c: how many of a group's best selection scores make its score.
   [[nodiscard]] MOE_HOST_DEVICE static constexpr int per_group(int k) noexcept {
-    return k / TopGroups > 1 ? k / TopGroups : 1;
+    return GroupScore::count(k, TopGroups);
   }
 
   /// [in, scratch] selection scores of one token (experts), overwritten: the experts outside
@@ -107,14 +134,19 @@ struct group_limited {
                                             " experts do not split into " + std::to_string(Groups) +
                                             " equal groups");
     index_t const size = args.experts / Groups;
-    if (size * TopGroups < k || size < per_group(k))
+    if (size * TopGroups < k)
       return status::failure("k", "selects " + std::to_string(k) + " experts from " +
                                       std::to_string(TopGroups) + " groups of " +
                                       std::to_string(size) + " experts");
+    if (size < per_group(k))
+      return status::failure("experts", "groups of " + std::to_string(size) +
+                                            " experts cannot be scored by their best " +
+                                            std::to_string(per_group(k)));
     return {};
   }
 };
-static_assert(selection_policy<group_limited<8, 4>> && selection_policy<group_limited<2, 1, 4>>);
+static_assert(selection_policy<group_limited<8, 4>> && selection_policy<group_limited<2, 1, 4>> &&
+              selection_policy<group_limited<8, 4, 0, top_two_group_score>>);
 
 namespace detail {
 struct selection_without_select {  // near-miss: tagged, but selects nothing

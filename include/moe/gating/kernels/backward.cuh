@@ -72,9 +72,9 @@ struct router_backward : moe::detail::warp_per_token {
             .aux_row_tokens = aux_row_tokens,
             .k = r.k(),
             .normalize = normalize,
-            .scaling_factor = args.scaling_factor,
-            .aux_loss_coef = args.aux_loss_coef,
-            .z_loss_coef = args.z_loss_coef,
+            .scaling_factor = static_cast<float>(args.scaling_factor),
+            .aux_loss_coef = static_cast<float>(args.aux_loss_coef),
+            .z_loss_coef = static_cast<float>(args.z_loss_coef),
             .jitter = args.training && args.jitter_on == jitter_target::logits ? args.jitter : 0.0f,
             .seed = args.seed};
   }

@@ -117,7 +117,7 @@ struct priority_keys : moe::detail::thread_per_item<priority_keys<P>> {
     index_t tokens;
     int k;
     index_t experts;
-    float scaling_factor;
+    double scaling_factor;  // by_score orders α · w in double, as the host does
     std::uint64_t seed;
     key_type* keys;        // (tokens·k)
     std::int32_t* values;  // (tokens·k)
@@ -132,12 +132,11 @@ struct priority_keys : moe::detail::thread_per_item<priority_keys<P>> {
     // An id outside [0, E) (never from the router) has no score to read.
     double const first_score =
         first >= 0 && first < p.experts ? static_cast<double>(p.scores[t * p.experts + first]) : 0;
-    assignment_facts const facts{
-        .token = t,
-        .choice = static_cast<int>(a % p.k),
-        .weight = static_cast<double>(p.weight[a]) * static_cast<double>(p.scaling_factor),
-        .first_score = first_score,
-        .seed = p.seed};
+    assignment_facts const facts{.token = t,
+                                 .choice = static_cast<int>(a % p.k),
+                                 .weight = static_cast<double>(p.weight[a]) * p.scaling_factor,
+                                 .first_score = first_score,
+                                 .seed = p.seed};
     p.keys[a] = device_priority<P>::sort_key(facts);
     p.values[a] = static_cast<std::int32_t>(a);
   }

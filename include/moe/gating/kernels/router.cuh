@@ -209,7 +209,7 @@ void route(cuda_backend cuda, G const& gate, gate_args const& args, matrix_view<
 
   launch<detail::finalize_weights>(
       {r.slot.data_handle(), r.weight.data_handle(), tokens, k,
-       normalize == renormalize::after_drops, args.scaling_factor, r.scalars},
+       normalize == renormalize::after_drops, static_cast<float>(args.scaling_factor), r.scalars},
       cuda.stream);
 
   detail::launch_losses<aux_loss_of<G>>(

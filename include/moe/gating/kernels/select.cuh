@@ -142,10 +142,11 @@ struct device_selection<all_experts> {
 static_assert(device_selection_policy<all_experts>);
 
 /// DeepSeek-V3's group-limited selection: each group's score is the sum of its top-c
-/// selection scores, best first (the host's order), and the best M groups are kept, ties to
-/// the lower group. Every lane computes the same group ranking from warp-wide values.
-template <int Groups, int TopGroups, int Experts>
-struct device_selection<group_limited<Groups, TopGroups, Experts>> {
+/// selection scores (c from the group score policy), best first (the host's order), and the
+/// best M groups are kept, ties to the lower group. Every lane computes the same group
+/// ranking from warp-wide values.
+template <int Groups, int TopGroups, int Experts, class GroupScore>
+struct device_selection<group_limited<Groups, TopGroups, Experts, GroupScore>> {
   static_assert(Groups <= 64,
                 "moe::gating::group_limited (CUDA): at most 64 expert groups on the device.");
   static constexpr bool ranks_scores = true;
@@ -158,7 +159,7 @@ struct device_selection<group_limited<Groups, TopGroups, Experts>> {
   template <class KeyOf>
   __device__ static mask keep(KeyOf const& key_of, index_t experts, int k, int lane) {
     index_t const size = experts / Groups;
-    int const c = group_limited<Groups, TopGroups, Experts>::per_group(k);
+    int const c = group_limited<Groups, TopGroups, Experts, GroupScore>::per_group(k);
     float group_score[Groups];
     for (int g = 0; g < Groups; ++g) {
       float sum = 0;

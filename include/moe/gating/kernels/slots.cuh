@@ -57,7 +57,7 @@ namespace moe::gating {
 /// What slot assignment takes from the call besides the capacity.
 struct slot_args {
   std::uint64_t seed = 0;        ///< gate_args::seed (random_order)
-  float scaling_factor = 1.0f;   ///< gate_args::scaling_factor: by_score orders scaled weights
+  double scaling_factor = 1.0;   ///< gate_args::scaling_factor: by_score orders scaled weights
   bool left_out_marked = false;  ///< r.slot holds no_slot where random routing left a choice out
 };
 
