@@ -181,8 +181,7 @@ pass_results run_on_host(Layer const& layer, layer_inputs<Layer, T> const& in) {
                  make_view(r.dx.data(), tokens, h), params.gradients(), ws.view());
   r.grads = gradients_of(params);
   r.stats = layer.stats(host, ws.view());
-  r.load.assign(r.stats.load.begin(), r.stats.load.end());
-  r.stats.load = {};  // it viewed the workspace, freed on return
+  r.load = r.stats.load;
   return r;
 }
 
@@ -220,14 +219,10 @@ device_results<T> run_on_device(Layer const& layer, cuda_backend cuda,
   device_results<T> r;
   r.stats = layer.stats(cuda, workspace{ws.data(), ws.size()}, tokens);  // synchronises
   REQUIRE(r.stats.load.size() == static_cast<std::size_t>(layer.args().gate.experts));
-  r.load.resize(r.stats.load.size());
-  MOE_CUDA_TRY(cudaMemcpyAsync(r.load.data(), r.stats.load.data(),
-                               r.load.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost,
-                               stream));
+  r.load = r.stats.load;  // host memory on both backends
   r.y = y.download(stream);
   r.dx = dx.download(stream);
   r.grads = download_gradients(layer, params, in.options);
-  r.stats.load = {};  // it viewed the workspace, freed on return
   return r;
 }
 
