@@ -46,27 +46,22 @@ struct layer_call {
   blas_handle blas;
   cuda_backend cuda{s.stream, blas.get()};
   index_t tokens, hidden;
-  device_array<float> gate, w1, w2, d_gate, d_w1, d_w2, x, y, dy, dx;
+  device_parameters<layer_of<Layout>, float> w{layer, s.stream};
+  device_array<float> x, y, dy, dx;
   device_array<std::byte> ws;
 
   explicit layer_call(layer_args const& a)
       : layer(a),
         tokens(a.gate.tokens),
         hidden(a.hidden),
-        gate(count(a.hidden * a.gate.experts)),
-        w1(count(a.gate.experts * a.hidden * a.ffn)),
-        w2(count(a.gate.experts * a.ffn * a.hidden)),
-        d_gate(gate.size()),
-        d_w1(w1.size()),
-        d_w2(w2.size()),
         x(count(a.gate.tokens * a.hidden)),
         y(x.size()),
         dy(x.size()),
         dx(x.size()),
         ws(layer.template workspace_bytes<float>(cuda)) {
+    w.initialize(initializer::uniform(0.5), 11);
     std::mt19937_64 rng(11);
-    for (auto* array : {&gate, &w1, &w2, &x, &dy})
-      array->upload(random_values(array->size(), rng), s.stream);
+    for (auto* array : {&x, &dy}) array->upload(random_values(array->size(), rng), s.stream);
   }
 
   static std::size_t count(index_t n) { return static_cast<std::size_t>(n); }
@@ -77,26 +72,13 @@ struct layer_call {
     return v;
   }
 
-  [[nodiscard]] layer_params<float const, expert_type> params() const {
-    index_t const e = layer.args().gate.experts, h = hidden, f = layer.args().ffn;
-    return {make_view(static_cast<float const*>(gate.data()), h, e),
-            {make_view(static_cast<float const*>(w1.data()), e, h, f),
-             {},
-             make_view(static_cast<float const*>(w2.data()), e, f, h),
-             {}}};
-  }
-  [[nodiscard]] layer_params<float, expert_type> gradients() const {
-    index_t const e = layer.args().gate.experts, h = hidden, f = layer.args().ffn;
-    return {make_view(d_gate.data(), h, e),
-            {make_view(d_w1.data(), e, h, f), {}, make_view(d_w2.data(), e, f, h), {}}};
-  }
   void forward() {
-    layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, hidden), params(),
+    layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, hidden), w.params(),
                   make_view(y.data(), tokens, hidden), workspace{ws.data(), ws.size()});
   }
   void backward() {
-    layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, hidden), params(),
-                   make_view(dx.data(), tokens, hidden), gradients(),
+    layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, hidden),
+                   w.params(), make_view(dx.data(), tokens, hidden), w.gradients(),
                    workspace{ws.data(), ws.size()});
   }
   /// The counters of `step` alone, after the stream has drained.

@@ -2,7 +2,7 @@
 // moe::layer is generic over the expert concept: the GLU expert runs in it on the host in
 // float (its gradients through the layer are checked in tests/layer/layer_gradient_test.cpp).
 
-#include "../support/random.hpp"
+#include "../support/parameters.hpp"
 
 #include <doctest/doctest.h>
 
@@ -19,14 +19,14 @@ TEST_CASE("a layer of GLU experts runs in float on the host") {
       .gate = {.tokens = 16, .experts = 4, .capacity_factor = 2}, .hidden = 8, .ffn = 6};
   layer_t const layer(args);
   std::mt19937_64 rng(test::fresh_seed());
-  index_t const t = args.gate.tokens, h = args.hidden, f = args.ffn, e = args.gate.experts;
-  test::host_tensor<float> gate(h * e), w13(e * h * 2 * f), w2(e * f * h), x(t * h), y(t * h);
-  for (auto* v : {&gate, &w13, &w2, &x}) v->randomize(rng, 0.5);
+  index_t const t = args.gate.tokens, h = args.hidden;
+  host_parameters<layer_t, float> w(layer);  // W_gate, W13 and W2; no biases
+  test::randomize(w, rng, 0.5);
+  test::host_tensor<float> x(t * h), y(t * h);
+  x.randomize(rng, 0.5);
   y.poison();
-  layer_t::params<float> const p{gate.cview(h, e),
-                                 {w13.cview(e, h, 2 * f), {}, w2.cview(e, f, h), {}}};
   host_buffer ws(layer.workspace_bytes(host));
-  layer.forward(host, x.cview(t, h), p, y.view(t, h), ws.view());
+  layer.forward(host, x.cview(t, h), w.params(), y.view(t, h), ws.view());
   CHECK(layer.stats(host, ws.view()).dropped == 0);
   for (float v : y.data) CHECK(std::isfinite(v));
   CHECK(std::any_of(y.data.begin(), y.data.end(), [](float v) { return v != 0; }));

@@ -97,9 +97,11 @@ void check_expert_gradients(bool biases) {
   X::backward(host, shape, p, segments, in.cview(rows, h), d_out.cview(rows, h), d_in.view(rows, h),
               grads.views<X, double>(), state);
 
-  test::check_gradients(objective, {&params.w1, &params.b1, &params.w2, &params.b2, &in},
-                        {&grads.w1, &grads.b1, &grads.w2, &grads.b2, &d_in},
-                        {"d_w1", "d_b1", "d_w2", "d_b2", "d_in"});
+  test::check_gradients(
+      objective,
+      {params.w1.flat(), params.b1.flat(), params.w2.flat(), params.b2.flat(), in.flat()},
+      {grads.w1.flat(), grads.b1.flat(), grads.w2.flat(), grads.b2.flat(), d_in.flat()},
+      {"d_w1", "d_b1", "d_w2", "d_b2", "d_in"});
 
   // Expert 1 received nothing: its gradients are zero, exactly.
   for (index_t i = h * w; i < 2 * h * w; ++i) CHECK(grads.w1.data[i] == 0);

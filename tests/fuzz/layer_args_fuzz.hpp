@@ -283,25 +283,33 @@ struct owned {
   }
 };
 
-/// An expert bank's parameters (or gradients) for `experts` experts.
+/// The first Rank extents of a parameter.
+template <std::size_t Rank>
+std::array<index_t, Rank> extents_of(parameter_shape const& p) {
+  std::array<index_t, Rank> extents{};
+  for (std::size_t a = 0; a < Rank; ++a) extents[a] = p.axes[a].extent;
+  return extents;
+}
+
+/// A layer's parameters (or gradients) in the extents of its `parameter_shapes` (W_gate,
+/// W1, b1, W2, b2), each spoilt as its fault says: faults are in the order W_gate, W1, W2,
+/// b1, b2.
 template <class Expert>
 struct owned_bank {
   owned<2> gate_weight;
   owned<3> w1, w2;
   owned<2> b1, b2;
 
-  owned_bank(index_t hidden, index_t all_experts, index_t experts, index_t ffn, bool biases,
-             std::array<fault, 5> faults, std::uint64_t& rng, bool poison)
-      : gate_weight({hidden, all_experts}, faults[0], rng, poison),
-        w1({experts, hidden, (is_glu ? 2 : 1) * ffn}, faults[1], rng, poison),
-        w2({experts, ffn, hidden}, faults[2], rng, poison) {
+  owned_bank(std::vector<parameter_shape> const& shapes, bool biases, std::array<fault, 5> faults,
+             std::uint64_t& rng, bool poison)
+      : gate_weight(extents_of<2>(shapes[0]), faults[0], rng, poison),
+        w1(extents_of<3>(shapes[1]), faults[1], rng, poison),
+        w2(extents_of<3>(shapes[3]), faults[2], rng, poison) {
     if (biases) {
-      b1 = owned<2>({experts, (is_glu ? 2 : 1) * ffn}, faults[3], rng, poison);
-      b2 = owned<2>({experts, hidden}, faults[4], rng, poison);
+      b1 = owned<2>(extents_of<2>(shapes[2]), faults[3], rng, poison);
+      b2 = owned<2>(extents_of<2>(shapes[4]), faults[4], rng, poison);
     }
   }
-  static constexpr bool is_glu =
-      std::is_same_v<typename Expert::template params<double>, expert::glu_params<double>>;
 
   template <class U>
   layer_params<U, Expert> views() const {
@@ -339,11 +347,11 @@ bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank
       moe::checked_mul(moe::checked_mul(moe::checked_mul(a.gate.tokens, k), a.hidden), a.ffn),
       moe::checked_mul(moe::checked_mul(a.hidden, a.gate.experts), std::max(a.gate.tokens, a.ffn)));
   if (work > work_cap) return false;
-  index_t const local_e = layer.expert_shape().experts;
   std::uint64_t rng = c.seed;
   owned<2> x({c.tokens, a.hidden}, c.x, rng, false);
   owned<2> y({c.tokens, a.hidden}, c.y, rng, true);
-  owned_bank<typename Layer::expert_type> p(a.hidden, a.gate.experts, local_e, a.ffn, c.biases,
+  auto const shapes = layer.parameter_shapes();
+  owned_bank<typename Layer::expert_type> p(shapes, c.biases,
                                             {c.gate_weight, c.w1, c.w2, c.b1, c.b2}, rng, false);
   std::vector<std::byte> ws(ws_bytes - std::min(ws_bytes, c.ws_short), std::byte{0x5a});
   workspace const w{c.ws_null ? nullptr : ws.data(), ws.size()};
@@ -374,9 +382,8 @@ bool run_calls(Layer const& layer, layer_args const& a, call_plan const& c, rank
   index_t const forward_tokens = x.view.extent(0);
   owned<2> dy({forward_tokens, a.hidden}, c.dy, rng, false);
   owned<2> dx({forward_tokens, a.hidden}, c.dx, rng, true);
-  owned_bank<typename Layer::expert_type> g(a.hidden, a.gate.experts, local_e, a.ffn, c.g_biases,
-                                            {c.g_gate, c.g_w1, c.g_w2, fault::right, fault::right},
-                                            rng, true);
+  owned_bank<typename Layer::expert_type> g(
+      shapes, c.g_biases, {c.g_gate, c.g_w1, c.g_w2, fault::right, fault::right}, rng, true);
   std::vector<std::byte> fresh(c.bwd_fresh_ws ? ws.size() : 0, std::byte{0});
   workspace const bw = c.bwd_fresh_ws ? workspace{fresh.data(), fresh.size()} : w;
   auto backward = [&] {

@@ -4,7 +4,7 @@
 // presets run forward and backward, and the gradients match finite differences.
 
 #include "../support/finite_differences.hpp"
-#include "../support/layer_storage.hpp"
+#include "../support/parameters.hpp"
 
 #include <doctest/doctest.h>
 
@@ -24,18 +24,17 @@ using relu_layer = layer<Gate, Layout, comm::single_rank, expert::ffn<act::relu>
 /// Forward, stats and a finite-difference check of backward for `Layer` at `args`.
 template <class Layer>
 layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
-  using expert_t = typename Layer::expert_type;
   Layer const layer(args);
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
   index_t const T = args.gate.tokens, H = args.hidden;
-  test::layer_storage<double> params(args, true), grads(args, true);
-  params.randomize(rng, 0.8);
+  host_parameters<Layer, double> w(layer, {.biases = true});
+  test::randomize(w, rng, 0.8);
   test::host_tensor<double> x(T * H), dy(T * H), y(T * H), dx(T * H);
   x.randomize(rng, 1.0);
   dy.randomize(rng, 1.0);
   host_buffer ws(layer.workspace_bytes(host));
-  auto const p = params.template params<expert_t>();
+  auto const p = w.params();
   auto const objective = [&] {
     layer.forward(host, x.cview(T, H), p, y.view(T, H), ws.view());
     double sum = 0;
@@ -45,8 +44,7 @@ layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
   (void)objective();
   layer_stats const stats = layer.stats(host, ws.view());
   std::vector<std::int64_t> const load(stats.load.begin(), stats.load.end());
-  layer.backward(host, dy.cview(T, H), p, dx.view(T, H), grads.template gradients<expert_t>(),
-                 ws.view());
+  layer.backward(host, dy.cview(T, H), p, dx.view(T, H), w.gradients(), ws.view());
   int checked = 0;
   auto const numeric = [&](double& v, double analytic) {
     double const n = test::central_difference(objective, v);
@@ -56,10 +54,10 @@ layer_stats check_layer(layer_args const& args, std::uint64_t seed) {
     ++checked;
     test::expect_derivative(analytic, n);
   };
-  for (std::size_t i = 0; i < params.gate_weight.data.size(); ++i)
-    numeric(params.gate_weight.data[i], grads.gate_weight.data[i]);
-  for (std::size_t i = 0; i < params.w1.data.size(); i += 3)
-    numeric(params.w1.data[i], grads.w1.data[i]);
+  // The gate weight whole and every third element of W1 (tensors 0 and 1).
+  for (std::size_t i = 0; i < w.values(0).size(); ++i) numeric(w.values(0)[i], w.gradients(0)[i]);
+  for (std::size_t i = 0; i < w.values(1).size(); i += 3)
+    numeric(w.values(1)[i], w.gradients(1)[i]);
   for (std::size_t i = 0; i < x.data.size(); ++i) numeric(x.data[i], dx.data[i]);
   CHECK(checked > 0);
   return stats;

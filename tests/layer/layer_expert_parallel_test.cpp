@@ -7,8 +7,7 @@
 // gate's is a sum of per-rank partial sums), so they agree to rounding there and exactly
 // when k = 1.
 
-#include "../support/layer_storage.hpp"
-#include "../support/random.hpp"
+#include "../support/parameters.hpp"
 
 #include <moe/moe.hpp>
 
@@ -27,11 +26,15 @@ using comm::simulated_world;
 using comm::topology;
 using expert_t = expert::ffn<act::gelu>;
 
-double max_relative_error(std::vector<double> const& got, std::vector<double> const& want) {
+/// The largest error relative to want's largest magnitude; NaN where got holds one (a
+/// poisoned element never written), which std::max would pass over.
+double max_relative_error(span<double const> got, span<double const> want) {
   double worst = 0, scale = 0;
   for (double v : want) scale = std::max(scale, std::abs(v));
-  for (std::size_t i = 0; i < got.size(); ++i)
-    worst = std::max(worst, std::abs(got[i] - want[i]) / std::max(scale, 1e-300));
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    double const error = std::abs(got[i] - want[i]) / std::max(scale, 1e-300);
+    if (std::isnan(error) || error > worst) worst = error;
+  }
   return worst;
 }
 
@@ -45,36 +48,36 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
   CAPTURE(t.nodes);
   int const w = t.size();
   index_t const tokens = args.gate.tokens, global_tokens = tokens * w, h = args.hidden;
-  index_t const e = args.gate.experts, local_e = e / w, f = args.ffn;
+  index_t const e = args.gate.experts, local_e = e / w;
   std::mt19937_64 rng(seed);
 
+  // The reference: one rank, all experts, all tokens.
   layer_args global_args = args;
   global_args.gate.tokens = global_tokens;
-  test::layer_storage<double> params(global_args, true), grads(global_args, true);
-  params.randomize(rng, 0.5);
-  if (uniform_gate) std::fill(params.gate_weight.data.begin(), params.gate_weight.data.end(), 0.0);
+  using single_t = moe::layer<gating::top_k<K>, Layout, comm::single_rank, expert_t>;
+  single_t single(global_args);
+  host_parameters<single_t, double> whole(single, {.biases = true});
+  test::randomize(whole, rng, 0.5);
+  if (uniform_gate) std::fill(whole.values(0).begin(), whole.values(0).end(), 0.0);
   test::host_tensor<double> x(global_tokens * h), dy(global_tokens * h);
   x.randomize(rng);
   dy.randomize(rng);
-
-  // The reference: one rank, all experts, all tokens.
-  using single_t = moe::layer<gating::top_k<K>, Layout, comm::single_rank, expert_t>;
-  single_t single(global_args);
   std::vector<std::byte> ws(single.workspace_bytes(host));
   test::host_tensor<double> y_ref(global_tokens * h), dx_ref(global_tokens * h);
-  single.forward(host, x.cview(global_tokens, h), params.params<expert_t>(),
-                 y_ref.view(global_tokens, h), ws);
-  single.backward(host, dy.cview(global_tokens, h), params.params<expert_t>(),
-                  dx_ref.view(global_tokens, h), grads.gradients<expert_t>(), ws);
+  single.forward(host, x.cview(global_tokens, h), whole.params(), y_ref.view(global_tokens, h), ws);
+  single.backward(host, dy.cview(global_tokens, h), whole.params(), dx_ref.view(global_tokens, h),
+                  whole.gradients(), ws);
   CHECK(single.stats(host, ws).dropped == 0);
 
-  // W ranks: rank r routes tokens [r·T, (r+1)·T) and holds experts [r·E_l, (r+1)·E_l).
+  // W ranks: rank r routes tokens [r·T, (r+1)·T) and holds experts [r·E_l, (r+1)·E_l), its
+  // part of `whole`'s values. Its expert gradients go back to their place in `gathered`, its
+  // gate weight gradient (a partial sum over its tokens) to gate_grads[r].
   test::host_tensor<double> y(global_tokens * h), dx(global_tokens * h);
-  test::layer_storage<double> ep_grads(global_args, true);
+  host_parameters<single_t, double> gathered(single, {.biases = true});
   std::vector<test::host_tensor<double>> gate_grads(w, test::host_tensor<double>(h * e));
   y.poison();
   dx.poison();
-  for (auto* g : ep_grads.all()) g->poison();
+  test::poison_gradients(gathered);
   std::vector<index_t> capacity(w), largest_load(w);
   using parallel_t = moe::layer<gating::top_k<K>, Layout, Collective, expert_t>;
   simulated_world world(t);
@@ -83,26 +86,25 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
     parallel_t layer(args, comm);
     REQUIRE(layer.expert_shape().experts == local_e);
     REQUIRE(layer.first_expert() == r * local_e);
-    auto slice = [&](auto& tensor, index_t per_expert) {
-      return tensor.data.data() + r * local_e * per_expert;
+    host_parameters<parallel_t, double> part(layer, {.biases = true});
+    test::poison_gradients(part);
+    // Tensor i of this rank within the whole layer's: every rank holds the gate weight (0)
+    // whole; the expert tensors are expert-major, so its experts are one run of them.
+    auto within = [&](auto whole_tensor, std::size_t i) {
+      std::size_t const n = part.values(i).size();
+      return i == 0 ? whole_tensor : whole_tensor.subspan(static_cast<std::size_t>(r) * n, n);
     };
-    auto bank = [&](auto& s, auto* gate) {
-      using U = std::remove_pointer_t<decltype(gate)>;
-      return layer_params<U, expert_t>{
-          make_view(gate, h, e),
-          {make_view(static_cast<U*>(slice(s.w1, h * f)), local_e, h, f),
-           make_view(static_cast<U*>(slice(s.b1, f)), local_e, f),
-           make_view(static_cast<U*>(slice(s.w2, f * h)), local_e, f, h),
-           make_view(static_cast<U*>(slice(s.b2, h)), local_e, h)}};
-    };
-    auto const p = bank(params, static_cast<double const*>(params.gate_weight.data.data()));
-    auto const g = bank(ep_grads, gate_grads[static_cast<std::size_t>(r)].data.data());
+    for (std::size_t i = 0; i < part.shapes().size(); ++i)
+      std::ranges::copy(within(whole.values(i), i), part.values(i).begin());
     std::vector<std::byte> rank_ws(layer.workspace_bytes(host));
     auto rows = [&](auto& tensor) { return tensor.data.data() + r * tokens * h; };
-    layer.forward(host, make_view(static_cast<double const*>(rows(x)), tokens, h), p,
+    layer.forward(host, make_view(static_cast<double const*>(rows(x)), tokens, h), part.params(),
                   make_view(rows(y), tokens, h), rank_ws);
-    layer.backward(host, make_view(static_cast<double const*>(rows(dy)), tokens, h), p,
-                   make_view(rows(dx), tokens, h), g, rank_ws);
+    layer.backward(host, make_view(static_cast<double const*>(rows(dy)), tokens, h), part.params(),
+                   make_view(rows(dx), tokens, h), part.gradients(), rank_ws);
+    std::ranges::copy(part.gradients(0), gate_grads[static_cast<std::size_t>(r)].data.begin());
+    for (std::size_t i = 1; i < part.shapes().size(); ++i)
+      std::ranges::copy(part.gradients(i), within(gathered.gradients(i), i).begin());
     auto const s = layer.stats(host, rank_ws);
     CHECK(s.dropped == 0);
     capacity[static_cast<std::size_t>(r)] = s.capacity;
@@ -113,13 +115,13 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
   CHECK(dx.data == dx_ref.data);
   double const tolerance = K == 1 ? 0 : 1e-12;
   for (std::size_t i = 1; i < 5; ++i) {  // w1, b1, w2, b2
-    CAPTURE(i);
-    CHECK(max_relative_error(ep_grads.all()[i]->data, grads.all()[i]->data) <= tolerance);
+    CAPTURE(whole.shapes()[i].name);
+    CHECK(max_relative_error(gathered.gradients(i), whole.gradients(i)) <= tolerance);
   }
-  std::vector<double> gate_sum(static_cast<std::size_t>(h * e), 0.0);
+  test::host_tensor<double> gate_sum(h * e);
   for (auto const& gg : gate_grads)
-    for (std::size_t i = 0; i < gate_sum.size(); ++i) gate_sum[i] += gg.data[i];
-  CHECK(max_relative_error(gate_sum, grads.gate_weight.data) <= 1e-12);
+    for (std::size_t i = 0; i < gate_sum.data.size(); ++i) gate_sum.data[i] += gg.data[i];
+  CHECK(max_relative_error(gate_sum.flat(), whole.gradients(0)) <= 1e-12);
   if constexpr (Layout::drops_tokens) {
     // Dynamic capacity is the largest load over all ranks, the same on every rank.
     index_t const expected = *std::max_element(largest_load.begin(), largest_load.end());
@@ -187,9 +189,6 @@ TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
   // With a capacity, every rank must route as many tokens.
   simulated_world two({.ranks_per_node = 2, .nodes = 1});
   layer_args const args = small_args(4);
-  test::layer_storage<float> params(args, false);
-  std::mt19937_64 rng(1);
-  params.randomize(rng, 0.5);
   std::vector<int> rejected(2, 0);
   CHECK_THROWS_AS(two.run([&](simulated_world::rank_communicator& comm) {
     parallel_t layer(args, comm);
@@ -198,19 +197,12 @@ TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
     std::mt19937_64 rank_rng(2 + static_cast<std::uint64_t>(comm.rank()));
     x.randomize(rank_rng);
     index_t const tokens = comm.rank() == 0 ? args.gate.tokens : args.gate.tokens - 1;
-    auto p = layer_params<float const, expert_t>{
-        make_view(static_cast<float const*>(params.gate_weight.data.data()), args.hidden, 4),
-        {make_view(static_cast<float const*>(params.w1.data.data()) +
-                       comm.rank() * 2 * args.hidden * args.ffn,
-                   2, args.hidden, args.ffn),
-         {},
-         make_view(static_cast<float const*>(params.w2.data.data()) +
-                       comm.rank() * 2 * args.ffn * args.hidden,
-                   2, args.ffn, args.hidden),
-         {}}};
+    host_parameters<parallel_t, float> w(layer);
+    w.initialize(initializer::uniform(0.5), 1);  // each rank its experts' part of one draw
     std::vector<std::byte> ws(layer.workspace_bytes(host));
     try {
-      layer.forward(host, x.cview(tokens, args.hidden), p, y.view(tokens, args.hidden), ws);
+      layer.forward(host, x.cview(tokens, args.hidden), w.params(), y.view(tokens, args.hidden),
+                    ws);
     } catch (moe::invalid_argument const& e) {
       rejected[static_cast<std::size_t>(comm.rank())] =
           std::string(e.what()).find("every rank routes as many tokens") != std::string::npos;

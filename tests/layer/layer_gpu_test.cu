@@ -16,7 +16,7 @@
 #include "../support/device.hpp"
 #include "../support/expect.hpp"
 #include "../support/graph.hpp"
-#include "../support/random.hpp"
+#include "../support/parameters.hpp"
 
 #include <doctest/doctest.h>
 
@@ -29,7 +29,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -63,81 +62,29 @@ void expect_close(double reference, double got, double tolerance, char const* wh
 
 // --- parameters --------------------------------------------------------------------------
 
-/// The shapes of a layer's parameters: W_gate (H, E), then the expert's W1 (E, H, F1),
-/// b1 (E, F1), W2 (E, F, H), b2 (E, H), F1 = F (ffn) or 2·F (glu, [gate | up]).
-struct param_shapes {
-  index_t hidden, ffn, experts, width;
-  bool biases;
-
-  [[nodiscard]] std::array<std::size_t, 5> counts() const {
-    auto n = [](index_t v) { return static_cast<std::size_t>(v); };
-    return {n(hidden * experts), n(experts * hidden * width), n(biases ? experts * width : 0),
-            n(experts * ffn * hidden), n(biases ? experts * hidden : 0)};
-  }
-};
-
-template <class Expert>
-constexpr index_t width_factor =
-    std::is_same_v<typename Expert::template params<float>, expert::glu_params<float>> ? 2 : 1;
-
-template <class Expert>
-param_shapes shapes_of(layer_args const& a, bool biases) {
-  return {a.hidden, a.ffn, a.gate.experts, width_factor<Expert> * a.ffn, biases};
+/// Each tensor's gradients, in the order of parameter_shapes (an absent bias's empty).
+template <class Layer, class T>
+std::vector<std::vector<T>> gradients_of(host_parameters<Layer, T> const& w) {
+  std::vector<std::vector<T>> out;
+  for (std::size_t n = 0; n < w.shapes().size(); ++n)
+    out.emplace_back(w.gradients(n).begin(), w.gradients(n).end());
+  return out;
 }
 
-char const* const param_names[5] = {"d gate_weight", "d w1", "d b1", "d w2", "d b2"};
-
-/// Layer parameter (or gradient) views over five arrays laid out as `param_shapes` says;
-/// absent biases are empty views.
-template <class Expert, class U>
-layer_params<U, Expert> layer_views(param_shapes const& s, std::array<U*, 5> const& p) {
-  auto bias = [&](U* data, index_t width) {
-    return s.biases ? make_view(data, s.experts, width) : matrix_view<U>{};
-  };
-  return {make_view(p[0], s.hidden, s.experts),
-          {make_view(p[1], s.experts, s.hidden, s.width), bias(p[2], s.width),
-           make_view(p[3], s.experts, s.ffn, s.hidden), bias(p[4], s.hidden)}};
+/// The same of device parameters, once the stream's work so far is done.
+template <class Layer, class T>
+std::vector<std::vector<T>> download_gradients(Layer const& layer,
+                                               device_parameters<Layer, T> const& d,
+                                               parameter_options options) {
+  host_parameters<Layer, T> w(layer, options);
+  d.copy_to(w);
+  return gradients_of(w);
 }
 
-/// Host copies of the five tensors.
-template <class T>
-using host_params = std::array<std::vector<T>, 5>;
-
-template <class Expert, class U, class T>
-layer_params<U, Expert> host_views(param_shapes const& s, host_params<T>& p) {
-  return layer_views<Expert, U>(
-      s, {static_cast<U*>(p[0].data()), static_cast<U*>(p[1].data()), static_cast<U*>(p[2].data()),
-          static_cast<U*>(p[3].data()), static_cast<U*>(p[4].data())});
+/// Tensor n's gradient in messages: "d expert.w1".
+std::string gradient_name(std::vector<parameter_shape> const& shapes, std::size_t n) {
+  return "d " + shapes[n].name;
 }
-
-/// The five tensors in device memory.
-template <class T>
-struct device_params {
-  param_shapes shapes;
-  std::vector<device_array<T>> arrays;
-
-  explicit device_params(param_shapes const& s) : shapes(s) {
-    for (std::size_t n : s.counts()) arrays.emplace_back(n);
-  }
-  template <class Expert, class U>
-  layer_params<U, Expert> views() const {
-    return layer_views<Expert, U>(
-        shapes, {static_cast<U*>(arrays[0].data()), static_cast<U*>(arrays[1].data()),
-                 static_cast<U*>(arrays[2].data()), static_cast<U*>(arrays[3].data()),
-                 static_cast<U*>(arrays[4].data())});
-  }
-  void upload(host_params<T> const& host, cudaStream_t stream) {
-    for (std::size_t n = 0; n < arrays.size(); ++n) arrays[n].upload(host[n], stream);
-  }
-  [[nodiscard]] host_params<T> download(cudaStream_t stream) const {
-    host_params<T> out;
-    for (std::size_t n = 0; n < arrays.size(); ++n) out[n] = arrays[n].download(stream);
-    return out;
-  }
-  void poison(cudaStream_t stream) {
-    for (auto& a : arrays) a.poison(stream);
-  }
-};
 
 // --- inputs ------------------------------------------------------------------------------
 
@@ -151,7 +98,7 @@ void fill_x(std::vector<T>& x, std::mt19937_64& rng) {
 /// ±m/2^(6+s), m = 1..64, s = max(0, ⌊log2(H)/2⌋ − 1): the logits stay O(1), and every
 /// product x·w and every partial sum of H of them is exact in float.
 template <class T>
-void fill_gate(std::vector<T>& w, index_t hidden, std::mt19937_64& rng) {
+void fill_gate(span<T> w, index_t hidden, std::mt19937_64& rng) {
   int const s =
       std::max(0, static_cast<int>(std::bit_width(static_cast<std::uint64_t>(hidden)) - 1) / 2 - 1);
   float const unit = std::ldexp(1.0f, -(6 + s));
@@ -163,7 +110,7 @@ void fill_gate(std::vector<T>& w, index_t hidden, std::mt19937_64& rng) {
 /// its gate weight +1/4 to every other expert and −1/4 to the last, and the other features'
 /// gate weights (m/2^14, m ≤ 64) move a logit by less than 63/256 < 1/4. Still exact.
 template <class T>
-void starve_last_expert(std::vector<T>& x, std::vector<T>& w, index_t tokens, index_t hidden,
+void starve_last_expert(std::vector<T>& x, span<T> w, index_t tokens, index_t hidden,
                         index_t experts, std::mt19937_64& rng) {
   for (index_t t = 0; t < tokens; ++t)
     x[static_cast<std::size_t>(t * hidden)] = from_accumulate<T>(1);
@@ -176,33 +123,30 @@ void starve_last_expert(std::vector<T>& x, std::vector<T>& w, index_t tokens, in
     }
 }
 
-/// Continuous values in [−scale, scale], never near zero, rounded to T.
-template <class T>
-void fill_continuous(std::vector<T>& v, std::mt19937_64& rng, double scale) {
-  test::host_tensor<T> t(static_cast<index_t>(v.size()));
-  t.randomize(rng, scale);
-  v = std::move(t.data);
-}
-
-/// Everything one layer call reads: parameters, x and dy, in T.
-template <class T>
+/// Everything one layer call reads: parameters, x and dy, in T. The parameters' gradients
+/// are poisoned, so that a device copy of them starts poisoned too.
+template <class Layer, class T>
 struct layer_inputs {
-  param_shapes shapes;
   index_t tokens;
-  host_params<T> params;
+  parameter_options options;
+  host_parameters<Layer, T> params;
   std::vector<T> x, dy;
 
-  layer_inputs(param_shapes const& s, index_t call_tokens, bool starve, std::mt19937_64& rng)
-      : shapes(s), tokens(call_tokens) {
-    auto const counts = s.counts();
-    for (std::size_t n = 0; n < 5; ++n) params[n].resize(counts[n]);
-    for (std::size_t n = 1; n < 5; ++n) fill_continuous(params[n], rng, 0.5);
-    fill_gate(params[0], s.hidden, rng);
-    x.resize(static_cast<std::size_t>(tokens * s.hidden));
+  layer_inputs(Layer const& layer, index_t call_tokens, bool biases, bool starve,
+               std::mt19937_64& rng)
+      : tokens(call_tokens), options{.biases = biases}, params(layer, options) {
+    index_t const hidden = layer.args().hidden, experts = layer.args().gate.experts;
+    // Continuous expert tensors (continuous values in [−0.5, 0.5], never near zero), the
+    // gate weight on its grid.
+    for (std::size_t n = 1; n < params.shapes().size(); ++n)
+      test::randomize(params.values(n), rng, 0.5);
+    fill_gate(params.values(0), hidden, rng);
+    x.resize(static_cast<std::size_t>(tokens * hidden));
     dy.resize(x.size());
     fill_x(x, rng);
-    fill_continuous(dy, rng, 1.0);
-    if (starve) starve_last_expert(x, params[0], tokens, s.hidden, s.experts, rng);
+    test::randomize(span<T>(dy.data(), dy.size()), rng, 1.0);
+    if (starve) starve_last_expert(x, params.values(0), tokens, hidden, experts, rng);
+    test::poison_gradients(params);
   }
 };
 
@@ -211,36 +155,33 @@ struct layer_inputs {
 /// What one forward and backward gave, as doubles, with the routing statistics.
 struct pass_results {
   std::vector<double> y, dx;
-  host_params<double> grads;
+  std::vector<std::vector<double>> grads;
   layer_stats stats;
   std::vector<std::int64_t> load;
 };
 
 /// The reference: the host layer in double on the inputs' values.
 template <class Layer, class T>
-pass_results run_on_host(layer_args const& args, layer_inputs<T> const& in) {
-  using Expert = typename Layer::expert_type;
-  Layer const layer(args);
-  param_shapes const& s = in.shapes;
-  index_t const tokens = in.tokens, h = s.hidden;
-  host_params<double> params;
-  for (std::size_t n = 0; n < 5; ++n) params[n] = widen(in.params[n]);
+pass_results run_on_host(Layer const& layer, layer_inputs<Layer, T> const& in) {
+  index_t const tokens = in.tokens, h = layer.args().hidden;
+  host_parameters<Layer, double> params(layer, in.options);
+  for (std::size_t n = 0; n < params.shapes().size(); ++n)
+    std::ranges::transform(in.params.values(n), params.values(n).begin(),
+                           [](T v) { return static_cast<double>(to_accumulate(v)); });
+  test::poison_gradients(params);
   std::vector<double> const x = widen(in.x), dy = widen(in.dy);
 
   pass_results r;
   r.y.assign(x.size(), std::nan(""));
   r.dx.assign(x.size(), std::nan(""));
-  auto const counts = s.counts();
-  for (std::size_t n = 0; n < 5; ++n) r.grads[n].assign(counts[n], std::nan(""));
   host_buffer ws(layer.workspace_bytes(host));
-  auto const p = host_views<Expert, double const>(s, params);
-  layer.forward(host, make_view(x.data(), tokens, h), p, make_view(r.y.data(), tokens, h),
-                ws.view());
-  layer.backward(host, make_view(dy.data(), tokens, h), p, make_view(r.dx.data(), tokens, h),
-                 host_views<Expert, double>(s, r.grads), ws.view());
+  layer.forward(host, make_view(x.data(), tokens, h), params.params(),
+                make_view(r.y.data(), tokens, h), ws.view());
+  layer.backward(host, make_view(dy.data(), tokens, h), params.params(),
+                 make_view(r.dx.data(), tokens, h), params.gradients(), ws.view());
+  r.grads = gradients_of(params);
   r.stats = layer.stats(host, ws.view());
-  r.load.assign(r.stats.load.begin(), r.stats.load.end());
-  r.stats.load = {};  // it viewed the workspace, freed on return
+  r.load = r.stats.load;
   return r;
 }
 
@@ -248,46 +189,40 @@ pass_results run_on_host(layer_args const& args, layer_inputs<T> const& in) {
 template <class T>
 struct device_results {
   std::vector<T> y, dx;
-  host_params<T> grads;
+  std::vector<std::vector<T>> grads;
   layer_stats stats;
   std::vector<std::int64_t> load;
 };
 
 /// One CUDA forward and backward; outputs, gradients and the workspace poisoned first.
 template <class Layer, class T>
-device_results<T> run_on_device(Layer const& layer, cuda_backend cuda, layer_inputs<T> const& in,
-                                device_params<T> const& params) {
-  using Expert = typename Layer::expert_type;
-  param_shapes const& s = in.shapes;
-  index_t const tokens = in.tokens, h = s.hidden;
+device_results<T> run_on_device(Layer const& layer, cuda_backend cuda,
+                                layer_inputs<Layer, T> const& in,
+                                device_parameters<Layer, T>& params) {
+  index_t const tokens = in.tokens, h = layer.args().hidden;
   cudaStream_t const stream = cuda.stream;
   device_array<T> x(in.x.size()), dy(in.dy.size()), y(in.x.size()), dx(in.x.size());
   x.upload(in.x, stream);
   dy.upload(in.dy, stream);
-  device_params<T> grads(s);
+  params.copy_from(in.params);  // the values, and poisoned gradients
   device_array<std::byte> ws(layer.template workspace_bytes<T>(cuda));
   y.poison(stream);
   dx.poison(stream);
-  grads.poison(stream);
   ws.poison(stream);
 
-  auto const p = params.template views<Expert, T const>();
+  auto const p = params.params();
   layer.forward(cuda, make_view(static_cast<T const*>(x.data()), tokens, h), p,
                 make_view(y.data(), tokens, h), workspace{ws.data(), ws.size()});
   layer.backward(cuda, make_view(static_cast<T const*>(dy.data()), tokens, h), p,
-                 make_view(dx.data(), tokens, h), grads.template views<Expert, T>(),
+                 make_view(dx.data(), tokens, h), params.gradients(),
                  workspace{ws.data(), ws.size()});
   device_results<T> r;
   r.stats = layer.stats(cuda, workspace{ws.data(), ws.size()}, tokens);  // synchronises
-  REQUIRE(r.stats.load.size() == static_cast<std::size_t>(s.experts));
-  r.load.resize(r.stats.load.size());
-  MOE_CUDA_TRY(cudaMemcpyAsync(r.load.data(), r.stats.load.data(),
-                               r.load.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost,
-                               stream));
+  REQUIRE(r.stats.load.size() == static_cast<std::size_t>(layer.args().gate.experts));
+  r.load = r.stats.load;  // host memory on both backends
   r.y = y.download(stream);
   r.dx = dx.download(stream);
-  r.grads = grads.download(stream);
-  r.stats.load = {};  // it viewed the workspace, freed on return
+  r.grads = download_gradients(layer, params, in.options);
   return r;
 }
 
@@ -303,7 +238,6 @@ struct case_config {
 /// The testbed: Layer on the CUDA backend in T against the host layer in double.
 template <class Layer, class T>
 void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t blas) {
-  using Expert = typename Layer::expert_type;
   auto const seed = test::fresh_seed();
   // bfloat16 keeps 3 fewer mantissa bits than half, and the device rounds its
   // intermediates (activations, d_pre) to T where the host reference keeps double.
@@ -318,25 +252,24 @@ void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t
                << a.expert_row_alignment << (c.starve ? ", last expert starved" : "")
                << (c.biases ? ", biases" : ", no biases"));
   std::mt19937_64 rng(seed);
-  param_shapes const shapes = shapes_of<Expert>(a, c.biases);
-  layer_inputs<T> const in(shapes, c.call_tokens, c.starve, rng);
+  Layer const layer(a);
+  layer_inputs<Layer, T> const in(layer, c.call_tokens, c.biases, c.starve, rng);
+  auto const& shapes = in.params.shapes();
 
-  pass_results const ref = run_on_host<Layer>(a, in);
+  pass_results const ref = run_on_host(layer, in);
   if (c.expect_drops) CHECK(ref.stats.dropped > 0);
   if (c.starve) CHECK(ref.load.back() == 0);
 
-  Layer const layer(a);
   cuda_backend const cuda{stream, blas};
-  device_params<T> params(shapes);
-  params.upload(in.params, stream);
+  device_parameters<Layer, T> params(layer, stream, in.options);
   device_results<T> const got = run_on_device(layer, cuda, in, params);
 
   expect_close(ref.y, widen(got.y), tolerance, "y");
   expect_close(ref.dx, widen(got.dx), tolerance, "dx");
-  for (std::size_t n = 0; n < 5; ++n)
-    expect_close(ref.grads[n], widen(got.grads[n]), tolerance, param_names[n]);
+  for (std::size_t n = 0; n < shapes.size(); ++n)
+    expect_close(ref.grads[n], widen(got.grads[n]), tolerance, gradient_name(shapes, n));
   if (c.starve) {  // zero, not garbage, for the expert that received nothing
-    index_t const e = a.gate.experts - 1, w = shapes.width;
+    index_t const e = a.gate.experts - 1, w = shapes[1].axes[2].extent;  // W1: (E, H, F1)
     auto zero = [](std::vector<T> const& v, index_t from, index_t n) {
       return std::all_of(v.begin() + from, v.begin() + from + n,
                          [](T value) { return to_accumulate(value) == 0.0f; });
@@ -362,7 +295,7 @@ void compare_with_host(case_config const& c, cudaStream_t stream, cublasHandle_t
   device_results<T> const again = run_on_device(layer, cuda, in, params);
   CHECK(same_bits(got.y, again.y));
   CHECK(same_bits(got.dx, again.dx));
-  for (std::size_t n = 0; n < 5; ++n) CHECK(same_bits(got.grads[n], again.grads[n]));
+  for (std::size_t n = 0; n < shapes.size(); ++n) CHECK(same_bits(got.grads[n], again.grads[n]));
 }
 
 template <class Layer>
@@ -552,7 +485,6 @@ namespace {
 template <class T>
 void check_graph_replay() {
   using Layer = capacity_layer;
-  using Expert = Layer::expert_type;
   test::owned_stream s;
   // cuBLAS must not allocate while captured: point the handle at the stream, then give it a
   // workspace (in that order: cublasSetStream drops the workspace; moe::gemm leaves a
@@ -569,34 +501,33 @@ void check_graph_replay() {
   layer_args const args = capacity_args;
   Layer const layer(args);
   index_t const tokens = args.gate.tokens, h = args.hidden;
-  param_shapes const shapes = shapes_of<Expert>(args, true);
-  layer_inputs<T> first(shapes, tokens, false, rng);
-  device_params<T> params(shapes), grads(shapes);
-  params.upload(first.params, s.stream);
+  layer_inputs<Layer, T> const first(layer, tokens, true, false, rng);
+  device_parameters<Layer, T> params(layer, s.stream, first.options);
   device_array<T> x(first.x.size()), dy(first.x.size()), y(first.x.size()), dx(first.x.size());
   device_array<std::byte> ws(layer.workspace_bytes<T>(cuda));
   ws.poison(s.stream);
 
-  auto const p = params.template views<Expert, T const>();
+  auto const p = params.params();
+  auto const g = params.gradients();
   auto step = [&] {
     layer.forward(cuda, make_view(static_cast<T const*>(x.data()), tokens, h), p,
                   make_view(y.data(), tokens, h), workspace{ws.data(), ws.size()});
     layer.backward(cuda, make_view(static_cast<T const*>(dy.data()), tokens, h), p,
-                   make_view(dx.data(), tokens, h), grads.template views<Expert, T>(),
-                   workspace{ws.data(), ws.size()});
+                   make_view(dx.data(), tokens, h), g, workspace{ws.data(), ws.size()});
   };
   auto poison = [&] {
     y.poison(s.stream);
     dx.poison(s.stream);
-    grads.poison(s.stream);
+    params.copy_from(first.params);  // the same values, and poisoned gradients
   };
   auto snapshot = [&] {
     std::vector<std::vector<T>> all{y.download(s.stream), dx.download(s.stream)};
-    for (auto& g : grads.download(s.stream)) all.push_back(std::move(g));
+    for (auto& t : download_gradients(layer, params, first.options)) all.push_back(std::move(t));
     return all;
   };
 
   // An eager run first: lazy module loading and library set-up happen outside the capture.
+  params.copy_from(first.params);
   x.upload(first.x, s.stream);
   dy.upload(first.dy, s.stream);
   step();
@@ -625,7 +556,7 @@ void check_graph_replay() {
   }
   for (int round = 0; round < 2; ++round) {
     INFO("input " << round);
-    layer_inputs<T> const fresh(shapes, tokens, false, rng);
+    layer_inputs<Layer, T> const fresh(layer, tokens, true, false, rng);
     x.upload(fresh.x, s.stream);
     dy.upload(fresh.dy, s.stream);
     poison();
@@ -636,7 +567,7 @@ void check_graph_replay() {
     auto const replayed = snapshot();
     REQUIRE(eager.size() == replayed.size());
     for (std::size_t i = 0; i < eager.size(); ++i) {
-      INFO(std::string(i == 0 ? "y" : i == 1 ? "dx" : param_names[i - 2]));
+      INFO((i == 0 ? "y" : i == 1 ? "dx" : gradient_name(first.params.shapes(), i - 2)));
       CHECK(all_finite(eager[i]));  // written, so equal bits are no accident of the poison
       CHECK(same_bits(eager[i], replayed[i]));
     }
@@ -652,7 +583,6 @@ TEST_CASE("forward and backward of the capacity layer replay from a CUDA graph, 
 
 TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output untouched") {
   using Layer = capacity_layer;
-  using Expert = Layer::expert_type;
   using T = float;
   test::owned_stream s;
   blas_handle blas;
@@ -664,10 +594,9 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
   layer_args const args = capacity_args;
   Layer const layer(args);
   index_t const tokens = args.gate.tokens, h = args.hidden, e = args.gate.experts;
-  param_shapes const shapes = shapes_of<Expert>(args, true);
-  layer_inputs<T> const in(shapes, tokens, false, rng);
-  device_params<T> params(shapes), grads(shapes);
-  params.upload(in.params, s.stream);
+  layer_inputs<Layer, T> const in(layer, tokens, true, false, rng);
+  device_parameters<Layer, T> params(layer, s.stream, in.options);
+  params.copy_from(in.params);  // the gradients poisoned
   // Room for (T + 1, H + 1): the wrong shapes below view it.
   std::size_t const room = static_cast<std::size_t>((tokens + 1) * (h + 1));
   device_array<T> x(room), dy(room), y(room), dx(room);
@@ -684,15 +613,15 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
   auto cdy = [&](index_t t, index_t c) {
     return make_view(static_cast<T const*>(dy.data()), t, c);
   };
-  auto const p = params.views<Expert, T const>();
-  auto const g = grads.views<Expert, T>();
+  auto const p = params.params();
+  auto const g = params.gradients();
 
   // A good forward first: its state must survive every rejected call below.
   layer.forward(cuda, cx(tokens, h), p, make_view(y.data(), tokens, h), good_ws);
   auto const before = layer.stats(cuda, good_ws, tokens);
   y.poison(s.stream);
   dx.poison(s.stream);
-  grads.poison(s.stream);
+  params.copy_from(in.params);  // forward wrote no gradient; poisoned again all the same
 
   SUBCASE("forward") {
     auto forward = [&](cuda_backend c, auto xv, auto pv, index_t y_tokens, index_t y_cols,
@@ -746,7 +675,7 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
                           "ws");
     test::expect_rejected(backward(no_blas, cdy(tokens, h), p, g, tokens, h, good_ws), "cuda.blas");
     CHECK(all_poisoned(dx.download(s.stream)));
-    for (auto const& t : grads.download(s.stream)) CHECK(all_poisoned(t));
+    for (auto const& t : download_gradients(layer, params, in.options)) CHECK(all_poisoned(t));
   }
 
   SUBCASE("can_implement says what forward and backward would throw, and writes nothing") {
@@ -782,7 +711,7 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
         "dy");
     CHECK(all_poisoned(y.download(s.stream)));
     CHECK(all_poisoned(dx.download(s.stream)));
-    for (auto const& t : grads.download(s.stream)) CHECK(all_poisoned(t));
+    for (auto const& t : download_gradients(layer, params, in.options)) CHECK(all_poisoned(t));
   }
 
   SUBCASE("stats") {

@@ -5,7 +5,7 @@
 // none dropped and padded rows (ragged layout).
 
 #include "../support/finite_differences.hpp"
-#include "../support/layer_storage.hpp"
+#include "../support/parameters.hpp"
 
 #include <doctest/doctest.h>
 
@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <vector>
 
 namespace {
 
@@ -29,18 +31,18 @@ void check_gradients(layer_args const& args, bool biases) {
   std::mt19937_64 rng(seed);
 
   index_t const tokens = args.gate.tokens, hidden = args.hidden;
-  test::layer_storage<double> params(args, biases, Expert{}), grads(args, biases, Expert{});
-  params.randomize(rng, 0.8);
+  host_parameters<layer_t, double> w(layer, {.biases = biases});
+  test::randomize(w, rng, 0.8);
   test::host_tensor<double> x(tokens * hidden), dy(tokens * hidden), y(tokens * hidden),
       dx(tokens * hidden);
   x.randomize(rng, 1.0);
   dy.randomize(rng, 1.0);
-  for (auto* g : grads.all()) g->poison();
+  test::poison_gradients(w);
   dx.poison();
   y.poison();
 
   host_buffer ws(layer.workspace_bytes(host));
-  auto const p = params.template params<Expert>();
+  auto const p = w.params();
   auto objective = [&] {
     layer.forward(host, x.cview(tokens, hidden), p, y.view(tokens, hidden), ws.view());
     double sum = 0;
@@ -49,18 +51,22 @@ void check_gradients(layer_args const& args, bool biases) {
   };
   (void)objective();
   for (double v : y.data) CHECK(std::isfinite(v));
-  layer.backward(host, dy.cview(tokens, hidden), p, dx.view(tokens, hidden),
-                 grads.template gradients<Expert>(), ws.view());
+  layer.backward(host, dy.cview(tokens, hidden), p, dx.view(tokens, hidden), w.gradients(),
+                 ws.view());
   auto const dropped = layer.stats(host, ws.view()).dropped;
   if (!Layout::drops_tokens) CHECK(dropped == 0);
 
-  auto values = params.all(), gradients = grads.all();
-  values.push_back(&x);
-  gradients.push_back(&dx);
-  bool const gated = params.first_width != args.ffn;
-  test::check_gradients(
-      objective, values, gradients,
-      {"d_gate_weight", gated ? "d_w13" : "d_w1", gated ? "d_b13" : "d_b1", "d_w2", "d_b2", "dx"});
+  std::vector<span<double>> values, gradients;
+  std::vector<std::string> names;
+  for (std::size_t i = 0; i < w.shapes().size(); ++i) {
+    values.push_back(w.values(i));
+    gradients.push_back(w.gradients(i));
+    names.push_back("d_" + w.shapes()[i].name);
+  }
+  values.push_back(x.flat());
+  gradients.push_back(dx.flat());
+  names.emplace_back("dx");
+  test::check_gradients(objective, values, gradients, names);
   // The routing of the last evaluation is that of the analytic pass: the check did not
   // cross a selection boundary, and the case did drop tokens where it meant to.
   CHECK(layer.stats(host, ws.view()).dropped == dropped);

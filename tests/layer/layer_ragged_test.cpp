@@ -5,7 +5,7 @@
 // expert_row_alignment.
 
 #include "../support/expect.hpp"
-#include "../support/layer_storage.hpp"
+#include "../support/parameters.hpp"
 
 #include <doctest/doctest.h>
 
@@ -26,62 +26,72 @@ using gelu_ffn = expert::ffn<act::gelu>;
 template <class Gate, class Layout, class Expert = gelu_ffn>
 using layer_of = layer<Gate, Layout, comm::single_rank, Expert>;
 
+/// Random parameters of a `Layer` (any layer of its expert takes them), x and dy for `args`,
+/// at `tokens` tokens.
+template <class Layer>
+struct inputs {
+  bool biases;
+  host_parameters<Layer, double> params;
+  test::host_tensor<double> x, dy;
+
+  inputs(layer_args const& args, index_t tokens, std::mt19937_64& rng, bool with_biases = true)
+      : biases(with_biases),
+        params(Layer(args), {.biases = with_biases}),
+        x(tokens * args.hidden),
+        dy(tokens * args.hidden) {
+    test::randomize(params, rng, 0.8);
+    x.randomize(rng);
+    dy.randomize(rng);
+  }
+};
+
 /// One forward and one backward of `Layer` in double on the given inputs; every output
 /// poisoned first.
 template <class Layer>
 struct pass {
+  Layer layer;
   layer_stats stats;
   std::vector<std::int64_t> load;
   test::host_tensor<double> y, dx;
-  test::layer_storage<double> grads;
+  host_parameters<Layer, double> grads;  // its gradients; its values stay zero
 
-  pass(layer_args const& args, index_t tokens, test::layer_storage<double>& params,
-       test::host_tensor<double> const& x, test::host_tensor<double> const& dy)
-      : y(tokens * args.hidden), dx(tokens * args.hidden), grads(args, params.biases) {
-    using Expert = typename Layer::expert_type;
-    Layer const layer(args);
+  template <class Inputs>
+  pass(layer_args const& args, index_t tokens, Inputs const& in)
+      : layer(args),
+        y(tokens * args.hidden),
+        dx(tokens * args.hidden),
+        grads(layer, {.biases = in.biases}) {
     host_buffer ws(layer.workspace_bytes(host));
     index_t const h = args.hidden;
     y.poison();
     dx.poison();
-    for (auto* g : grads.all()) g->poison();
-    auto const p = params.template params<Expert>();
-    layer.forward(host, x.cview(tokens, h), p, y.view(tokens, h), ws.view());
-    layer.backward(host, dy.cview(tokens, h), p, dx.view(tokens, h),
-                   grads.template gradients<Expert>(), ws.view());
+    test::poison_gradients(grads);
+    auto const p = in.params.params();
+    layer.forward(host, in.x.cview(tokens, h), p, y.view(tokens, h), ws.view());
+    layer.backward(host, in.dy.cview(tokens, h), p, dx.view(tokens, h), grads.gradients(),
+                   ws.view());
     stats = layer.stats(host, ws.view());
     load.assign(stats.load.begin(), stats.load.end());
-  }
-};
-
-/// Random parameters, x and dy for `args`, at `tokens` tokens.
-struct inputs {
-  test::layer_storage<double> params;
-  test::host_tensor<double> x, dy;
-
-  inputs(layer_args const& args, index_t tokens, std::mt19937_64& rng, bool biases = true)
-      : params(args, biases), x(tokens * args.hidden), dy(tokens * args.hidden) {
-    params.randomize(rng, 0.8);
-    x.randomize(rng);
-    dy.randomize(rng);
   }
 };
 
 /// y_t = Σ_j w_tj · ffn_{e_j}(x_t) straight from the definitions, in double: softmax of
 /// x·W_gate, the k largest scores (ties to the lower expert) as weights, no renormalisation,
 /// and each selected expert applied to x_t alone.
-template <class Act>
+template <class Act, class Layer>
 std::vector<double> direct_output(layer_args const& a, int k, index_t tokens,
-                                  test::layer_storage<double> const& p,
+                                  host_parameters<Layer, double> const& p,
                                   test::host_tensor<double> const& x) {
   index_t const H = a.hidden, F = a.ffn, E = a.gate.experts;
+  // The tensors flat, in the order of parameter_shapes; b1 and b2 empty without biases.
+  auto const gate = p.values(0), w1 = p.values(1), b1 = p.values(2), w2 = p.values(3),
+             b2 = p.values(4);
   std::vector<double> y(tokens * H, 0.0), scores(E), inner(F);
   std::vector<index_t> order(E);
   for (index_t t = 0; t < tokens; ++t) {
     for (index_t e = 0; e < E; ++e) {
       scores[e] = 0;
-      for (index_t h = 0; h < H; ++h)
-        scores[e] += x.data[t * H + h] * p.gate_weight.data[h * E + e];
+      for (index_t h = 0; h < H; ++h) scores[e] += x.data[t * H + h] * gate[h * E + e];
     }
     double const top = *std::max_element(scores.begin(), scores.end());
     double sum = 0;
@@ -93,13 +103,13 @@ std::vector<double> direct_output(layer_args const& a, int k, index_t tokens,
     for (int j = 0; j < k; ++j) {
       index_t const e = order[j];
       for (index_t f = 0; f < F; ++f) {
-        double pre = p.biases ? p.b1.data[e * F + f] : 0.0;
-        for (index_t h = 0; h < H; ++h) pre += x.data[t * H + h] * p.w1.data[(e * H + h) * F + f];
+        double pre = b1.empty() ? 0.0 : b1[e * F + f];
+        for (index_t h = 0; h < H; ++h) pre += x.data[t * H + h] * w1[(e * H + h) * F + f];
         inner[f] = Act::forward(pre);
       }
       for (index_t h = 0; h < H; ++h) {
-        double out = p.biases ? p.b2.data[e * H + h] : 0.0;
-        for (index_t f = 0; f < F; ++f) out += inner[f] * p.w2.data[(e * F + f) * H + h];
+        double out = b2.empty() ? 0.0 : b2[e * H + h];
+        for (index_t f = 0; f < F; ++f) out += inner[f] * w2[(e * F + f) * H + h];
         y[t * H + h] += scores[e] * out;
       }
     }
@@ -110,9 +120,10 @@ std::vector<double> direct_output(layer_args const& a, int k, index_t tokens,
 /// Makes every token select the experts in `favoured`: x_t0 = 1, a gate weight of 2, 1.5, …
 /// from feature 0 to each favoured expert and 0 to the others, and the other features'
 /// gate weights scaled down so that they move a logit by at most (H − 1)·0.08 < 0.9.
-void favour(layer_args const& a, inputs& in, std::vector<index_t> const& favoured, index_t tokens) {
+template <class Inputs>
+void favour(layer_args const& a, Inputs& in, std::vector<index_t> const& favoured, index_t tokens) {
   for (index_t t = 0; t < tokens; ++t) in.x.data[t * a.hidden] = 1.0;
-  auto& w = in.params.gate_weight.data;
+  auto const w = in.params.values(0);  // the gate weight
   for (index_t e = 0; e < a.gate.experts; ++e) w[e] = 0;
   for (index_t i = a.gate.experts; i < a.hidden * a.gate.experts; ++i) w[i] *= 0.1;
   for (std::size_t i = 0; i < favoured.size(); ++i)
@@ -143,11 +154,11 @@ TEST_CASE("the ragged layer equals the capacity layer that drops nothing, bit fo
 
   auto compare = [&]<class Gate>(Gate, layer_args const& a, index_t tokens, index_t alignment) {
     INFO("tokens " << tokens << ", alignment " << alignment << ", k " << a.gate.k);
-    inputs in(a, tokens, rng);
-    pass<layer_of<Gate, layout::capacity>> dense(a, tokens, in.params, in.x, in.dy);
+    inputs<layer_of<Gate, layout::capacity>> in(a, tokens, rng);
+    pass<layer_of<Gate, layout::capacity>> dense(a, tokens, in);
     layer_args ragged_args = a;
     ragged_args.expert_row_alignment = alignment;
-    pass<layer_of<Gate, layout::ragged>> ragged(ragged_args, tokens, in.params, in.x, in.dy);
+    pass<layer_of<Gate, layout::ragged>> ragged(ragged_args, tokens, in);
     REQUIRE(dense.stats.dropped == 0);
     CHECK(ragged.stats.dropped == 0);
     CHECK(ragged.stats.tokens == tokens);
@@ -162,8 +173,10 @@ TEST_CASE("the ragged layer equals the capacity layer that drops nothing, bit fo
     CHECK(ragged.stats.loss == dense.stats.loss);
     CHECK(ragged.y.data == dense.y.data);
     CHECK(ragged.dx.data == dense.dx.data);
-    auto const g_ragged = ragged.grads.all(), g_dense = dense.grads.all();
-    for (std::size_t n = 0; n < g_dense.size(); ++n) CHECK(g_ragged[n]->data == g_dense[n]->data);
+    for (std::size_t n = 0; n < dense.grads.shapes().size(); ++n) {
+      auto const g_ragged = ragged.grads.gradients(n), g_dense = dense.grads.gradients(n);
+      CHECK(std::equal(g_ragged.begin(), g_ragged.end(), g_dense.begin(), g_dense.end()));
+    }
     for (double v : ragged.y.data) CHECK(std::isfinite(v));
   };
 
@@ -199,18 +212,17 @@ TEST_CASE("the ragged layer drops nothing where the capacity layer would") {
   layer_args const args{
       .gate = {.tokens = 16, .experts = 4, .capacity_factor = 1.0f}, .hidden = 6, .ffn = 5};
   index_t const T = args.gate.tokens;
-  inputs in(args, T, rng);
+  inputs<layer_of<gating::top_k<2>, layout::capacity>> in(args, T, rng);
   favour(args, in, {0}, T);
 
-  pass<layer_of<gating::top_k<2>, layout::capacity>> const dense(args, T, in.params, in.x, in.dy);
+  pass<layer_of<gating::top_k<2>, layout::capacity>> const dense(args, T, in);
   CHECK(dense.stats.capacity == 8);
   CHECK(dense.stats.dropped >= 8);
 
   for (index_t alignment : {1, 32}) {
     layer_args ragged_args = args;
     ragged_args.expert_row_alignment = alignment;
-    pass<layer_of<gating::top_k<2>, layout::ragged>> const ragged(ragged_args, T, in.params, in.x,
-                                                                  in.dy);
+    pass<layer_of<gating::top_k<2>, layout::ragged>> const ragged(ragged_args, T, in);
     CHECK(ragged.stats.dropped == 0);
     CHECK(ragged.load[0] == T);
     CHECK(ragged.stats.capacity == T);  // the largest load
@@ -235,25 +247,26 @@ TEST_CASE("the ragged layer gives zero gradients to experts that received no tok
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
   layer_args const args{.gate = {.tokens = 7, .experts = 4}, .hidden = 4, .ffn = 6};
-  inputs in(args, args.gate.tokens, rng);
+  using layer_t = layer_of<gating::top_k<2>, layout::ragged, expert::ffn<act::silu>>;
+  inputs<layer_t> in(args, args.gate.tokens, rng);
   favour(args, in, {0, 1}, args.gate.tokens);
   for (index_t alignment : {1, 16}) {
     layer_args a = args;
     a.expert_row_alignment = alignment;
-    using layer_t = layer_of<gating::top_k<2>, layout::ragged, expert::ffn<act::silu>>;
-    pass<layer_t> ragged(a, a.gate.tokens, in.params, in.x, in.dy);
+    pass<layer_t> ragged(a, a.gate.tokens, in);
     CHECK(ragged.load == std::vector<std::int64_t>{7, 7, 0, 0});
     CHECK(ragged.stats.expert_rows == 2 * layout::padded_rows(7, alignment));
-    auto const& g = ragged.grads;
+    auto const w1 = ragged.grads.gradients(1), b1 = ragged.grads.gradients(2),
+               w2 = ragged.grads.gradients(3), b2 = ragged.grads.gradients(4);
     index_t const H = a.hidden, F = a.ffn;
     for (index_t e = 0; e < 4; ++e) {
       bool const used = e < 2;
       for (index_t i = 0; i < H * F; ++i) {
-        CHECK((g.w1.data[e * H * F + i] == 0) == !used);
-        CHECK((g.w2.data[e * H * F + i] == 0) == !used);
+        CHECK((w1[e * H * F + i] == 0) == !used);
+        CHECK((w2[e * H * F + i] == 0) == !used);
       }
-      for (index_t f = 0; f < F; ++f) CHECK((g.b1.data[e * F + f] == 0) == !used);
-      for (index_t h = 0; h < H; ++h) CHECK((g.b2.data[e * H + h] == 0) == !used);
+      for (index_t f = 0; f < F; ++f) CHECK((b1[e * F + f] == 0) == !used);
+      for (index_t h = 0; h < H; ++h) CHECK((b2[e * H + h] == 0) == !used);
     }
     for (double v : ragged.dx.data) CHECK(std::isfinite(v));
   }
@@ -296,12 +309,12 @@ TEST_CASE("expert_row_alignment: checked, ragged only, and it sizes the workspac
   // short is refused before anything is written.
   std::mt19937_64 rng(test::fresh_seed());
   layer_args const a = with([](auto& a) { a.expert_row_alignment = 128; });
-  inputs in(a, a.gate.tokens, rng);
+  inputs<ragged_t> in(a, a.gate.tokens, rng);
   favour(a, in, {2, 3}, a.gate.tokens);
   host_buffer ws(padded.workspace_bytes(host));
   test::host_tensor<double> y(a.gate.tokens * a.hidden);
   y.poison();
-  auto const p = in.params.params<gelu_ffn>();
+  auto const p = in.params.params();
   expect_rejected(
       [&] {
         padded.forward(host, in.x.cview(a.gate.tokens, a.hidden), p,

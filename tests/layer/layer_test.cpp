@@ -4,12 +4,13 @@
 // state of an earlier forward survives a rejected call.
 
 #include "../support/expect.hpp"
-#include "../support/layer_storage.hpp"
+#include "../support/parameters.hpp"
 
 #include <doctest/doctest.h>
 
 #include <moe/moe.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -71,13 +72,13 @@ TEST_CASE("bad views are rejected before anything is written") {
   layer_t const layer(good);
   std::mt19937_64 rng(test::fresh_seed());
   index_t const T = good.gate.tokens, H = good.hidden;
-  test::layer_storage<float> params(good, true), grads(good, true);
-  params.randomize(rng, 0.5);
+  host_parameters<layer_t, float> w(layer, {.biases = true});
+  test::randomize(w, rng, 0.5);
   test::host_tensor<float> x(T * H), y(T * H), dy(T * H), dx(T * H), wide(T * (H + 1));
   x.randomize(rng);
   dy.randomize(rng);
   host_buffer ws(layer.workspace_bytes(host));
-  auto const p = params.params<ffn_t>();
+  auto const p = w.params();
 
   // A good forward first: its state must survive every rejected call below.
   layer.forward(host, x.cview(T, H), p, y.view(T, H), ws.view());
@@ -111,9 +112,9 @@ TEST_CASE("bad views are rejected before anything is written") {
   }
 
   SUBCASE("backward") {
-    for (auto* g : grads.all()) g->poison();
+    test::poison_gradients(w);
     dx.poison();
-    auto const g = grads.gradients<ffn_t>();
+    auto const g = w.gradients();
     expect_rejected(
         [&] { layer.backward(host, dy.cview(T - 1, H), p, dx.view(T, H), g, ws.view()); }, "dy");
     expect_rejected(
@@ -128,7 +129,7 @@ TEST_CASE("bad views are rejected before anything is written") {
     expect_rejected(
         [&] { layer.backward(host, dy.cview(T, H), p, dx.view(T, H), g, fresh.view()); }, "ws");
     CHECK(dx.is_poisoned());
-    for (auto* t : grads.all()) CHECK(t->is_poisoned());
+    CHECK(test::gradients_poisoned(w));
   }
 
   // Nothing was lost: the earlier forward's state still drives stats and backward.
@@ -136,8 +137,7 @@ TEST_CASE("bad views are rejected before anything is written") {
   CHECK(after.capacity == before.capacity);
   CHECK(after.dropped == before.dropped);
   CHECK(after.aux_loss == before.aux_loss);
-  CHECK_NOTHROW(
-      layer.backward(host, dy.cview(T, H), p, dx.view(T, H), grads.gradients<ffn_t>(), ws.view()));
+  CHECK_NOTHROW(layer.backward(host, dy.cview(T, H), p, dx.view(T, H), w.gradients(), ws.view()));
   layer.forward(host, x.cview(T, H), p, y.view(T, H), ws.view());
   CHECK(y.data == y_good);  // deterministic
 }
@@ -145,14 +145,14 @@ TEST_CASE("bad views are rejected before anything is written") {
 TEST_CASE("forward takes fewer tokens than the layer was sized for, and mutable inputs") {
   layer_t const layer(good);
   std::mt19937_64 rng(test::fresh_seed());
-  test::layer_storage<float> params(good, false);
-  params.randomize(rng, 0.5);
+  host_parameters<layer_t, float> w(layer);
+  test::randomize(w, rng, 0.5);
   index_t const T = 5, H = good.hidden;
   test::host_tensor<float> x(T * H), y(T * H);
   x.randomize(rng);
   y.poison();
   host_buffer ws(layer.workspace_bytes(host));
-  layer.forward(host, x.view(T, H), params.params<ffn_t>(), y.view(T, H), ws.view());
+  layer.forward(host, x.view(T, H), w.params(), y.view(T, H), ws.view());
   auto const stats = layer.stats(host, ws.view());
   CHECK(stats.tokens == T);
   CHECK(stats.capacity == 2 * 2);  // k·⌊1.25·⌈5/4⌉⌋ = 2·2
@@ -173,21 +173,20 @@ TEST_CASE("the host layer runs in half and bfloat16: only the output is rounded"
 
   auto check_as = [&]<class E>(E, double tolerance) {
     std::mt19937_64 rng(test::fresh_seed());
-    test::layer_storage<E> p(args, true);
-    p.randomize(rng, 0.4);
-    test::layer_storage<float> reference(args, true);
-    auto const src = p.all(), dst = reference.all();
-    for (std::size_t n = 0; n < src.size(); ++n)
-      for (std::size_t i = 0; i < src[n]->data.size(); ++i)
-        dst[n]->data[i] = to_accumulate(src[n]->data[i]);
+    host_parameters<layer_t, E> p(layer, {.biases = true});
+    test::randomize(p, rng, 0.4);
+    host_parameters<layer_t, float> reference(layer, {.biases = true});
+    for (std::size_t n = 0; n < p.shapes().size(); ++n)
+      std::transform(p.values(n).begin(), p.values(n).end(), reference.values(n).begin(),
+                     [](E v) { return to_accumulate(v); });
     test::host_tensor<E> xe(T * H), ye(T * H);
     xe.randomize(rng);
     test::host_tensor<float> x(T * H), y(T * H);
     for (std::size_t i = 0; i < x.data.size(); ++i) x.data[i] = to_accumulate(xe.data[i]);
     ye.poison();
     y.poison();
-    layer.forward(host, x.cview(T, H), reference.template params<ffn_t>(), y.view(T, H), ws.view());
-    layer.forward(host, xe.cview(T, H), p.template params<ffn_t>(), ye.view(T, H), ws.view());
+    layer.forward(host, x.cview(T, H), reference.params(), y.view(T, H), ws.view());
+    layer.forward(host, xe.cview(T, H), p.params(), ye.view(T, H), ws.view());
     for (std::size_t i = 0; i < y.data.size(); ++i) {
       double const ref = y.data[i];
       CHECK(std::abs(to_accumulate(ye.data[i]) - ref) <= tolerance * std::abs(ref) + 1e-7);
@@ -269,22 +268,21 @@ namespace {
 struct host_call {
   layer_t layer;
   index_t hidden;
-  test::layer_storage<float> params, grads;
+  host_parameters<layer_t, float> w;
   test::host_tensor<float> x, y, dy, dx;
   host_buffer ws;
 
   explicit host_call(layer_args const& a)
       : layer(a),
         hidden(a.hidden),
-        params(a, true),
-        grads(a, true),
+        w(layer, {.biases = true}),
         x(size(a)),
         y(size(a)),
         dy(size(a)),
         dx(size(a)),
         ws(layer.workspace_bytes(host)) {
     std::mt19937_64 rng(test::fresh_seed());
-    params.randomize(rng, 0.5);
+    test::randomize(w, rng, 0.5);
     x.randomize(rng);
     dy.randomize(rng);
     y.poison();
@@ -292,19 +290,19 @@ struct host_call {
   }
   static index_t size(layer_args const& a) { return a.gate.tokens * a.hidden; }
   status can_forward(index_t t) {
-    return layer.can_implement<float>(host, x.cview(t, hidden), params.params<ffn_t>(),
-                                      y.view(t, hidden), ws.view());
+    return layer.can_implement<float>(host, x.cview(t, hidden), w.params(), y.view(t, hidden),
+                                      ws.view());
   }
   void forward(index_t t) {
-    layer.forward(host, x.cview(t, hidden), params.params<ffn_t>(), y.view(t, hidden), ws.view());
+    layer.forward(host, x.cview(t, hidden), w.params(), y.view(t, hidden), ws.view());
   }
   status can_backward(index_t t, index_t dx_width) {
-    return layer.can_implement<float>(host, dy.cview(t, hidden), params.params<ffn_t>(),
-                                      dx.view(t, dx_width), grads.gradients<ffn_t>(), ws.view());
+    return layer.can_implement<float>(host, dy.cview(t, hidden), w.params(), dx.view(t, dx_width),
+                                      w.gradients(), ws.view());
   }
   void backward(index_t t) {
-    layer.backward(host, dy.cview(t, hidden), params.params<ffn_t>(), dx.view(t, hidden),
-                   grads.gradients<ffn_t>(), ws.view());
+    layer.backward(host, dy.cview(t, hidden), w.params(), dx.view(t, hidden), w.gradients(),
+                   ws.view());
   }
 };
 

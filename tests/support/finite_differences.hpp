@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <string>
 #include <vector>
 
 namespace moe::test {
@@ -38,13 +39,13 @@ inline void expect_derivative(double analytic, double numeric) {
 /// `objective` (a double() callable that reads the values); `names[n]` names tensor n in
 /// the failure message.
 template <class Objective>
-void check_gradients(Objective&& objective, std::vector<host_tensor<double>*> const& values,
-                     std::vector<host_tensor<double>*> const& gradients,
-                     std::vector<char const*> const& names) {
+void check_gradients(Objective&& objective, std::vector<span<double>> const& values,
+                     std::vector<span<double>> const& gradients,
+                     std::vector<std::string> const& names) {
   for (std::size_t n = 0; n < values.size(); ++n)
-    for (std::size_t i = 0; i < values[n]->data.size(); ++i) {
+    for (std::size_t i = 0; i < values[n].size(); ++i) {
       INFO(names[n] << "[" << i << "]");
-      expect_derivative(gradients[n]->data[i], central_difference(objective, values[n]->data[i]));
+      expect_derivative(gradients[n][i], central_difference(objective, values[n][i]));
     }
 }
 

@@ -21,6 +21,33 @@ inline std::uint64_t fresh_seed() {
   return std::random_device{}();
 }
 
+/// Uniform values in [-scale, scale], redrawn while too close to zero, rounded to T.
+template <class T>
+void randomize(span<T> values, std::mt19937_64& rng, double scale = 1.0) {
+  std::uniform_real_distribution<double> dist(-scale, scale);
+  for (auto& v : values) {
+    double x = 0;
+    while (std::abs(x) < 1e-3 * scale) x = dist(rng);
+    v = from_accumulate<T>(static_cast<accumulate_t<T>>(x));
+  }
+}
+
+/// Fills every element with a NaN bit pattern, so that an unwritten output shows.
+template <class T>
+void poison(span<T> values) {
+  if (!values.empty())  // an empty vector's data() may be null, which memset must not get
+    std::memset(static_cast<void*>(values.data()), 0xff, values.size_bytes());
+}
+
+/// True when every byte is still the poison pattern.
+template <class T>
+[[nodiscard]] bool is_poisoned(span<T> values) {
+  auto const* bytes = reinterpret_cast<unsigned char const*>(values.data());
+  for (std::size_t i = 0; i < values.size_bytes(); ++i)
+    if (bytes[i] != 0xff) return false;
+  return true;
+}
+
 /// Owned host storage of `count` elements of T.
 template <class T>
 struct host_tensor {
@@ -36,30 +63,12 @@ struct host_tensor {
   auto cview(Extents... extents) const {
     return make_view(static_cast<T const*>(data.data()), extents...);
   }
+  [[nodiscard]] span<T> flat() noexcept { return {data.data(), data.size()}; }
+  [[nodiscard]] span<T const> flat() const noexcept { return {data.data(), data.size()}; }
 
-  /// Uniform values in [-scale, scale], redrawn while too close to zero.
-  void randomize(std::mt19937_64& rng, double scale = 1.0) {
-    std::uniform_real_distribution<double> dist(-scale, scale);
-    for (auto& v : data) {
-      double x = 0;
-      while (std::abs(x) < 1e-3 * scale) x = dist(rng);
-      v = from_accumulate<T>(static_cast<accumulate_t<T>>(x));
-    }
-  }
-
-  /// Fills every element with a NaN bit pattern, so that an unwritten output shows.
-  void poison() {
-    if (!data.empty())  // an empty vector's data() may be null, which memset must not get
-      std::memset(static_cast<void*>(data.data()), 0xff, data.size() * sizeof(T));
-  }
-
-  /// True when every byte is still the poison pattern.
-  [[nodiscard]] bool is_poisoned() const {
-    auto const* bytes = reinterpret_cast<unsigned char const*>(data.data());
-    for (std::size_t i = 0; i < data.size() * sizeof(T); ++i)
-      if (bytes[i] != 0xff) return false;
-    return true;
-  }
+  void randomize(std::mt19937_64& rng, double scale = 1.0) { test::randomize(flat(), rng, scale); }
+  void poison() { test::poison(flat()); }
+  [[nodiscard]] bool is_poisoned() const { return test::is_poisoned(flat()); }
 };
 
 }  // namespace moe::test
