@@ -33,6 +33,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -83,7 +84,8 @@ class parameter_layout {
                 "data), as expert/two_layer.hpp does.");
 
   parameter_layout(Layer const& layer, parameter_options options)
-      : gradients_(options.gradients),
+      : biases_(options.biases),
+        gradients_(options.gradients),
         shapes_(layer.parameter_shapes()),
         expert_shape_(layer.expert_shape()),
         first_expert_(layer.first_expert()) {
@@ -105,6 +107,9 @@ class parameter_layout {
 
   /// Whether the container holds gradients (parameter_options::gradients).
   [[nodiscard]] bool has_gradients() const noexcept { return gradients_; }
+  [[nodiscard]] parameter_options options() const noexcept {
+    return {.biases = biases_, .gradients = gradients_};
+  }
 
   template <class T>
   [[nodiscard]] std::size_t bytes() const {
@@ -153,7 +158,7 @@ class parameter_layout {
   }
 
  private:
-  bool gradients_;
+  bool biases_, gradients_;
   std::vector<parameter_shape> shapes_;
   std::vector<bool> present_;
   expert::expert_shape expert_shape_;
@@ -194,13 +199,25 @@ class host_parameters {
     return layout_.shapes();
   }
   /// Tensor i's values and gradients, flat (row-major over its axes).
-  [[nodiscard]] span<T> values(std::size_t tensor) const noexcept { return flat(values_, tensor); }
-  [[nodiscard]] span<G> gradients(std::size_t tensor) const noexcept {
+  [[nodiscard]] span<T> values(std::size_t tensor) noexcept { return flat(values_, tensor); }
+  [[nodiscard]] span<T const> values(std::size_t tensor) const noexcept {
+    return flat(values_, tensor);
+  }
+  [[nodiscard]] span<G> gradients(std::size_t tensor) noexcept { return flat(gradients_, tensor); }
+  [[nodiscard]] span<G const> gradients(std::size_t tensor) const noexcept {
     return flat(gradients_, tensor);
   }
   /// Both buffers whole, padding included (zero): for updates over all parameters at once.
-  [[nodiscard]] workspace values_bytes() const noexcept { return values_buffer_.view(); }
-  [[nodiscard]] workspace gradients_bytes() const noexcept { return gradients_buffer_.view(); }
+  [[nodiscard]] workspace values_bytes() noexcept { return values_buffer_.view(); }
+  [[nodiscard]] workspace gradients_bytes() noexcept { return gradients_buffer_.view(); }
+  [[nodiscard]] span<std::byte const> values_bytes() const noexcept {
+    return values_buffer_.view();
+  }
+  [[nodiscard]] span<std::byte const> gradients_bytes() const noexcept {
+    return gradients_buffer_.view();
+  }
+  /// What the container was made with: a second one with these has the same layout.
+  [[nodiscard]] parameter_options options() const noexcept { return layout_.options(); }
 
   /// Draws every parameter as `init` says (initializer's comment: which values, and why they
   /// do not depend on the world size).
@@ -257,6 +274,7 @@ class device_parameters {
   /// parameters at once.
   [[nodiscard]] workspace values_bytes() const noexcept { return values_buffer_.view(); }
   [[nodiscard]] workspace gradients_bytes() const noexcept { return gradients_buffer_.view(); }
+  [[nodiscard]] parameter_options options() const noexcept { return layout_.options(); }
 
   /// Draws on the host, as host_parameters::initialize does (the same values for the same
   /// seed), then copies on the stream. The copy is from pageable memory: it returns once the
@@ -290,7 +308,7 @@ class device_parameters {
     if (b.size() > 0) MOE_CUDA_TRY(cudaMemsetAsync(b.view().data(), 0, b.size(), stream()));
   }
 
-  void copy(workspace to, workspace from, cudaMemcpyKind kind) const {
+  void copy(workspace to, span<std::byte const> from, cudaMemcpyKind kind) const {
     MOE_EXPECTS(to.size() == from.size(), "host parameters",
                 "are laid out differently: build both containers from the same layer and "
                 "options");
