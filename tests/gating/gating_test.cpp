@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cmath>
+#include <string>
 #include <vector>
 
 using namespace moe;
@@ -244,6 +245,11 @@ TEST_CASE("a null expert bias behind a non-empty span is rejected before any rea
     FAIL("no exception; expected one naming 'expert_bias'");
   } catch (moe::invalid_argument const& e) {
     CHECK(e.argument() == "expert_bias");
+    // route is a public entry point: the error names the line that called it (in the tests),
+    // and keeps the library's check in where().
+    REQUIRE(e.called_from().has_value());
+    CHECK(std::string(e.called_from()->file_name()).find("include/moe/") == std::string::npos);
+    CHECK(std::string(e.where().file_name()).find("include/moe/") != std::string::npos);
   }
 }
 

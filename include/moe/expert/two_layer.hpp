@@ -34,6 +34,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <source_location>
 #include <string>
 #include <type_traits>
 
@@ -244,8 +245,10 @@ struct two_layer {
   static void forward(cuda_backend cuda, expert_shape const& s, params<T const> const& p,
                       Segments const& segments, matrix_view<std::type_identity_t<T> const> in,
                       matrix_view<std::type_identity_t<T>> out,
-                      device_state<std::type_identity_t<T>> const& state) {
-    can_implement(cuda, s, p, segments, in, out, state).throw_if_failed();
+                      device_state<std::type_identity_t<T>> const& state,
+                      std::source_location caller = std::source_location::current()) {
+    moe::detail::at_entry_point(
+        caller, [&] { can_implement(cuda, s, p, segments, in, out, state).throw_if_failed(); });
     detail::cuda_backend_of<two_layer>::forward(cuda, s, detail::first_layer(p), segments, in, out,
                                                 state);
   }
@@ -263,8 +266,11 @@ struct two_layer {
       cuda_backend cuda, expert_shape const& s, params<T const> const& p, Segments const& segments,
       matrix_view<std::type_identity_t<T> const> in,
       matrix_view<std::type_identity_t<T> const> d_out, matrix_view<std::type_identity_t<T>> d_in,
-      params<G> const& g, device_state<std::type_identity_t<T>> const& state) {
-    can_implement(cuda, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
+      params<G> const& g, device_state<std::type_identity_t<T>> const& state,
+      std::source_location caller = std::source_location::current()) {
+    moe::detail::at_entry_point(caller, [&] {
+      can_implement(cuda, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
+    });
     detail::cuda_backend_of<two_layer>::backward(cuda, s, detail::first_layer(p), segments, in,
                                                  d_out, d_in, detail::first_layer(g), state);
   }
@@ -312,8 +318,10 @@ struct two_layer {
   template <class T>
   static void forward(host_backend, expert_shape const& s, params<T const> const& p,
                       row_segments const& segments, matrix_view<double const> in,
-                      matrix_view<double> out, host_state const& state) {
-    can_implement(host, s, p, segments, in, out, state).throw_if_failed();
+                      matrix_view<double> out, host_state const& state,
+                      std::source_location caller = std::source_location::current()) {
+    moe::detail::at_entry_point(
+        caller, [&] { can_implement(host, s, p, segments, in, out, state).throw_if_failed(); });
     std::fill_n(out.data_handle(), element_count(out), 0.0);
     ffn_params<T const> const layers = detail::first_layer(p);
     index_t const f1 = first_width(s);
@@ -348,8 +356,11 @@ struct two_layer {
   static void backward(host_backend, expert_shape const& s, params<T const> const& p,
                        row_segments const& segments, matrix_view<double const> in,
                        matrix_view<double const> d_out, matrix_view<double> d_in,
-                       params<G> const& g, host_state const& state) {
-    can_implement(host, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
+                       params<G> const& g, host_state const& state,
+                       std::source_location caller = std::source_location::current()) {
+    moe::detail::at_entry_point(caller, [&] {
+      can_implement(host, s, p, segments, in, d_out, d_in, g, state).throw_if_failed();
+    });
     std::fill_n(d_in.data_handle(), element_count(d_in), 0.0);
     ffn_params<T const> const layers = detail::first_layer(p);
     ffn_params<G> const grads = detail::first_layer(g);

@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <source_location>
 #include <string>
 #include <type_traits>
 
@@ -127,9 +128,11 @@ template <gate G, class T>
 template <gate G, element T, class ReduceMaxLoad = std::identity>
 routing_summary route(host_backend, G const& gate, gate_args const& args, matrix_view<T const> x,
                       matrix_view<T const> w_gate, host_routing& r,
-                      ReduceMaxLoad reduce_max_load = {}) {
+                      ReduceMaxLoad reduce_max_load = {},
+                      std::source_location caller = std::source_location::current()) {
   using Score = typename G::score_function;
-  can_implement(host, gate, args, x, w_gate, r).throw_if_failed();
+  moe::detail::at_entry_point(
+      caller, [&] { can_implement(host, gate, args, x, w_gate, r).throw_if_failed(); });
   index_t const tokens = x.extent(0);
   int const k = gate.k(args);
   renormalize const normalize = effective_renormalize<Score, renormalization_of<G>>(args, k);
@@ -161,8 +164,12 @@ template <gate G, element T>
 void route_backward(host_backend, G const& gate, gate_args const& args, host_routing const& r,
                     matrix_view<double const> d_weight, matrix_view<double const> x,
                     matrix_view<T const> w_gate, matrix_view<double> d_logits,
-                    matrix_view<double> dx, matrix_view<T> d_w_gate) {
-  can_implement(host, gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate).throw_if_failed();
+                    matrix_view<double> dx, matrix_view<T> d_w_gate,
+                    std::source_location caller = std::source_location::current()) {
+  moe::detail::at_entry_point(caller, [&] {
+    can_implement(host, gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate)
+        .throw_if_failed();
+  });
   detail::aux_score_gradient<G>(args, r, d_logits);
   detail::logits_gradient<G>(args, r, d_weight, d_logits);
 

@@ -52,6 +52,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <source_location>
 #include <string>
 #include <type_traits>
 
@@ -160,14 +161,16 @@ template <gate G, element T>
 template <gate G, element T, class ReduceMaxLoad = local_max_load>
 void route(cuda_backend cuda, G const& gate, gate_args const& args, matrix_view<T const> x,
            matrix_view<T const> w_gate, device_routing& r, workspace scratch,
-           ReduceMaxLoad&& reduce_max_load = {}) {
+           ReduceMaxLoad&& reduce_max_load = {},
+           std::source_location caller = std::source_location::current()) {
   using Score = typename G::score_function;
   using Priority = typename G::priority;
   using U = std::remove_cv_t<T>;
   static_assert(dtype_traits<U>::device_supported,
                 "moe::gating::route (CUDA): x and W_gate must be float, __half or __nv_bfloat16.");
 
-  can_implement(cuda, gate, args, x, w_gate, r, scratch).throw_if_failed();
+  moe::detail::at_entry_point(
+      caller, [&] { can_implement(cuda, gate, args, x, w_gate, r, scratch).throw_if_failed(); });
   int const k = gate.k(args);
   index_t const tokens = x.extent(0), hidden = x.extent(1), experts = args.experts;
   workspace_carver carver(scratch);
@@ -393,15 +396,18 @@ void route_backward(cuda_backend cuda, G const& gate, gate_args const& args,
                     device_routing const& r, matrix_view<float const> d_weight,
                     matrix_view<T const> x, matrix_view<T const> w_gate,
                     matrix_view<float> d_logits, matrix_view<T> dx, matrix_view<T> d_w_gate,
-                    workspace scratch) {
+                    workspace scratch,
+                    std::source_location caller = std::source_location::current()) {
   using Score = typename G::score_function;
   using U = std::remove_cv_t<T>;
   static_assert(dtype_traits<U>::device_supported,
                 "moe::gating::route_backward (CUDA): x and W_gate must be float, __half or "
                 "__nv_bfloat16.");
 
-  can_implement(cuda, gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate, scratch)
-      .throw_if_failed();
+  moe::detail::at_entry_point(caller, [&] {
+    can_implement(cuda, gate, args, r, d_weight, x, w_gate, d_logits, dx, d_w_gate, scratch)
+        .throw_if_failed();
+  });
   int const k = gate.k(args);
   index_t const tokens = x.extent(0), hidden = x.extent(1);
   workspace_carver carver(scratch);
