@@ -167,23 +167,14 @@ class parameter_layout {
 
 }  // namespace detail
 
-/// A layer's parameters (elements T) and their gradients (elements G: T, or float for
-/// low-precision parameters on the CUDA backend) in host memory, laid out for `layer` (this
-/// rank's experts with expert parallelism).
-template <class Layer, class T, class G = T>
-class host_parameters {
+namespace detail {
+
+/// What both containers are: a layout, two buffers (`Buffer`: host or device memory) and the
+/// tensors carved from them, with the views over them.
+template <class Layer, class T, class G, class Buffer>
+class parameter_storage {
  public:
   using expert_type = typename Layer::expert_type;
-
-  explicit host_parameters(Layer const& layer, parameter_options options = {})
-      : layout_(layer, options),
-        values_buffer_(layout_.template bytes<T>()),
-        gradients_buffer_(layout_.has_gradients() ? layout_.template bytes<G>() : 0),
-        values_(layout_.template carve<T>(values_buffer_.view())),
-        gradients_(layout_.template carve<G>(gradients_buffer_.view())) {
-    zero(values_buffer_);
-    zero(gradients_buffer_);
-  }
 
   /// The parameters, as forward and backward take them.
   [[nodiscard]] layer_params<T const, expert_type> params() const {
@@ -219,88 +210,102 @@ class host_parameters {
   /// What the container was made with: a second one with these has the same layout.
   [[nodiscard]] parameter_options options() const noexcept { return layout_.options(); }
 
-  /// Draws every parameter as `init` says (initializer's comment: which values, and why they
-  /// do not depend on the world size).
-  void initialize(initializer init, std::uint64_t seed) { layout_.initialize(values_, init, seed); }
+ protected:
+  /// `make(bytes)` gives a Buffer of that many bytes.
+  template <class Make>
+  parameter_storage(Layer const& layer, parameter_options options, Make&& make)
+      : layout_(layer, options),
+        values_buffer_(make(layout_.template bytes<T>())),
+        gradients_buffer_(make(layout_.has_gradients() ? layout_.template bytes<G>() : 0)),
+        values_(layout_.template carve<T>(values_buffer_.view())),
+        gradients_(layout_.template carve<G>(gradients_buffer_.view())) {}
 
-  void zero_gradients() noexcept { zero(gradients_buffer_); }
+  parameter_layout<Layer> layout_;
+  Buffer values_buffer_, gradients_buffer_;
+  std::vector<T*> values_;
+  std::vector<G*> gradients_;
 
  private:
-  static void zero(host_buffer const& b) noexcept {
-    if (b.size() > 0) std::memset(b.view().data(), 0, b.size());
-  }
-
   template <class U>
   span<U> flat(std::vector<U*> const& data, std::size_t tensor) const noexcept {
     if (data[tensor] == nullptr) return {};
     return {data[tensor], static_cast<std::size_t>(layout_.shapes()[tensor].elements())};
   }
+};
 
-  detail::parameter_layout<Layer> layout_;
-  host_buffer values_buffer_, gradients_buffer_;
-  std::vector<T*> values_;
-  std::vector<G*> gradients_;
+}  // namespace detail
+
+/// A layer's parameters (elements T) and their gradients (elements G: T, or float for
+/// low-precision parameters on the CUDA backend) in host memory, laid out for `layer` (this
+/// rank's experts with expert parallelism).
+template <class Layer, class T, class G = T>
+class host_parameters : public detail::parameter_storage<Layer, T, G, host_buffer> {
+  using base = detail::parameter_storage<Layer, T, G, host_buffer>;
+
+ public:
+  explicit host_parameters(Layer const& layer, parameter_options options = {})
+      : base(layer, options, [](std::size_t bytes) { return host_buffer(bytes); }) {
+    zero(this->values_buffer_);
+    zero(this->gradients_buffer_);
+  }
+
+  /// Draws every parameter as `init` says (initializer's comment: which values, and why they
+  /// do not depend on the world size).
+  void initialize(initializer init, std::uint64_t seed) {
+    this->layout_.initialize(this->values_, init, seed);
+  }
+
+  void zero_gradients() noexcept { zero(this->gradients_buffer_); }
+
+ private:
+  static void zero(host_buffer const& b) noexcept {
+    if (b.size() > 0) std::memset(b.view().data(), 0, b.size());
+  }
 };
 
 /// The same in device memory, allocated from `resource` on the caller's stream (released on
-/// it when the container dies), zeroed on the stream. T and G are device elements.
+/// it when the container dies), zeroed on the stream. T and G are device elements; the
+/// views, flat spans and bytes are device memory.
 template <class Layer, class T, class G = T, stream_ordered_resource Resource = async_resource>
-class device_parameters {
- public:
-  using expert_type = typename Layer::expert_type;
+class device_parameters : public detail::parameter_storage<Layer, T, G, device_buffer<Resource>> {
+  using base = detail::parameter_storage<Layer, T, G, device_buffer<Resource>>;
 
+ public:
   device_parameters(Layer const& layer, cudaStream_t stream, parameter_options options = {},
                     Resource resource = {})
-      : layout_(layer, options),
-        values_buffer_(layout_.template bytes<T>(), stream, resource),
-        gradients_buffer_(layout_.has_gradients() ? layout_.template bytes<G>() : 0, stream,
-                          resource),
-        values_(layout_.template carve<T>(values_buffer_.view())),
-        gradients_(layout_.template carve<G>(gradients_buffer_.view())) {
-    zero(values_buffer_);
-    zero(gradients_buffer_);
+      : base(layer, options,
+             [&](std::size_t bytes) { return device_buffer<Resource>(bytes, stream, resource); }) {
+    zero(this->values_buffer_);
+    zero(this->gradients_buffer_);
   }
 
-  [[nodiscard]] layer_params<T const, expert_type> params() const {
-    return layout_.view(std::vector<T const*>(values_.begin(), values_.end()));
-  }
-  [[nodiscard]] layer_params<T, expert_type> values() { return layout_.view(values_); }
-  [[nodiscard]] layer_params<G, expert_type> gradients() { return layout_.view(gradients_); }
-  [[nodiscard]] std::vector<parameter_shape> const& shapes() const noexcept {
-    return layout_.shapes();
-  }
-  [[nodiscard]] cudaStream_t stream() const noexcept { return values_buffer_.stream(); }
-  /// Both buffers whole, padding included (zero), device memory: for updates over all
-  /// parameters at once.
-  [[nodiscard]] workspace values_bytes() const noexcept { return values_buffer_.view(); }
-  [[nodiscard]] workspace gradients_bytes() const noexcept { return gradients_buffer_.view(); }
-  [[nodiscard]] parameter_options options() const noexcept { return layout_.options(); }
+  [[nodiscard]] cudaStream_t stream() const noexcept { return this->values_buffer_.stream(); }
 
   /// Draws on the host, as host_parameters::initialize does (the same values for the same
   /// seed), then copies on the stream. The copy is from pageable memory: it returns once the
   /// values are staged, as cudaMemcpyAsync from pageable memory does.
   void initialize(initializer init, std::uint64_t seed) {
-    host_buffer staging(values_buffer_.size());
+    host_buffer staging(this->values_buffer_.size());
     if (staging.size() > 0) std::memset(staging.view().data(), 0, staging.size());
-    layout_.initialize(layout_.template carve<T>(staging.view()), init, seed);
-    copy(values_buffer_.view(), staging.view(), cudaMemcpyHostToDevice);
+    this->layout_.initialize(this->layout_.template carve<T>(staging.view()), init, seed);
+    copy(this->values_buffer_.view(), staging.view(), cudaMemcpyHostToDevice);
   }
 
   /// Zeroes the gradients on the stream.
-  void zero_gradients() { zero(gradients_buffer_); }
+  void zero_gradients() { zero(this->gradients_buffer_); }
 
   /// Copies values and gradients from a host container of the same layer and options (the
   /// same layout), on the stream; returns once the host memory is staged.
   void copy_from(host_parameters<Layer, T, G> const& from) {
-    copy(values_buffer_.view(), from.values_bytes(), cudaMemcpyHostToDevice);
-    copy(gradients_buffer_.view(), from.gradients_bytes(), cudaMemcpyHostToDevice);
+    copy(this->values_buffer_.view(), from.values_bytes(), cudaMemcpyHostToDevice);
+    copy(this->gradients_buffer_.view(), from.gradients_bytes(), cudaMemcpyHostToDevice);
   }
 
   /// Copies values and gradients into a host container of the same layer and options, after
   /// the stream's work so far; returns when the copies are done.
   void copy_to(host_parameters<Layer, T, G>& to) const {
-    copy(to.values_bytes(), values_buffer_.view(), cudaMemcpyDeviceToHost);
-    copy(to.gradients_bytes(), gradients_buffer_.view(), cudaMemcpyDeviceToHost);
+    copy(to.values_bytes(), this->values_buffer_.view(), cudaMemcpyDeviceToHost);
+    copy(to.gradients_bytes(), this->gradients_buffer_.view(), cudaMemcpyDeviceToHost);
   }
 
  private:
@@ -316,11 +321,6 @@ class device_parameters {
     MOE_CUDA_TRY(cudaMemcpyAsync(to.data(), from.data(), to.size(), kind, stream()));
     if (kind == cudaMemcpyDeviceToHost) MOE_CUDA_TRY(cudaStreamSynchronize(stream()));
   }
-
-  detail::parameter_layout<Layer> layout_;
-  device_buffer<Resource> values_buffer_, gradients_buffer_;
-  std::vector<T*> values_;
-  std::vector<G*> gradients_;
 };
 
 }  // namespace moe
