@@ -22,25 +22,12 @@ pytest_version=9.2.0
 
 venv=${1:?usage: conformance_tools.sh <virtual environment directory>}
 
-if [[ ! -x "$venv/bin/python" ]]; then
-  # Debian: python3-venv (scripts/bootstrap.sh installs it).
-  python3 -m venv "$venv"
-fi
-installed() { "$venv/bin/python" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check --quiet)
-if [[ $(installed torch) != "$torch_version" || $(installed numpy) != "$numpy_version" ||
-      $(installed pytest) != "$pytest_version" ]]; then
-  echo "conformance tools: installing torch $torch_version into $venv"
-  "${pip[@]}" "torch==$torch_version" "numpy==$numpy_version" "pytest==$pytest_version"
-fi
-if [[ $(installed transformers) != "$transformers_version" ||
-      $(installed megatron-core) != "$megatron_version" ||
-      $(installed deepspeed) != "$deepspeed_version" ]]; then
-  echo "conformance tools: installing transformers $transformers_version, megatron-core" \
-       "$megatron_version and deepspeed $deepspeed_version into $venv"
-  # DeepSpeed is a source distribution whose setup imports torch: build it against the torch
-  # above instead of a second one in an isolated build environment. DS_BUILD_OPS=0: no
-  # compiled ops (the suite runs the pure-Python gates).
-  DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "transformers==$transformers_version" \
-    "megatron-core==$megatron_version" "deepspeed==$deepspeed_version"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib/pinned_venv.sh"
+pinned_venv "$venv" "conformance tools" \
+  "torch==$torch_version" "numpy==$numpy_version" "pytest==$pytest_version"
+# DeepSpeed is a source distribution whose setup imports torch: build it against the torch
+# above instead of a second one in an isolated build environment. DS_BUILD_OPS=0: no compiled
+# ops (the suite runs the pure-Python gates).
+DS_BUILD_OPS=0 pinned_venv "$venv" "conformance tools" --no-build-isolation -- \
+  "transformers==$transformers_version" "megatron-core==$megatron_version" \
+  "deepspeed==$deepspeed_version"

@@ -15,13 +15,5 @@ cmake_version=4.4.5
 
 venv=${1:?usage: packaging_tools.sh <virtual environment directory>}
 
-if [[ ! -x "$venv/bin/python" ]]; then
-  # Debian: python3-venv (scripts/bootstrap.sh installs it).
-  python3 -m venv "$venv"
-fi
-installed() { "$venv/bin/python" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'; }
-if [[ $(installed conan) != "$conan_version" || $(installed cmake) != "$cmake_version" ]]; then
-  echo "packaging tools: installing conan $conan_version and cmake $cmake_version into $venv"
-  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet \
-    "conan==$conan_version" "cmake==$cmake_version"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib/pinned_venv.sh"
+pinned_venv "$venv" "packaging tools" "conan==$conan_version" "cmake==$cmake_version"

@@ -20,13 +20,6 @@ else
   venv=${3:-"$(dirname "${BASH_SOURCE[0]}")/../build/tools-plot"}
 fi
 
-if [[ ! -x "$venv/bin/python" ]]; then
-  python3 -m venv "$venv"  # Debian: python3-venv (scripts/bootstrap.sh installs it)
-fi
-if [[ $("$venv/bin/python" -m pip show matplotlib 2>/dev/null | sed -n 's/^Version: //p') != \
-  "$matplotlib_version" ]]; then
-  echo "plot_load: installing matplotlib $matplotlib_version into $venv"
-  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet \
-    "matplotlib==$matplotlib_version"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/lib/pinned_venv.sh"
+pinned_venv "$venv" "plot_load" "matplotlib==$matplotlib_version"
 [[ -z $csv ]] || "$venv/bin/python" "$(dirname "${BASH_SOURCE[0]}")/plot_load.py" "$csv" "$png"

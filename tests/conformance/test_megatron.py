@@ -177,7 +177,9 @@ def compare(results, exact_kept=True, rtol=FLOAT32_RTOL):
 SHAPES = [(16, 4), (40, 8), (64, 8), (96, 16), (128, 32), (200, 64), (256, 16)]
 
 
-def sweep(count, seed, ks=(1, 2, 4, 8), score=None, **fixed):
+def sweep(count, seed, ks=(1, 2, 4, 8), score=None, vary=None, **fixed):
+    """`count` cases of random shapes from `seed`, each with the `fixed` settings and those
+    `vary(i, case)` returns for the i-th."""
     if score == "softmax_topk":  # Megatron asks for pre-softmax at k = 1
         ks = tuple(k for k in ks if k > 1)
     rng = random.Random(seed)
@@ -185,19 +187,29 @@ def sweep(count, seed, ks=(1, 2, 4, 8), score=None, **fixed):
     for i in range(count):
         tokens, experts = rng.choice(SHAPES)
         k = rng.choice([k for k in ks if k <= experts])
-        cases.append({"tokens": tokens, "experts": experts, "k": k, "seed": seed * 1000 + i,
-                      **fixed})
+        case = {"tokens": tokens, "experts": experts, "k": k, "seed": seed * 1000 + i, **fixed}
+        if score is not None:
+            case["score"] = score
+        if vary is not None:
+            case.update(vary(i, case))
+        cases.append(case)
     return cases
+
+
+def route_and_report(report, name, compared, preset, cases, **options):
+    """Routes `cases` through Megatron-Core and the library, compares them (compare's
+    `options`) and adds the largest error to the README's table as `compared`."""
+    worst = compare(route_both(cases), **options)
+    report.add(name, "megatron-core", compared, len(cases), worst, preset=preset)
 
 
 @pytest.mark.parametrize("score", ["softmax_topk", "softmax", "sigmoid"])
 @pytest.mark.parametrize("policy", ["probs", "position"])
 def test_capacity(score, policy, report):
-    cases = []
-    for i, c in enumerate(sweep(24, 3 + len(score) + len(policy), score=score)):
-        c.update(score=score, policy=policy, factor=[0.5, 1.0, 1.1, 1.25, 2.0][i % 5],
-                 aux="aux_loss", coef=0.0625, z_coef=0.125, scale=[None, 2.5][i % 2])
-        cases.append(c)
+    cases = sweep(24, 3 + len(score) + len(policy), score=score, policy=policy, aux="aux_loss",
+                  coef=0.0625, z_coef=0.125,
+                  vary=lambda i, c: {"factor": [0.5, 1.0, 1.1, 1.25, 2.0][i % 5],
+                                     "scale": [None, 2.5][i % 2]})
     results = route_both(cases)
     assert any(ours["dropped"] > 0 for _, _, ours in results)
     worst = compare(results, exact_kept=policy == "probs")
@@ -209,10 +221,8 @@ def test_capacity(score, policy, report):
 
 @pytest.mark.parametrize("score", ["softmax_topk", "sigmoid"])
 def test_pad_to_capacity(score, report):
-    cases = []
-    for i, c in enumerate(sweep(12, 17 + len(score), score=score)):
-        c.update(score=score, policy="probs", factor=[0.5, 1.0, 3.0][i % 3], pad=True)
-        cases.append(c)
+    cases = sweep(12, 17 + len(score), score=score, policy="probs", pad=True,
+                  vary=lambda i, c: {"factor": [0.5, 1.0, 3.0][i % 3]})
     results = route_both(cases)
     for req, t, ours in results:
         # Every expert's column holds C tokens (padding with weight 0), the library's C rows.
@@ -232,10 +242,9 @@ def test_sigmoid_expert_bias(report):
         c.update(score="sigmoid", bias=bias.float().double(), scale=2.5,
                  factor=[None, 1.0][i % 2], policy="probs")
         cases.append(c)
-    worst = compare(route_both(cases))
-    report.add("megatron sigmoid expert bias", "megatron-core",
-               "TopKRouter sigmoid with expert bias and scaling factor: kept assignments, weights, "
-               "d_logits", len(cases), worst, preset="top_any<sigmoid> with expert bias")
+    route_and_report(report, "megatron sigmoid expert bias",
+                     "TopKRouter sigmoid with expert bias and scaling factor: kept assignments, "
+                     "weights, d_logits", "top_any<sigmoid> with expert bias", cases)
 
 
 @pytest.mark.parametrize("score,groups", [("softmax", (4, 2)), ("sigmoid", (4, 2)),
@@ -249,32 +258,25 @@ def test_group_limited(score, groups, report):
         c.update(score=score, groups=groups, factor=[None, 1.0][i % 2], policy="probs")
         cases.append(c)
     assert cases
-    worst = compare(route_both(cases))
-    report.add(f"megatron {score} groups {groups}", "megatron-core",
-               f"TopKRouter {score}, {groups[0]} groups, best {groups[1]}: kept assignments, "
-               "weights, d_logits", len(cases), worst,
-               preset=f"top_any<{score}>, group_limited<{groups[0]}, {groups[1]}>")
+    route_and_report(report, f"megatron {score} groups {groups}",
+                     f"TopKRouter {score}, {groups[0]} groups, best {groups[1]}: kept "
+                     "assignments, weights, d_logits",
+                     f"top_any<{score}>, group_limited<{groups[0]}, {groups[1]}>", cases)
 
 
 @pytest.mark.parametrize("score", ["softmax_topk", "sigmoid"])
 def test_seq_aux_loss(score, report):
-    cases = []
-    for i, c in enumerate(sweep(12, 41 + len(score), score=score)):
-        c.update(score=score, aux="seq_aux_loss", coef=0.0625, bsz=[2, 4][i % 2])
-        cases.append(c)
-    worst = compare(route_both(cases))
-    report.add(f"megatron {score} seq_aux_loss", "megatron-core",
-               f"TopKRouter {score}, seq_aux_loss over sequences: weights, loss, d_logits",
-               len(cases), worst, preset=f"top_any<{score}>, dropless, sequence_aux")
+    cases = sweep(12, 41 + len(score), score=score, aux="seq_aux_loss", coef=0.0625,
+                  vary=lambda i, c: {"bsz": [2, 4][i % 2]})
+    route_and_report(report, f"megatron {score} seq_aux_loss",
+                     f"TopKRouter {score}, seq_aux_loss over sequences: weights, loss, d_logits",
+                     f"top_any<{score}>, dropless, sequence_aux", cases)
 
 
 def test_megatron_preset(report):
     """preset::megatron is the router's defaults at k = 2 with token dropping (probs)."""
-    cases = []
-    for i, c in enumerate(sweep(16, 53, ks=(2,))):
-        c.update(score="softmax_topk", policy="probs", factor=[0.5, 1.0, 1.5][i % 3],
-                 aux="aux_loss", coef=0.0625)
-        cases.append(c)
+    cases = sweep(16, 53, ks=(2,), score="softmax_topk", policy="probs", aux="aux_loss",
+                  coef=0.0625, vary=lambda i, c: {"factor": [0.5, 1.0, 1.5][i % 3]})
     results = route_both(cases)
     for req, _, _ in results:
         req["gate"] = "megatron"

@@ -148,11 +148,10 @@ def seeds_and_shapes(count, shapes):
 
 # --- Mixtral ---------------------------------------------------------------------------------
 
-def mixtral_case(seed, tokens, hidden, ffn, experts, k):
-    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=experts,
-                           num_experts_per_tok=k, router_jitter_noise=0.0)
-    config._experts_implementation = "eager"
-    block = MixtralSparseMoeBlock(config).double()
+def glu_block_case(block, seed, tokens, hidden, ffn):
+    """A SwiGLU block's weights, input and output gradient drawn from `seed`, run in float64:
+    the driver's request (without its layer) and the reference y, dx and weight gradients."""
+    block = block.double()
     g = torch.Generator().manual_seed(seed)
     glu_block(block, block.gate.weight, g, hidden, ffn)
     x = torch.randn(1, tokens, hidden, generator=g, dtype=torch.float64)
@@ -160,9 +159,17 @@ def mixtral_case(seed, tokens, hidden, ffn, experts, k):
     with routers_in_float64():
         y, x_leaf = run_block(block, x, dy)
     request = glu_request(block, block.gate.weight, x[0], dy[0], ffn)
-    request.update(layer="mixtral" if k == 2 else "mixtral_any", args={"k": k})
     ref = {"seed": seed, "y": y, **glu_grads(block, block.gate.weight, x_leaf)}
     ref["dx"] = ref["dx"].reshape(tokens, hidden)
+    return request, ref
+
+
+def mixtral_case(seed, tokens, hidden, ffn, experts, k):
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=experts,
+                           num_experts_per_tok=k, router_jitter_noise=0.0)
+    config._experts_implementation = "eager"
+    request, ref = glu_block_case(MixtralSparseMoeBlock(config), seed, tokens, hidden, ffn)
+    request.update(layer="mixtral" if k == 2 else "mixtral_any", args={"k": k})
     return request, ref
 
 
@@ -181,21 +188,12 @@ def qwen3_case(seed, tokens, hidden, ffn, experts, k, norm):
     config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=ffn, num_experts=experts,
                             num_experts_per_tok=k, norm_topk_prob=norm)
     config._experts_implementation = "eager"
-    block = Qwen3MoeSparseMoeBlock(config).double()
-    g = torch.Generator().manual_seed(seed)
-    glu_block(block, block.gate.weight, g, hidden, ffn)
-    x = torch.randn(1, tokens, hidden, generator=g, dtype=torch.float64)
-    dy = torch.randn(1, tokens, hidden, generator=g, dtype=torch.float64)
-    with routers_in_float64():
-        y, x_leaf = run_block(block, x, dy)
-    request = glu_request(block, block.gate.weight, x[0], dy[0], ffn)
+    request, ref = glu_block_case(Qwen3MoeSparseMoeBlock(config), seed, tokens, hidden, ffn)
     if k == 8 and norm:
         request.update(layer="qwen3")
     else:
         request.update(layer="qwen3_any",
                        args={"k": k, "normalize": "before_drops" if norm else "none"})
-    ref = {"seed": seed, "y": y, **glu_grads(block, block.gate.weight, x_leaf)}
-    ref["dx"] = ref["dx"].reshape(tokens, hidden)
     return request, ref
 
 
