@@ -3,6 +3,8 @@
 // device (the router's radix sorts are sized by an upper bound of what CUB asks), so a
 // program can size its memory on a machine without a GPU — as this test does in CI.
 
+#include "../support/expect.hpp"
+
 #include <doctest/doctest.h>
 
 #include <moe/expert/kernels/ffn.cuh>
@@ -61,4 +63,20 @@ TEST_CASE("the CUDA layer's workspace is sized without a device") {
   CHECK(gating::route_workspace_bytes(gating::preset::deepspeed{}, args.gate) > 0);
   CHECK(gating::route_backward_workspace_bytes<__nv_bfloat16>(gating::top_k<2>{}, args.gate,
                                                               args.hidden) > 0);
+}
+
+TEST_CASE("the CUDA router rejects real knobs its float kernels cannot hold") {
+  // The host computes in double and takes them; the CUDA router's float would hold inf.
+  gating::gate_args large{.tokens = 64, .experts = 8, .scaling_factor = 1e39};
+  CHECK(gating::top_k<2>{}.can_implement(large).ok());
+  CHECK(test::rejected_argument([&] {
+          (void)gating::route_workspace_bytes(gating::top_k<2>{}, large);
+        }) == "scaling_factor");
+  large.scaling_factor = 3e38;  // float's range holds it
+  CHECK(gating::route_workspace_bytes(gating::top_k<2>{}, large) > 0);
+  large.z_loss_coef = 1e40;
+  CHECK(gating::top_k<2>{}.can_implement(large).ok());
+  CHECK(test::rejected_argument([&] {
+          (void)gating::route_workspace_bytes(gating::top_k<2>{}, large);
+        }) == "z_loss_coef");
 }

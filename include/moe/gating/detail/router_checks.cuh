@@ -20,9 +20,12 @@
 #include <moe/gating/policies.hpp>
 #include <moe/gating/router.hpp>
 
+#include <cmath>
 #include <cstddef>
 #include <exception>
+#include <limits>
 #include <string>
+#include <utility>
 
 namespace moe::gating::detail {
 
@@ -36,12 +39,21 @@ template <class G>
 inline constexpr bool cuda_routable = device_score_function<typename G::score_function>&&
     device_priority_order<typename G::priority>&& device_selection_policy<selection_of<G>>;
 
-/// The run-time limits of the CUDA router beyond the gate's own checks.
+/// The run-time limits of the CUDA router beyond the gate's own checks: its experts, and the
+/// real knobs its float kernels take as float (finite there too).
 inline status check_cuda_knobs(gate_args const& args) {
   if (args.experts > max_device_experts)
     return status::failure("experts", "the CUDA router takes at most " +
                                           std::to_string(max_device_experts) + " experts, got " +
                                           std::to_string(args.experts));
+  constexpr double float_max = std::numeric_limits<float>::max();
+  for (auto const& [name, value] :
+       {std::pair{"scaling_factor", args.scaling_factor},
+        std::pair{"aux_loss_coef", args.aux_loss_coef}, std::pair{"z_loss_coef", args.z_loss_coef}})
+    if (std::abs(value) > float_max)
+      return status::failure(name, std::to_string(value) +
+                                       " overflows the float the CUDA router computes in; use "
+                                       "at most 3.4e38");
   return {};
 }
 
