@@ -93,7 +93,6 @@ class parameter_layout {
   }
 
   [[nodiscard]] std::vector<parameter_shape> const& shapes() const noexcept { return shapes_; }
-  [[nodiscard]] bool present(std::size_t tensor) const noexcept { return present_[tensor]; }
 
   /// One pointer per tensor into `buffer` (null for an absent bias).
   template <class T>
@@ -136,8 +135,9 @@ class parameter_layout {
       if (!present_[i]) continue;
       parameter_shape const& p = shapes_[i];
       index_t const n = p.elements();
-      // Expert tensors are expert-major: element 0 of this rank is global expert
-      // first_expert's, so the draws follow the global index.
+      // Tensor 0, the gate weight, is whole on every rank. The expert tensors are
+      // expert-major: element 0 of this rank is global expert first_expert's, so the draws
+      // follow the global index.
       index_t const offset = i == 0 ? 0 : first_expert_ * (n / expert_shape_.experts);
       double const scale =
           init.scale > 0 ? init.scale : 1 / std::sqrt(static_cast<double>(p.fan_in));
@@ -164,10 +164,6 @@ class parameter_layout {
   expert::expert_shape expert_shape_;
   index_t first_expert_;
 };
-
-}  // namespace detail
-
-namespace detail {
 
 /// What both containers are: a layout, two buffers (`Buffer`: host or device memory) and the
 /// tensors carved from them, with the views over them.
