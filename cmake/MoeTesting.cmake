@@ -5,6 +5,7 @@
 #
 #   moe_add_cpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
 #   moe_add_gpu_test(<name> <source>... [LIBRARIES <lib>...] [LABELS <label>...])
+#   moe_add_mpi_test(<name> <source>... RANKS <count>... [LIBRARIES <lib>...])
 #   moe_add_emulated_test(<name> <source>...)  # the gpu test on the emulated runtime
 #   moe_add_compile_fail_test(<file>)
 #   moe_add_header_check()        # "every public header compiles on its own"
@@ -160,6 +161,42 @@ function(moe_add_gpu_test name)
   endif()
 endfunction()
 
+#[[ moe_add_mpi_test(<name> <source>... RANKS <count>... [LIBRARIES <lib>...])
+
+An executable <name> of doctest cases with an MPI main (tests/mpi_main.cpp: every rank runs
+every case; the exit code is the worst rank's), run under mpiexec once per count as ctest
+tests <name>.ranks_<count>, labels `mpi` and `cpu`. More ranks than cores are allowed
+(Open MPI: oversubscribe), and so is running as root, as CI containers do. Does nothing
+without MPI (moe::mpi).]]
+function(moe_add_mpi_test name)
+  if(NOT TARGET moe::mpi)
+    message(STATUS "moe: skipping mpi test ${name}: no MPI (moe::mpi)")
+    return()
+  endif()
+  cmake_parse_arguments(PARSE_ARGV 1 arg "" "" "RANKS;LIBRARIES")
+  if(NOT TARGET moe_mpi_main)
+    add_library(moe_mpi_main OBJECT "${PROJECT_SOURCE_DIR}/tests/mpi_main.cpp")
+    target_link_libraries(moe_mpi_main PUBLIC doctest::doctest moe::mpi)
+    moe_target_defaults(moe_mpi_main)
+  endif()
+  add_executable(${name} ${arg_UNPARSED_ARGUMENTS})
+  target_link_libraries(${name} PRIVATE moe_mpi_main moe::mpi doctest::doctest CUDA::cudart
+    ${arg_LIBRARIES})
+  moe_target_defaults(${name})
+  foreach(ranks IN LISTS arg_RANKS)
+    add_test(NAME ${name}.ranks_${ranks}
+      COMMAND "${MPIEXEC_EXECUTABLE}" ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${MPIEXEC_PREFLAGS}
+        "$<TARGET_FILE:${name}>" ${MPIEXEC_POSTFLAGS})
+    # Open MPI's settings (other MPIs ignore them): more ranks than cores, root allowed, and
+    # no single-copy mechanism, which containers without ptrace rights refuse.
+    set_tests_properties(${name}.ranks_${ranks} PROPERTIES
+      LABELS "mpi;cpu"
+      PROCESSORS ${ranks}
+      TIMEOUT 600
+      ENVIRONMENT "OMPI_MCA_rmaps_base_oversubscribe=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_btl_vader_single_copy_mechanism=none")
+  endforeach()
+endfunction()
+
 #[[ moe_add_emulated_test(<name> <source>...)
 
 The gpu test <name> built with the host compiler against the emulated CUDA runtime
@@ -256,7 +293,7 @@ files as .cu for nvcc. They form the OBJECT library moe_headers_self_contained, 
 ALL, so a plain build is the check; ctest's headers.self_contained reports it. The header
 list is globbed at configure time with CONFIGURE_DEPENDS, so new headers join by
 themselves. Headers with "nccl" in their path are checked only when NCCL was found, and
-headers named *_mpi.hpp only when MPI was found too (MPI_CXX_FOUND; they link MPI::MPI_CXX).]]
+headers with "mpi" in their name only when MPI was found (moe::mpi).]]
 function(moe_add_header_check)
   set(include_dir "${PROJECT_SOURCE_DIR}/include")
   file(GLOB_RECURSE host_headers CONFIGURE_DEPENDS RELATIVE "${include_dir}"
@@ -271,9 +308,8 @@ function(moe_add_header_check)
     list(FILTER host_headers EXCLUDE REGEX "nccl")
     list(FILTER cuda_headers EXCLUDE REGEX "nccl")
   endif()
-  # FindMPI creates MPI::MPI_CXX even when it finds nothing: ask MPI_CXX_FOUND.
-  if(NOT MPI_CXX_FOUND)
-    list(FILTER host_headers EXCLUDE REGEX "_mpi\\.hpp$")
+  if(NOT TARGET moe::mpi)
+    list(FILTER host_headers EXCLUDE REGEX "(^|/|_)mpi[_.][^/]*$")
   endif()
 
   set(generated_dir "${CMAKE_CURRENT_BINARY_DIR}/self_contained")
@@ -293,14 +329,12 @@ function(moe_add_header_check)
   endforeach()
 
   add_library(moe_headers_self_contained OBJECT ${sources})
-  if(TARGET moe::nccl)
-    target_link_libraries(moe_headers_self_contained PRIVATE moe::nccl)
-    if(MPI_CXX_FOUND)
-      target_link_libraries(moe_headers_self_contained PRIVATE MPI::MPI_CXX)
+  target_link_libraries(moe_headers_self_contained PRIVATE moe)
+  foreach(optional IN ITEMS moe::nccl moe::mpi)
+    if(TARGET ${optional})
+      target_link_libraries(moe_headers_self_contained PRIVATE ${optional})
     endif()
-  else()
-    target_link_libraries(moe_headers_self_contained PRIVATE moe)
-  endif()
+  endforeach()
   moe_target_defaults(moe_headers_self_contained)
 
   add_test(NAME headers.self_contained

@@ -10,8 +10,10 @@ set -euo pipefail
 # libboost-context-dev: the fibers of the emulated CUDA runtime (tests/emulation/).
 # clang: libFuzzer and its sanitizer runtimes, for the fuzz targets (scripts/fuzz.sh).
 # nlohmann-json3-dev: the conformance suite's driver reads and writes JSON (tests/conformance/).
+# libopenmpi-dev, openmpi-bin: MPI (moe::mpi, comm::mpi_communicator) and mpiexec for the mpi
+# tests and examples/05_distributed.
 packages=(cmake ninja-build g++ doctest-dev libbenchmark-dev clang-format python3-venv
-          libboost-context-dev clang nlohmann-json3-dev)
+          libboost-context-dev clang nlohmann-json3-dev libopenmpi-dev openmpi-bin)
 
 if ! command -v dpkg >/dev/null 2>&1; then
   echo "bootstrap: not a Debian system; make sure these are installed: ${packages[*]}" >&2

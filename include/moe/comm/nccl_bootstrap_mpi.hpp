@@ -5,48 +5,24 @@
 //   share_unique_id_through_mpi(mpi_comm, root)   root creates the id, MPI_Bcast shares it
 //   make_nccl_comm(mpi_comm)                      one NCCL rank per MPI rank, same numbering
 //
-// This header needs mpi.h, which moe::nccl does not bring: link your MPI as well, e.g.
-//   find_package(MPI REQUIRED COMPONENTS CXX)
-//   target_link_libraries(app PRIVATE moe::nccl MPI::MPI_CXX)
-// Only the MPI standard's C API is used, so any implementation (Open MPI, MPICH) serves.
+// This header needs NCCL and MPI: link both moe::nccl and moe::mpi, e.g.
+//   find_package(moe CONFIG REQUIRED COMPONENTS nccl mpi)
+//   target_link_libraries(app PRIVATE moe::nccl moe::mpi)
 
+#include <moe/comm/detail/mpi.hpp>
 #include <moe/comm/nccl_bootstrap.hpp>
 #include <moe/core/config.hpp>
 #include <moe/core/error.hpp>
 
-// Only MPI's C API is used. Open MPI's and MPICH's mpi.h would otherwise also pull in the
-// C++ bindings that MPI-3 removed, which do not compile cleanly with -Wextra.
-#ifndef OMPI_SKIP_MPICXX
-#define OMPI_SKIP_MPICXX 1
-#endif
-#ifndef MPICH_SKIP_MPICXX
-#define MPICH_SKIP_MPICXX 1
-#endif
-#include <mpi.h>
 #include <nccl.h>
 
 #include <string>
 
 namespace moe::comm {
 
-namespace detail {
-
-/// Throws `moe::error` naming the MPI call and MPI's description of `code`.
-inline void check_mpi(int code, char const* call) {
-  if (code == MPI_SUCCESS) return;
-  char text[MPI_MAX_ERROR_STRING] = {};
-  int length = 0;
-  if (MPI_Error_string(code, text, &length) != MPI_SUCCESS) length = 0;
-  throw error(std::string(call) +
-              " failed: " + std::string(text, static_cast<std::size_t>(length)) + " (MPI error " +
-              std::to_string(code) + ")");
-}
-
-}  // namespace detail
-
 /// Shares one ncclUniqueId among the ranks of `mpi_comm`: rank `root` creates it
 /// (ncclGetUniqueId) and broadcasts it (MPI_Bcast). Collective over `mpi_comm`: every rank
-/// calls it with the same root. MPI errors become `moe::error` (where the communicator's
+/// calls it with the same root. MPI errors become `moe::mpi_error` (where the communicator's
 /// error handler returns them rather than aborting, which is not MPI's default).
 /// @param mpi_comm an MPI communicator whose ranks will form the NCCL world
 /// @param root the rank that creates the id, 0 ≤ root < size of mpi_comm

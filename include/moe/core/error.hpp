@@ -152,6 +152,29 @@ class nccl_error : public error {
   int code_;
 };
 
+/// An MPI call failed, or an exchange over MPI went wrong (a byte count that differs from
+/// the sender's). The code is MPI's error class or code, kept as an int so that this header
+/// needs no mpi.h.
+class mpi_error : public error {
+ public:
+  mpi_error(int code, std::string const& message,
+            std::source_location where = std::source_location::current())
+      : error(message + " (MPI error " + std::to_string(code) + ")", where), code_(code) {}
+
+  [[nodiscard]] int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+/// A communication did not complete in the time allowed: where NCCL would hang (a receive
+/// that no rank sends, ranks that issue different exchanges), a communicator with a timeout
+/// throws this instead, naming what was still pending.
+class timeout_error : public error {
+ public:
+  using error::error;
+};
+
 /// What `can_implement` answers: either ok, or the argument at fault and why.
 /// `can_implement` is noexcept and returns one; `run` throws it as `invalid_argument`.
 class status {
