@@ -172,7 +172,10 @@ class mpi_error : public error {
 /// throws this instead, naming what was still pending.
 class timeout_error : public error {
  public:
-  using error::error;
+  // Not `using error::error`: nvcc 13.0 fails on inheriting a defaulted source_location.
+  explicit timeout_error(std::string const& message,
+                         std::source_location where = std::source_location::current())
+      : error(message, where) {}
 };
 
 /// What `can_implement` answers: either ok, or the argument at fault and why.
