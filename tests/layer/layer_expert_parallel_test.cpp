@@ -7,15 +7,15 @@
 // gate's is a sum of per-rank partial sums), so they agree to rounding there and exactly
 // when k = 1.
 
-#include "../support/parameters.hpp"
+#include "expert_parallel_reference.hpp"
 
 #include <moe/moe.hpp>
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -26,102 +26,54 @@ using comm::simulated_world;
 using comm::topology;
 using expert_t = expert::ffn<act::gelu>;
 
-/// The largest error relative to want's largest magnitude; NaN where got holds one (a
-/// poisoned element never written), which std::max would pass over.
-double max_relative_error(span<double const> got, span<double const> want) {
-  double worst = 0, scale = 0;
-  for (double v : want) scale = std::max(scale, std::abs(v));
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    double const error = std::abs(got[i] - want[i]) / std::max(scale, 1e-300);
-    if (std::isnan(error) || error > worst) worst = error;
-  }
-  return worst;
-}
-
 /// Runs the W-rank layer and the single-rank layer on the same global batch and compares.
-/// With `uniform_gate` every score ties, so that every token picks the lowest experts and
-/// the last experts receive no row.
+/// With `uniform_gate` every score ties, so that the last experts receive no row.
 template <int K, class Layout, class Collective>
 void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
                                bool uniform_gate = false) {
   CAPTURE(t.ranks_per_node);
   CAPTURE(t.nodes);
   int const w = t.size();
-  index_t const tokens = args.gate.tokens, global_tokens = tokens * w, h = args.hidden;
-  index_t const e = args.gate.experts, local_e = e / w;
+  index_t const tokens = args.gate.tokens, h = args.hidden;
   std::mt19937_64 rng(seed);
+  test::one_rank_reference<gating::top_k<K>, Layout, expert_t> const ref(args, tokens * w, rng,
+                                                                         uniform_gate);
+  CHECK(ref.stats.dropped == 0);
 
-  // The reference: one rank, all experts, all tokens.
-  layer_args global_args = args;
-  global_args.gate.tokens = global_tokens;
-  using single_t = moe::layer<gating::top_k<K>, Layout, comm::single_rank, expert_t>;
-  single_t single(global_args);
-  host_parameters<single_t, double> whole(single, {.biases = true});
-  test::randomize(whole, rng, 0.5);
-  if (uniform_gate) std::fill(whole.values(0).begin(), whole.values(0).end(), 0.0);
-  test::host_tensor<double> x(global_tokens * h), dy(global_tokens * h);
-  x.randomize(rng);
-  dy.randomize(rng);
-  std::vector<std::byte> ws(single.workspace_bytes(host));
-  test::host_tensor<double> y_ref(global_tokens * h), dx_ref(global_tokens * h);
-  single.forward(host, x.cview(global_tokens, h), whole.params(), y_ref.view(global_tokens, h), ws);
-  single.backward(host, dy.cview(global_tokens, h), whole.params(), dx_ref.view(global_tokens, h),
-                  whole.gradients(), ws);
-  CHECK(single.stats(host, ws).dropped == 0);
-
-  // W ranks: rank r routes tokens [r·T, (r+1)·T) and holds experts [r·E_l, (r+1)·E_l), its
-  // part of `whole`'s values. Its expert gradients go back to their place in `gathered`, its
-  // gate weight gradient (a partial sum over its tokens) to gate_grads[r].
-  test::host_tensor<double> y(global_tokens * h), dx(global_tokens * h);
-  host_parameters<single_t, double> gathered(single, {.biases = true});
-  std::vector<test::host_tensor<double>> gate_grads(w, test::host_tensor<double>(h * e));
-  y.poison();
-  dx.poison();
-  test::poison_gradients(gathered);
-  std::vector<index_t> capacity(w), largest_load(w);
+  // W ranks, rank r routing tokens [r·T, (r+1)·T). Its expert gradients go back to their
+  // place in `gathered`, its gate weight gradient (a partial sum) into the sum of all ranks'.
   using parallel_t = moe::layer<gating::top_k<K>, Layout, Collective, expert_t>;
+  host_parameters<typename decltype(ref)::layer_type, double> gathered(ref.layer, {.biases = true});
+  test::poison_gradients(gathered);
+  test::host_tensor<double> gate_sum(h * args.gate.experts);
+  std::vector<int> rows_match(w);
+  std::vector<index_t> capacity(w), largest_load(w);
   simulated_world world(t);
   world.run([&](simulated_world::rank_communicator& comm) {
     int const r = comm.rank();
-    parallel_t layer(args, comm);
-    REQUIRE(layer.expert_shape().experts == local_e);
-    REQUIRE(layer.first_expert() == r * local_e);
-    host_parameters<parallel_t, double> part(layer, {.biases = true});
-    test::poison_gradients(part);
-    // Tensor i of this rank within the whole layer's: every rank holds the gate weight (0)
-    // whole; the expert tensors are expert-major, so its experts are one run of them.
-    auto within = [&](auto whole_tensor, std::size_t i) {
-      std::size_t const n = part.values(i).size();
-      return i == 0 ? whole_tensor : whole_tensor.subspan(static_cast<std::size_t>(r) * n, n);
-    };
-    for (std::size_t i = 0; i < part.shapes().size(); ++i)
-      std::ranges::copy(within(whole.values(i), i), part.values(i).begin());
-    std::vector<std::byte> rank_ws(layer.workspace_bytes(host));
-    auto rows = [&](auto& tensor) { return tensor.data.data() + r * tokens * h; };
-    layer.forward(host, make_view(static_cast<double const*>(rows(x)), tokens, h), part.params(),
-                  make_view(rows(y), tokens, h), rank_ws);
-    layer.backward(host, make_view(static_cast<double const*>(rows(dy)), tokens, h), part.params(),
-                   make_view(rows(dx), tokens, h), part.gradients(), rank_ws);
-    std::ranges::copy(part.gradients(0), gate_grads[static_cast<std::size_t>(r)].data.begin());
-    for (std::size_t i = 1; i < part.shapes().size(); ++i)
-      std::ranges::copy(part.gradients(i), within(gathered.gradients(i), i).begin());
-    auto const s = layer.stats(host, rank_ws);
-    CHECK(s.dropped == 0);
-    capacity[static_cast<std::size_t>(r)] = s.capacity;
-    largest_load[static_cast<std::size_t>(r)] = *std::max_element(s.load.begin(), s.load.end());
+    auto const run = test::run_rank<parallel_t>(comm, args, ref, r * tokens, tokens);
+    rows_match[r] = test::rows_equal(run.y, ref.y, r * tokens, h) &&
+                    test::rows_equal(run.dx, ref.dx, r * tokens, h);
+    for (std::size_t i = 1; i < run.part.shapes().size(); ++i)
+      std::ranges::copy(
+          run.part.gradients(i),
+          ref.part_of(gathered.gradients(i), i, r, run.part.gradients(i).size()).begin());
+    CHECK(run.stats.dropped == 0);
+    capacity[r] = run.stats.capacity;
+    largest_load[r] = *std::max_element(run.stats.load.begin(), run.stats.load.end());
+    static std::mutex sum;  // the ranks are threads
+    std::lock_guard lock(sum);
+    for (std::size_t i = 0; i < gate_sum.data.size(); ++i)
+      gate_sum.data[i] += run.part.gradients(0)[i];
   });
 
-  CHECK(y.data == y_ref.data);
-  CHECK(dx.data == dx_ref.data);
+  CHECK(rows_match == std::vector<int>(w, 1));
   double const tolerance = K == 1 ? 0 : 1e-12;
   for (std::size_t i = 1; i < 5; ++i) {  // w1, b1, w2, b2
-    CAPTURE(whole.shapes()[i].name);
-    CHECK(max_relative_error(gathered.gradients(i), whole.gradients(i)) <= tolerance);
+    CAPTURE(ref.whole.shapes()[i].name);
+    CHECK(test::max_relative_error(gathered.gradients(i), ref.whole.gradients(i)) <= tolerance);
   }
-  test::host_tensor<double> gate_sum(h * e);
-  for (auto const& gg : gate_grads)
-    for (std::size_t i = 0; i < gate_sum.data.size(); ++i) gate_sum.data[i] += gg.data[i];
-  CHECK(max_relative_error(gate_sum.flat(), whole.gradients(0)) <= 1e-12);
+  CHECK(test::max_relative_error(gate_sum.flat(), ref.whole.gradients(0)) <= 1e-12);
   if constexpr (Layout::drops_tokens) {
     // Dynamic capacity is the largest load over all ranks, the same on every rank.
     index_t const expected = *std::max_element(largest_load.begin(), largest_load.end());
