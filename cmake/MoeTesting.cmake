@@ -161,6 +161,12 @@ function(moe_add_gpu_test name)
   endif()
 endfunction()
 
+# Open MPI's settings for every mpiexec of the tests (other MPIs ignore them): more ranks than
+# cores, root allowed (CI containers run as root), and no single-copy mechanism between
+# processes, which containers without ptrace rights refuse.
+set(MOE_MPIEXEC_ENVIRONMENT
+  "OMPI_MCA_rmaps_base_oversubscribe=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_btl_vader_single_copy_mechanism=none")
+
 #[[ moe_add_mpi_test(<name> <source>... RANKS <count>... [LIBRARIES <lib>...])
 
 An executable <name> of doctest cases with an MPI main (tests/mpi_main.cpp: every rank runs
@@ -187,13 +193,11 @@ function(moe_add_mpi_test name)
     add_test(NAME ${name}.ranks_${ranks}
       COMMAND "${MPIEXEC_EXECUTABLE}" ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${MPIEXEC_PREFLAGS}
         "$<TARGET_FILE:${name}>" ${MPIEXEC_POSTFLAGS})
-    # Open MPI's settings (other MPIs ignore them): more ranks than cores, root allowed, and
-    # no single-copy mechanism, which containers without ptrace rights refuse.
     set_tests_properties(${name}.ranks_${ranks} PROPERTIES
       LABELS "mpi;cpu"
       PROCESSORS ${ranks}
       TIMEOUT 600
-      ENVIRONMENT "OMPI_MCA_rmaps_base_oversubscribe=1;OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_btl_vader_single_copy_mechanism=none")
+      ENVIRONMENT "${MOE_MPIEXEC_ENVIRONMENT}")
   endforeach()
 endfunction()
 
