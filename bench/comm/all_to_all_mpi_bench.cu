@@ -16,6 +16,7 @@
 #include "../support/fixture.hpp"
 
 #include <moe/comm/all_to_all.hpp>
+#include <moe/comm/mpi_communicator.hpp>
 #include <moe/comm/nccl_bootstrap_mpi.hpp>
 #include <moe/comm/nccl_communicator.hpp>
 #include <moe/core/backend.hpp>
@@ -48,19 +49,6 @@ std::vector<size_config> sizes() {
   for (std::size_t b = std::size_t{64} << 10; b <= largest; b *= 4)
     out.push_back({static_cast<long long>(b)});
   return out;
-}
-
-/// What the ranks of the node share: this rank's index among them, and their number.
-std::pair<int, int> node_local_rank() {
-  MPI_Comm node = MPI_COMM_NULL;
-  moe::comm::detail::check_mpi(
-      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node),
-      "MPI_Comm_split_type");
-  int local = 0, on_node = 1;
-  MPI_Comm_rank(node, &local);
-  MPI_Comm_size(node, &on_node);
-  MPI_Comm_free(&node);
-  return {local, on_node};
 }
 
 /// This rank's GPU, NCCL communicator, stream and buffers of the largest size.
@@ -151,9 +139,9 @@ int main(int argc, char** argv) {
     if (rank == 0) std::printf("all_to_all_mpi_bench: skipped, a rank has no CUDA device\n");
   } else {
     try {
-      auto const [local, on_node] = node_local_rank();
-      MOE_CUDA_TRY(cudaSetDevice(local % devices));
-      rank_world world(ranks_per_node > 0 ? ranks_per_node : on_node);
+      moe::comm::mpi_node const node = moe::comm::mpi_node_of(MPI_COMM_WORLD);
+      MOE_CUDA_TRY(cudaSetDevice(node.local_rank % devices));
+      rank_world world(ranks_per_node > 0 ? ranks_per_node : node.ranks);
       benchmark::AddCustomContext("ranks", std::to_string(size));
       benchmark::AddCustomContext("ranks_per_node",
                                   std::to_string(world.comm.topology().ranks_per_node));

@@ -77,6 +77,12 @@ TEST_CASE("mpi_communicator: the world of the processes, and its nodes") {
   CHECK(comm.size() == world_size());
   // mpiexec started every rank on this machine: one node.
   CHECK(comm.topology() == moe::comm::topology{world_size(), 1});
+  moe::comm::mpi_node const node = moe::comm::mpi_node_of(MPI_COMM_WORLD);
+  CHECK(node.local_rank == world_rank());
+  CHECK(node.ranks == world_size());
+  std::vector<int> everyone(static_cast<std::size_t>(world_size()));
+  for (int r = 0; r < world_size(); ++r) everyone[static_cast<std::size_t>(r)] = r;
+  CHECK(node.members == everyone);
 
   if (world_size() % 2 == 0) {
     mpi_communicator pretend(MPI_COMM_WORLD, {.ranks_per_node = 2});

@@ -57,6 +57,31 @@ struct mpi_options {
   std::chrono::milliseconds timeout = std::chrono::minutes(5);
 };
 
+/// This process's node as MPI sees it: the ranks of a communicator that share its memory.
+struct mpi_node {
+  int local_rank = 0;        ///< this rank's index among them: e.g. its GPU, modulo the GPUs
+  int ranks = 1;             ///< how many they are
+  std::vector<int> members;  ///< their ranks in the communicator, ascending
+};
+
+/// The ranks of `comm` on this process's node (MPI_Comm_split_type, MPI_COMM_TYPE_SHARED).
+/// Collective over `comm`.
+inline mpi_node mpi_node_of(MPI_Comm comm) {
+  int rank = 0;
+  detail::check_mpi(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank");
+  MPI_Comm shared = MPI_COMM_NULL;
+  detail::check_mpi(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &shared),
+                    "MPI_Comm_split_type");
+  mpi_node node;
+  MPI_Comm_rank(shared, &node.local_rank);
+  MPI_Comm_size(shared, &node.ranks);
+  node.members.resize(static_cast<std::size_t>(node.ranks));
+  int const gathered = MPI_Allgather(&rank, 1, MPI_INT, node.members.data(), 1, MPI_INT, shared);
+  MPI_Comm_free(&shared);
+  detail::check_mpi(gathered, "MPI_Allgather");
+  return node;
+}
+
 /// The memory an MPI communicator moves: host memory, as MPI always can.
 struct mpi_host_memory {
   static void check_support() noexcept {}
@@ -296,26 +321,17 @@ class basic_mpi_communicator {
     return text;
   }
 
-  /// The nodes as MPI sees them: the ranks that share memory with this one.
+  /// The nodes as MPI sees them (see the file comment).
   comm::topology node_topology() const {
-    MPI_Comm node = MPI_COMM_NULL;
-    detail::check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node),
-                      "MPI_Comm_split_type");
-    int local = 0, on_node = 0;
-    MPI_Comm_rank(node, &local);
-    MPI_Comm_size(node, &on_node);
-    std::vector<int> members(static_cast<std::size_t>(on_node));
-    int const gathered = MPI_Allgather(&rank_, 1, MPI_INT, members.data(), 1, MPI_INT, node);
-    MPI_Comm_free(&node);
-    detail::check_mpi(gathered, "MPI_Allgather");
+    mpi_node const node = mpi_node_of(comm_);
     // NCCL's numbering: node n holds ranks [n·N, (n+1)·N), N the same on every node.
-    bool numbered = members.front() % on_node == 0;
-    for (int i = 0; i < on_node; ++i)
-      numbered = numbered && members[static_cast<std::size_t>(i)] == members.front() + i;
-    int mine[3] = {on_node, -on_node, numbered ? 1 : 0}, all[3] = {};
+    bool numbered = node.members.front() % node.ranks == 0;
+    for (int i = 0; i < node.ranks; ++i)
+      numbered = numbered && node.members[static_cast<std::size_t>(i)] == node.members.front() + i;
+    int mine[3] = {node.ranks, -node.ranks, numbered ? 1 : 0}, all[3] = {};
     detail::check_mpi(MPI_Allreduce(mine, all, 3, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
     bool const uniform = all[0] == -all[1] && all[2] == 1;
-    return uniform ? comm::topology{on_node, size_ / on_node} : comm::topology{1, size_};
+    return uniform ? comm::topology{node.ranks, size_ / node.ranks} : comm::topology{1, size_};
   }
 
   mpi_options options_;
