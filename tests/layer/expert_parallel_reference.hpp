@@ -37,6 +37,17 @@ inline double max_relative_error(span<double const> got, span<double const> want
   return worst;
 }
 
+/// A small layer of `experts` experts, 6 tokens per rank, with dynamic capacity: nothing is
+/// dropped, on one rank or many, so that every rank's rows can equal the one-rank layer's.
+inline layer_args small_args(index_t experts) {
+  return {.gate = {.tokens = 6,
+                   .experts = experts,
+                   .capacity_factor = 0.0f,
+                   .normalize = gating::renormalize::before_drops},
+          .hidden = 5,
+          .ffn = 7};
+}
+
 /// The one-rank layer on `global_tokens` tokens: parameters, inputs and results.
 template <class Gate, class Layout, class Expert>
 struct one_rank_reference {

@@ -81,15 +81,6 @@ void check_against_single_rank(topology t, layer_args args, std::uint64_t seed,
   }
 }
 
-layer_args small_args(index_t experts) {
-  return {.gate = {.tokens = 6,
-                   .experts = experts,
-                   .capacity_factor = 0.0f,  // dynamic: nothing dropped, on one rank or many
-                   .normalize = gating::renormalize::before_drops},
-          .hidden = 5,
-          .ffn = 7};
-}
-
 }  // namespace
 
 TEST_CASE("expert parallelism: the capacity layout over W ranks equals one rank") {
@@ -97,9 +88,12 @@ TEST_CASE("expert parallelism: the capacity layout over W ranks equals one rank"
   INFO("seed " << seed);
   for (topology const t : {topology{1, 1}, topology{2, 1}, topology{1, 2}, topology{2, 2},
                            topology{4, 1}, topology{1, 4}, topology{4, 2}}) {
-    check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(t, small_args(8), seed);
-    check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(t, small_args(8), seed);
-    check_against_single_rank<1, layout::capacity, comm::all_to_all_2dh>(t, small_args(8), seed);
+    check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(t, test::small_args(8),
+                                                                            seed);
+    check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(t, test::small_args(8),
+                                                                         seed);
+    check_against_single_rank<1, layout::capacity, comm::all_to_all_2dh>(t, test::small_args(8),
+                                                                         seed);
   }
 }
 
@@ -107,9 +101,11 @@ TEST_CASE("expert parallelism: the ragged layout over W ranks equals one rank") 
   std::uint64_t const seed = test::fresh_seed();
   INFO("seed " << seed);
   for (topology const t : {topology{1, 1}, topology{2, 1}, topology{2, 2}, topology{4, 2}}) {
-    check_against_single_rank<2, layout::ragged, comm::linear_all_to_all>(t, small_args(8), seed);
-    check_against_single_rank<1, layout::ragged, comm::linear_all_to_all>(t, small_args(8), seed);
-    layer_args padded = small_args(8);
+    check_against_single_rank<2, layout::ragged, comm::linear_all_to_all>(t, test::small_args(8),
+                                                                          seed);
+    check_against_single_rank<1, layout::ragged, comm::linear_all_to_all>(t, test::small_args(8),
+                                                                          seed);
+    layer_args padded = test::small_args(8);
     padded.expert_row_alignment = 4;
     check_against_single_rank<3, layout::ragged, comm::linear_all_to_all>(t, padded, seed);
   }
@@ -121,10 +117,10 @@ TEST_CASE("expert parallelism: experts that receive no row, last in the batch") 
   std::uint64_t const seed = test::fresh_seed();
   INFO("seed " << seed);
   for (topology const t : {topology{2, 1}, topology{2, 2}}) {
-    check_against_single_rank<1, layout::ragged, comm::linear_all_to_all>(t, small_args(4), seed,
-                                                                          true);
-    check_against_single_rank<1, layout::capacity, comm::linear_all_to_all>(t, small_args(4), seed,
-                                                                            true);
+    check_against_single_rank<1, layout::ragged, comm::linear_all_to_all>(t, test::small_args(4),
+                                                                          seed, true);
+    check_against_single_rank<1, layout::capacity, comm::linear_all_to_all>(t, test::small_args(4),
+                                                                            seed, true);
   }
 }
 
@@ -133,14 +129,14 @@ TEST_CASE("expert parallelism: bad compositions are rejected on every rank") {
       moe::layer<gating::top_k<2>, layout::capacity, comm::linear_all_to_all, expert_t>;
   simulated_world world({.ranks_per_node = 3, .nodes = 1});
   CHECK_THROWS_WITH_AS(world.run([](simulated_world::rank_communicator& comm) {
-    parallel_t layer(small_args(8), comm);  // 8 experts over 3 ranks
+    parallel_t layer(test::small_args(8), comm);  // 8 experts over 3 ranks
   }),
                        doctest::Contains("do not split evenly over 3 ranks"),
                        moe::invalid_argument);
 
   // With a capacity, every rank must route as many tokens.
   simulated_world two({.ranks_per_node = 2, .nodes = 1});
-  layer_args const args = small_args(4);
+  layer_args const args = test::small_args(4);
   std::vector<int> rejected(2, 0);
   CHECK_THROWS_AS(two.run([&](simulated_world::rank_communicator& comm) {
     parallel_t layer(args, comm);

@@ -29,15 +29,6 @@ std::uint64_t shared_seed() {
   return seed;
 }
 
-layer_args small_args(index_t experts) {
-  return {.gate = {.tokens = 6,
-                   .experts = experts,
-                   .capacity_factor = 0.0f,  // dynamic: nothing dropped, on one rank or many
-                   .normalize = gating::renormalize::before_drops},
-          .hidden = 5,
-          .ffn = 7};
-}
-
 /// Every rank computes the reference itself (the same seed gives the same batch), runs its
 /// part over MPI, and checks its own rows and gradients; the gate gradient's partial sums are
 /// added over the ranks first.
@@ -82,15 +73,15 @@ TEST_CASE("expert parallelism over MPI: every rank's rows equal the one-rank lay
   // Two ranks per pretend node: with 4 ranks, 2DH runs both of its levels.
   mpi_communicator nodes(MPI_COMM_WORLD, {.ranks_per_node = 2});
   index_t const experts = 2 * flat.size();
-  check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(flat, small_args(experts),
-                                                                          seed);
-  check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(nodes, small_args(experts),
-                                                                       seed);
-  check_against_single_rank<1, layout::capacity, comm::all_to_all_2dh>(nodes, small_args(experts),
-                                                                       seed);
-  check_against_single_rank<2, layout::ragged, comm::linear_all_to_all>(flat, small_args(experts),
-                                                                        seed);
-  layer_args padded = small_args(experts);
+  check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(
+      flat, test::small_args(experts), seed);
+  check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(
+      nodes, test::small_args(experts), seed);
+  check_against_single_rank<1, layout::capacity, comm::all_to_all_2dh>(
+      nodes, test::small_args(experts), seed);
+  check_against_single_rank<2, layout::ragged, comm::linear_all_to_all>(
+      flat, test::small_args(experts), seed);
+  layer_args padded = test::small_args(experts);
   padded.expert_row_alignment = 4;
   check_against_single_rank<3, layout::ragged, comm::all_to_all_2dh>(nodes, padded, seed);
 }
@@ -100,6 +91,6 @@ TEST_CASE("expert parallelism over MPI: experts that do not split evenly are rej
   using parallel_t =
       moe::layer<gating::top_k<2>, layout::capacity, comm::linear_all_to_all, expert_t>;
   std::string const expected = "do not split evenly over " + std::to_string(comm.size()) + " ranks";
-  CHECK_THROWS_WITH_AS(parallel_t(small_args(comm.size() + 1), comm),
+  CHECK_THROWS_WITH_AS(parallel_t(test::small_args(comm.size() + 1), comm),
                        doctest::Contains(expected.c_str()), moe::invalid_argument);
 }
