@@ -4,6 +4,8 @@
 // make no host synchronisation, no allocation and no copy to the host, and can be captured
 // in a CUDA graph in global mode; with dynamic capacity, and with the ragged layout, each
 // makes exactly its one documented read-back. Nothing goes to the legacy default stream.
+// The same with expert parallelism over the virtual ranks of a device_simulated_world:
+// every rank makes the one-rank layer's synchronisations, and no more.
 
 #include "../support/device.hpp"
 #include "../support/graph.hpp"
@@ -20,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <barrier>
 #include <random>
 #include <string>
 #include <vector>
@@ -166,4 +169,78 @@ TEST_CASE("the ragged layout reads the expert batch back once per forward and pe
     CHECK(c.host_synchronizations == 1);
     CHECK(c.device_to_host_copies >= 1);
   }
+}
+
+namespace {
+
+/// Forward and backward of an expert-parallel layer on every rank of a two-rank world; the
+/// counters of all ranks together during forward and during backward (after a first call,
+/// and with every stream drained outside the counted steps).
+template <class Layout>
+std::array<counters, 2> count_expert_parallel(layer_args const& a, std::string const& what) {
+  using Layer = layer<gating::top_k<2>, Layout, comm::linear_all_to_all, expert_type>;
+  comm::device_simulated_world world({.ranks_per_node = 2, .nodes = 1});
+  std::barrier<> together(world.size());
+  std::array<counters, 3> snapshots;
+  world.run([&](comm::device_simulated_world::rank_communicator& c) {
+    test::owned_stream s;
+    blas_handle blas;
+    cuda_backend const cuda{s.stream, blas.get()};
+    Layer const layer(a, c);
+    device_parameters<Layer, float> w(layer, s.stream);
+    w.initialize(initializer::uniform(0.5), 11);
+    index_t const tokens = a.gate.tokens, hidden = a.hidden;
+    std::mt19937_64 rng(11 + static_cast<std::uint64_t>(c.rank()));
+    device_array<float> x(static_cast<std::size_t>(tokens * hidden)), y(x.size()), dy(x.size()),
+        dx(x.size());
+    for (auto* array : {&x, &dy})
+      array->upload(layer_call<Layout>::random_values(array->size(), rng), s.stream);
+    device_array<std::byte> ws(layer.template workspace_bytes<float>(cuda));
+    workspace const wsv{ws.data(), ws.size()};
+    auto forward = [&] {
+      layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, hidden),
+                    w.params(), make_view(y.data(), tokens, hidden), wsv);
+    };
+    auto backward = [&] {
+      layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, hidden),
+                     w.params(), make_view(dx.data(), tokens, hidden), w.gradients(), wsv);
+    };
+    // The snapshot between steps, taken by rank 0 while every rank waits.
+    auto snapshot = [&](std::size_t i) {
+      together.arrive_and_wait();
+      if (c.rank() == 0) snapshots[i] = emulation::read_counters();
+      together.arrive_and_wait();
+    };
+    forward();
+    backward();
+    MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+    snapshot(0);
+    forward();
+    snapshot(1);
+    backward();
+    snapshot(2);
+    MOE_CUDA_TRY(cudaStreamSynchronize(s.stream));
+  });
+  std::array<counters, 2> const c{snapshots[1] - snapshots[0], snapshots[2] - snapshots[1]};
+  report((what + ", 2 ranks, forward").c_str(), c[0]);
+  report((what + ", 2 ranks, backward").c_str(), c[1]);
+  for (counters const& pass : c) check_common(pass);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "expert parallelism: a fixed factor never synchronises; dynamic capacity and the "
+    "ragged layout read back once per call on each rank") {
+  for (counters const& c :
+       count_expert_parallel<layout::capacity>(args_with_factor(1.25f), "capacity, f = 1.25")) {
+    CHECK(c.host_synchronizations == 0);
+    CHECK(c.device_to_host_copies == 0);
+  }
+  for (counters const& c :
+       count_expert_parallel<layout::capacity>(args_with_factor(0.0f), "capacity, dynamic"))
+    CHECK(c.host_synchronizations == 2);  // one per rank
+  for (counters const& c : count_expert_parallel<layout::ragged>(args_with_factor(1.0f), "ragged"))
+    CHECK(c.host_synchronizations == 2);
 }

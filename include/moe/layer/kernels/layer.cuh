@@ -234,8 +234,8 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
     if constexpr (!Layout::drops_tokens)
       return expert::row_segments{{b.begin.data(), b.begin.size()}, {b.rows.data(), b.rows.size()}};
     else if constexpr (expert_parallel)
-      return expert::uniform_segments{.experts = l.expert_shape().experts,
-                                      .capacity = l.ranks() * b.capacity};
+      return expert::uniform_segments{
+          .experts = l.expert_shape().experts, .capacity = l.ranks() * b.capacity, .claimed = {}};
     else
       return expert::uniform_segments{.experts = l.args_.gate.experts,
                                       .capacity = b.capacity,
