@@ -5,8 +5,9 @@
 // every rank's y, dx, gate and expert gradients and routing statistics. Capacity layout with
 // a fixed factor (drops included) and dynamic capacity (factor 0: C the largest load of all
 // ranks), ragged layout with and without row padding, over linear_all_to_all and
-// all_to_all_2dh, at W = 2 and 4 in several topologies; and a composition that cannot split
-// its experts, rejected on every rank. Skipped (exit 77) without a CUDA device.
+// all_to_all_2dh, at W = 2 and 4 in several topologies; the same ranks against the one-rank
+// CUDA layer on the global batch, where nothing is dropped; and a composition that cannot
+// split its experts, rejected on every rank. Skipped (exit 77) without a CUDA device.
 //
 // x and W_gate lie on dyadic grids (support/exact_routing.hpp), so both backends route alike;
 // the host computes in double on the same float values. Tolerance: float 1e-5 relative to
@@ -173,6 +174,75 @@ std::vector<rank_results> run_on_device(topology t, layer_args const& a,
   return results;
 }
 
+/// The one-rank CUDA layer on the global batch (every rank's tokens, rank after rank): its y
+/// and dx, poisoned first.
+template <class Layout>
+rank_results run_whole_on_device(layer_args const& a, world_inputs<Layout> const& in) {
+  layer_args global = a;
+  global.gate.tokens = a.gate.tokens * static_cast<index_t>(in.x.size());
+  index_t const tokens = global.gate.tokens, h = a.hidden;
+  test::owned_stream s;
+  blas_handle blas;
+  cuda_backend const cuda{s.stream, blas.get()};
+  whole_layer<Layout> const layer(global);
+  device_parameters<whole_layer<Layout>, float> params(layer, s.stream, with_biases);
+  params.copy_from(in.params);
+  std::vector<float> all_x, all_dy;
+  for (std::size_t r = 0; r < in.x.size(); ++r) {
+    all_x.insert(all_x.end(), in.x[r].begin(), in.x[r].end());
+    all_dy.insert(all_dy.end(), in.dy[r].begin(), in.dy[r].end());
+  }
+  device_array<float> x(all_x.size()), dy(all_x.size()), y(all_x.size()), dx(all_x.size());
+  x.upload(all_x, s.stream);
+  dy.upload(all_dy, s.stream);
+  device_array<std::byte> ws(layer.template workspace_bytes<float>(cuda));
+  y.poison(s.stream);
+  dx.poison(s.stream);
+  ws.poison(s.stream);
+  workspace const w{ws.data(), ws.size()};
+  layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, h), params.params(),
+                make_view(y.data(), tokens, h), w);
+  layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, h), params.params(),
+                 make_view(dx.data(), tokens, h), params.gradients(), w);
+  rank_results out;
+  out.stats = layer.stats(cuda, w, tokens);
+  out.y = test::widen(y.download(s.stream));
+  out.dx = test::widen(dx.download(s.stream));
+  return out;
+}
+
+/// Every rank's y and dx against the one-rank CUDA layer's rows of its tokens, where neither
+/// drops (dynamic capacity, ragged). Each row meets the same expert weights and combine sums
+/// a token's choices in the same order; only the GEMMs' row counts differ. The emulated
+/// cuBLAS computes a row alike at any row count, so there the bits agree; a GPU's cuBLAS may
+/// pick another kernel for another count, so there they agree to 1e-5.
+template <class Layout, class Collective>
+void compare_with_one_rank(topology t, layer_args const& a) {
+  auto const seed = test::fresh_seed();
+  INFO("seed " << seed << ", " << t.ranks_per_node << " ranks per node, " << t.nodes << " nodes");
+  std::mt19937_64 rng(seed);
+  world_inputs<Layout> const in(a, t.size(), rng);
+  std::vector<rank_results> const got = run_on_device<Layout, Collective>(t, a, in);
+  rank_results const whole = run_whole_on_device(a, in);
+  CHECK(whole.stats.dropped == 0);
+  std::size_t const n = in.x.front().size();
+  for (std::size_t r = 0; r < got.size(); ++r) {
+    INFO("rank " << r);
+    CHECK(got[r].stats.dropped == 0);
+    auto rows_of = [&](std::vector<double> const& v) {
+      return std::vector<double>(v.begin() + static_cast<std::ptrdiff_t>(r * n),
+                                 v.begin() + static_cast<std::ptrdiff_t>((r + 1) * n));
+    };
+#if defined(MOE_CUDA_EMULATION)
+    CHECK(got[r].y == rows_of(whole.y));  // NaN (poison) equals nothing
+    CHECK(got[r].dx == rows_of(whole.dx));
+#else
+    test::expect_close(rows_of(whole.y), got[r].y, 1e-5, "y");
+    test::expect_close(rows_of(whole.dx), got[r].dx, 1e-5, "dx");
+#endif
+  }
+}
+
 /// The testbed: every rank's CUDA results against the host's.
 template <class Layout, class Collective>
 void compare_with_host(topology t, layer_args const& a) {
@@ -238,6 +308,16 @@ TEST_CASE("expert parallelism on the CUDA backend: the ragged layout matches the
     layer_args padded = base_args;
     padded.expert_row_alignment = 8;
     compare_with_host<layout::ragged, comm::all_to_all_2dh>(t, padded);
+  }
+}
+
+TEST_CASE(
+    "expert parallelism on the CUDA backend: W ranks give the one-rank CUDA layer's y and "
+    "dx") {
+  for (topology const t : topologies) {
+    compare_with_one_rank<layout::capacity, comm::linear_all_to_all>(t, with_factor(0.0f));
+    compare_with_one_rank<layout::capacity, comm::all_to_all_2dh>(t, with_factor(0.0f));
+    compare_with_one_rank<layout::ragged, comm::linear_all_to_all>(t, base_args);
   }
 }
 
