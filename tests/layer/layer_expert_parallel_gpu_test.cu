@@ -4,7 +4,8 @@
 // against the host backend's expert-parallel layer on a simulated_world, on the same inputs:
 // every rank's y, dx, gate and expert gradients and routing statistics. Capacity layout with
 // a fixed factor (drops included) and dynamic capacity (factor 0: C the largest load of all
-// ranks), ragged layout with and without row padding, over linear_all_to_all and
+// ranks), ragged layout with and without row padding and with a different number of tokens
+// on each rank, over linear_all_to_all and
 // all_to_all_2dh, at W = 2 and 4 in several topologies; the same ranks against the one-rank
 // CUDA layer on the global batch, where nothing is dropped; and a composition that cannot
 // split its experts, rejected on every rank. Skipped (exit 77) without a CUDA device.
@@ -31,6 +32,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,11 +54,13 @@ using whole_layer = layer<gating::top_k<2>, Layout, comm::single_rank, expert_ty
 parameter_options const with_biases{.biases = true};
 
 /// Every rank's inputs: the whole layer's parameters (all E experts; rank r holds experts
-/// [r·E_local, (r+1)·E_local) of them) and each rank's x and dy, in float.
+/// [r·E_local, (r+1)·E_local) of them) and each rank's x and dy, in float. With the capacity
+/// layout every rank routes the layer's tokens; the ragged layout lets rank r route 5·r fewer.
 template <class Layout>
 struct world_inputs {
   whole_layer<Layout> whole;
   host_parameters<whole_layer<Layout>, float> params;
+  std::vector<index_t> tokens;            // per rank
   std::vector<std::vector<float>> x, dy;  // per rank: (tokens, hidden)
 
   world_inputs(layer_args const& a, int ranks, std::mt19937_64& rng)
@@ -65,7 +69,8 @@ struct world_inputs {
       test::randomize(params.values(n), rng, 0.5);
     test::fill_gate(params.values(0), a.hidden, rng);
     for (int r = 0; r < ranks; ++r) {
-      x.emplace_back(static_cast<std::size_t>(a.gate.tokens * a.hidden));
+      tokens.push_back(Layout::drops_tokens ? a.gate.tokens : a.gate.tokens - 5 * r);
+      x.emplace_back(static_cast<std::size_t>(tokens.back() * a.hidden));
       dy.emplace_back(x.back().size());
       test::fill_x(x.back(), rng);
       test::randomize(span<float>(dy.back().data(), dy.back().size()), rng, 1.0);
@@ -109,10 +114,11 @@ std::vector<rank_results> run_on_host(topology t, layer_args const& a,
                                       world_inputs<Layout> const& in) {
   using Layer = parallel_layer<Layout, Collective>;
   std::vector<rank_results> results(static_cast<std::size_t>(t.size()));
-  index_t const tokens = a.gate.tokens, h = a.hidden;
+  index_t const h = a.hidden;
   simulated_world world(t);
   world.run([&](simulated_world::rank_communicator& c) {
     int const r = c.rank();
+    index_t const tokens = in.tokens[static_cast<std::size_t>(r)];
     Layer const layer(a, c);
     host_parameters<Layer, double> part(layer, with_biases);
     in.copy_part(r, part);
@@ -139,10 +145,11 @@ std::vector<rank_results> run_on_device(topology t, layer_args const& a,
                                         world_inputs<Layout> const& in) {
   using Layer = parallel_layer<Layout, Collective>;
   std::vector<rank_results> results(static_cast<std::size_t>(t.size()));
-  index_t const tokens = a.gate.tokens, h = a.hidden;
+  index_t const h = a.hidden;
   device_simulated_world world(t);
   world.run([&](device_simulated_world::rank_communicator& c) {
     int const r = c.rank();
+    index_t const tokens = in.tokens[static_cast<std::size_t>(r)];
     test::owned_stream s;
     blas_handle blas;
     cuda_backend const cuda{s.stream, blas.get()};
@@ -179,7 +186,7 @@ std::vector<rank_results> run_on_device(topology t, layer_args const& a,
 template <class Layout>
 rank_results run_whole_on_device(layer_args const& a, world_inputs<Layout> const& in) {
   layer_args global = a;
-  global.gate.tokens = a.gate.tokens * static_cast<index_t>(in.x.size());
+  global.gate.tokens = std::accumulate(in.tokens.begin(), in.tokens.end(), index_t{0});
   index_t const tokens = global.gate.tokens, h = a.hidden;
   test::owned_stream s;
   blas_handle blas;
@@ -225,13 +232,14 @@ void compare_with_one_rank(topology t, layer_args const& a) {
   std::vector<rank_results> const got = run_on_device<Layout, Collective>(t, a, in);
   rank_results const whole = run_whole_on_device(a, in);
   CHECK(whole.stats.dropped == 0);
-  std::size_t const n = in.x.front().size();
+  std::size_t first = 0;  // rank r's first element in the global batch
   for (std::size_t r = 0; r < got.size(); ++r) {
     INFO("rank " << r);
     CHECK(got[r].stats.dropped == 0);
+    std::size_t const n = in.x[r].size();
     auto rows_of = [&](std::vector<double> const& v) {
-      return std::vector<double>(v.begin() + static_cast<std::ptrdiff_t>(r * n),
-                                 v.begin() + static_cast<std::ptrdiff_t>((r + 1) * n));
+      return std::vector<double>(v.begin() + static_cast<std::ptrdiff_t>(first),
+                                 v.begin() + static_cast<std::ptrdiff_t>(first + n));
     };
 #if defined(MOE_CUDA_EMULATION)
     CHECK(got[r].y == rows_of(whole.y));  // NaN (poison) equals nothing
@@ -240,6 +248,7 @@ void compare_with_one_rank(topology t, layer_args const& a) {
     test::expect_close(rows_of(whole.y), got[r].y, 1e-5, "y");
     test::expect_close(rows_of(whole.dx), got[r].dx, 1e-5, "dx");
 #endif
+    first += n;
   }
 }
 
