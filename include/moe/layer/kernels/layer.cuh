@@ -19,9 +19,10 @@
 //   per expert and, with expert parallelism, the (W, E_local) rows it receives. The expert
 //   batch's segments and the all-to-allv's byte counts follow on the host, so the rows move
 //   with no further synchronisation.
-// Backward reads the same scalars back from the workspace once more (one synchronisation,
-// no communication): the layer keeps no host state between calls, so that one layer serves
-// any number of workspaces and threads.
+// Where forward reads back, backward reads the same values back from the workspace once more
+// (C, or the row counts: one synchronisation, no communication, nothing exchanged again):
+// the layer keeps no host state between calls, so that one layer serves any number of
+// workspaces and threads.
 //
 // With the capacity layout every rank must route as many tokens (a fixed factor sizes C from
 // them). The host backend checks this with an all-gather; this backend cannot without a
