@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The all-to-all collectives on the simulated world: the linear and the 2DH algorithms
 // give the direct result bit for bit over many (ranks per node, nodes) shapes, their
-// traces have the message structure of DESIGN §5, and all_to_allv moves variable chunks.
+// traces have the message structure of DESIGN §5, and all_to_allv moves variable chunks
+// (counts exchanged first, or known to every rank already).
 
 #include <moe/comm/all_to_all.hpp>
 #include <moe/comm/simulated_world.hpp>
@@ -258,6 +259,22 @@ TEST_CASE("all_to_allv: variable chunks arrive in rank order with their sizes") 
       CHECK(bytes(recvs[dst].begin(), recvs[dst].begin() + expected.size()) == expected);
       CHECK(recvs[dst][expected.size()] == std::byte{0xee});  // nothing written past the end
     }
+
+    // With the counts known both ways, `exchange` moves the same bytes and no count: one
+    // message per ordered pair of distinct ranks, of that pair's size.
+    std::vector<bytes> again(p, bytes(9 * p, std::byte{0xee}));
+    world.clear_trace();
+    world.run([&](simulated_world::rank_communicator& comm) {
+      auto const r = static_cast<std::size_t>(comm.rank());
+      moe::comm::all_to_allv::exchange(moe::host, comm, moe::span<std::byte const>(sends[r]),
+                                       moe::span<std::uint64_t const>(sizes[r]),
+                                       moe::span<std::byte>(again[r]),
+                                       moe::span<std::uint64_t const>(recv_sizes[r]));
+    });
+    CHECK(again == recvs);
+    auto const trace = world.trace();
+    CHECK(trace.size() == static_cast<std::size_t>(p * (p - 1)));
+    for (auto const& m : trace) CHECK(m.bytes == sizes[m.src][m.dst]);
   }
 }
 

@@ -4,6 +4,9 @@
 // make no host synchronisation, no allocation and no copy to the host, and can be captured
 // in a CUDA graph in global mode; with dynamic capacity, and with the ragged layout, each
 // makes exactly its one documented read-back. Nothing goes to the legacy default stream.
+// The same with expert parallelism over the virtual ranks of a device_simulated_world:
+// every rank makes the one-rank layer's synchronisations, and no more; with a fixed factor
+// its forward and backward capture in a graph (over one rank: see the test).
 
 #include "../support/device.hpp"
 #include "../support/graph.hpp"
@@ -20,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <barrier>
 #include <random>
 #include <string>
 #include <vector>
@@ -166,4 +170,115 @@ TEST_CASE("the ragged layout reads the expert batch back once per forward and pe
     CHECK(c.host_synchronizations == 1);
     CHECK(c.device_to_host_copies >= 1);
   }
+}
+
+namespace {
+
+/// One rank's expert-parallel layer with its parameters, input and workspace in device
+/// memory, on its own stream and cuBLAS handle.
+template <class Layout>
+struct expert_parallel_rank {
+  using layer_type = moe::layer<gating::top_k<2>, Layout, comm::linear_all_to_all, expert_type>;
+  test::owned_stream s;
+  blas_handle blas;
+  cuda_backend cuda{s.stream, blas.get()};
+  layer_type layer;
+  index_t tokens, hidden;
+  device_parameters<layer_type, float> w{layer, s.stream};
+  device_array<float> x, y, dy, dx;
+  device_array<std::byte> ws;
+
+  expert_parallel_rank(layer_args const& a, comm::device_simulated_world::rank_communicator& c)
+      : layer(a, c),
+        tokens(a.gate.tokens),
+        hidden(a.hidden),
+        x(static_cast<std::size_t>(a.gate.tokens * a.hidden)),
+        y(x.size()),
+        dy(x.size()),
+        dx(x.size()),
+        ws(layer.template workspace_bytes<float>(cuda)) {
+    w.initialize(initializer::uniform(0.5), 11);
+    std::mt19937_64 rng(11 + static_cast<std::uint64_t>(c.rank()));
+    for (auto* array : {&x, &dy})
+      array->upload(layer_call<Layout>::random_values(array->size(), rng), s.stream);
+  }
+
+  void forward() {
+    layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, hidden), w.params(),
+                  make_view(y.data(), tokens, hidden), workspace{ws.data(), ws.size()});
+  }
+  void backward() {
+    layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, hidden),
+                   w.params(), make_view(dx.data(), tokens, hidden), w.gradients(),
+                   workspace{ws.data(), ws.size()});
+  }
+};
+
+/// Forward and backward of an expert-parallel layer on every rank of a two-rank world; the
+/// counters of all ranks together during forward and during backward (after a first call,
+/// and with every stream drained outside the counted steps).
+template <class Layout>
+std::array<counters, 2> count_expert_parallel(layer_args const& a, std::string const& what) {
+  comm::device_simulated_world world({.ranks_per_node = 2, .nodes = 1});
+  std::barrier<> together(world.size());
+  std::array<counters, 3> snapshots;
+  world.run([&](comm::device_simulated_world::rank_communicator& c) {
+    expert_parallel_rank<Layout> rank(a, c);
+    // The snapshot between steps, taken by rank 0 while every rank waits.
+    auto snapshot = [&](std::size_t i) {
+      together.arrive_and_wait();
+      if (c.rank() == 0) snapshots[i] = emulation::read_counters();
+      together.arrive_and_wait();
+    };
+    rank.forward();
+    rank.backward();
+    MOE_CUDA_TRY(cudaStreamSynchronize(rank.s.stream));
+    snapshot(0);
+    rank.forward();
+    snapshot(1);
+    rank.backward();
+    snapshot(2);
+    MOE_CUDA_TRY(cudaStreamSynchronize(rank.s.stream));
+  });
+  std::array<counters, 2> const c{snapshots[1] - snapshots[0], snapshots[2] - snapshots[1]};
+  report((what + ", 2 ranks, forward").c_str(), c[0]);
+  report((what + ", 2 ranks, backward").c_str(), c[1]);
+  for (counters const& pass : c) check_common(pass);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "expert parallelism: a fixed factor never synchronises; dynamic capacity and the "
+    "ragged layout read back once per call on each rank") {
+  for (counters const& c :
+       count_expert_parallel<layout::capacity>(args_with_factor(1.25f), "capacity, f = 1.25")) {
+    CHECK(c.host_synchronizations == 0);
+    CHECK(c.device_to_host_copies == 0);
+  }
+  for (counters const& c :
+       count_expert_parallel<layout::capacity>(args_with_factor(0.0f), "capacity, dynamic"))
+    CHECK(c.host_synchronizations == 2);  // one per rank
+  for (counters const& c : count_expert_parallel<layout::ragged>(args_with_factor(1.0f), "ragged"))
+    CHECK(c.host_synchronizations == 2);
+}
+
+TEST_CASE("expert parallelism with a fixed factor captures in a CUDA graph in global mode") {
+  // A world of one rank: the exchanges are the same local copies and reorders, and no message
+  // crosses between captures (the simulated world's transport joins two ranks' streams, which
+  // two separate captures cannot; NCCL's calls are capturable).
+  comm::device_simulated_world world({.ranks_per_node = 1, .nodes = 1});
+  world.run([&](comm::device_simulated_world::rank_communicator& c) {
+    expert_parallel_rank<layout::capacity> rank(args_with_factor(1.25f), c);
+    rank.forward();  // set-up outside the capture
+    rank.backward();
+    test::captured_graph const graph(rank.s.stream, cudaStreamCaptureModeGlobal, [&] {
+      rank.forward();
+      rank.backward();
+    });
+    CHECK(graph.still_capturing());
+    REQUIRE(graph.ok());
+    CHECK(!graph.nodes().empty());
+  });
 }

@@ -5,7 +5,7 @@
 // rejected calls. Skipped (exit 77) without a CUDA device.
 //
 // Routing is discontinuous, so x and W_gate lie on dyadic grids (x = ±i/8, i = 1..8;
-// W_gate = ±m/2^(6+s), m = 1..64, s growing with H as in gating/router_gpu_test.cu): every
+// W_gate = ±m/2^(6+s), m = 1..64, s growing with H: support/exact_routing.hpp): every
 // logit is then exact in float, from float and bfloat16 operands alike, and both backends
 // select, slot and drop the same assignments. Expert weights and dy are continuous. The
 // host layer runs in double on the same (rounded) values. Tolerances: float 1e-5, bfloat16
@@ -14,6 +14,7 @@
 // default math mode; NVIDIA_TF32_OVERRIDE=1 would break it).
 
 #include "../support/device.hpp"
+#include "../support/exact_routing.hpp"
 #include "../support/expect.hpp"
 #include "../support/graph.hpp"
 #include "../support/parameters.hpp"
@@ -29,7 +30,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -46,6 +46,8 @@ using namespace moe;
 using test::all_poisoned;
 using test::device_array;
 using test::expect_close;
+using test::fill_gate;
+using test::fill_x;
 using test::same_bits;
 using test::widen;
 
@@ -87,24 +89,6 @@ std::string gradient_name(std::vector<parameter_shape> const& shapes, std::size_
 }
 
 // --- inputs ------------------------------------------------------------------------------
-
-/// ±i/8, i = 1..8: exact in every element type.
-template <class T>
-void fill_x(std::vector<T>& x, std::mt19937_64& rng) {
-  std::uniform_int_distribution<int> i(1, 8), sign(0, 1);
-  for (auto& v : x) v = from_accumulate<T>(static_cast<float>(sign(rng) ? i(rng) : -i(rng)) / 8);
-}
-
-/// ±m/2^(6+s), m = 1..64, s = max(0, ⌊log2(H)/2⌋ − 1): the logits stay O(1), and every
-/// product x·w and every partial sum of H of them is exact in float.
-template <class T>
-void fill_gate(span<T> w, index_t hidden, std::mt19937_64& rng) {
-  int const s =
-      std::max(0, static_cast<int>(std::bit_width(static_cast<std::uint64_t>(hidden)) - 1) / 2 - 1);
-  float const unit = std::ldexp(1.0f, -(6 + s));
-  std::uniform_int_distribution<int> m(1, 64), sign(0, 1);
-  for (auto& v : w) v = from_accumulate<T>(static_cast<float>(sign(rng) ? m(rng) : -m(rng)) * unit);
-}
 
 /// Makes the last expert lose every selection (with k < E): feature 0 of every token is 1,
 /// its gate weight +1/4 to every other expert and −1/4 to the last, and the other features'

@@ -14,7 +14,8 @@
 //     3. exchange with the same local index on the other nodes: M − 1 messages of S/M.
 //   It sends as many bytes over the network as the linear algorithm but in M − 1 instead of
 //   P − N messages, and its output equals the linear algorithm's bit for bit.
-// - `all_to_allv`: variable chunks; the byte counts are exchanged first.
+// - `all_to_allv`: variable chunks; the byte counts are exchanged first (`run`), or are
+//   known to every rank already (`exchange`).
 
 #include <moe/comm/concepts.hpp>
 #include <moe/comm/detail/copy.hpp>
@@ -195,11 +196,23 @@ struct all_to_allv {
     exchange_data(b, comm, send, send_bytes, recv, recv_bytes);
   }
 
+  /// Either backend, when every rank already knows the counts both ways (a caller that
+  /// exchanged them itself, as expert parallelism does with its rows per expert): no count
+  /// travels, and the CUDA backend never synchronises. `recv_bytes` must equal what the
+  /// peers pass as their `send_bytes` for this rank; both spans are host memory.
+  template <backend B, communicator C>
+  static void exchange(B b, C& comm, span<std::byte const> send,
+                       span<std::uint64_t const> send_bytes, span<std::byte> recv,
+                       span<std::uint64_t const> recv_bytes) {
+    check_counts(comm, send, send_bytes, recv, recv_bytes);
+    exchange_data(b, comm, send, send_bytes, recv, recv_bytes);
+  }
+
  private:
   template <communicator C>
   static void check_counts(C const& comm, span<std::byte const> send,
                            span<std::uint64_t const> send_bytes, span<std::byte> recv,
-                           span<std::uint64_t> recv_bytes) {
+                           span<std::uint64_t const> recv_bytes) {
     auto const p = static_cast<std::size_t>(comm.size());
     MOE_EXPECTS(
         send_bytes.size() == p, "send_bytes",

@@ -176,7 +176,7 @@ struct host_layer<layer<Gate, Layout, Collective, Expert>> {
     matrix_view<double> dx;            // (tokens, hidden)
     // Expert parallelism only:
     span<std::byte> exchange;                  // scratch of the all-to-alls
-    detail::ragged_exchange::plan plan;        // rows sent and received per (rank, expert)
+    span<std::int64_t> received;               // (ranks, local experts) rows each rank sends
     span<std::uint64_t> byte_counts;           // (2·ranks) all_to_allv's counts
     span<std::int64_t> gathered, gather_send;  // (ranks) each an all-gather's
   };
@@ -221,12 +221,10 @@ struct host_layer<layer<Gate, Layout, Collective, Expert>> {
       s.local_out = batch(max_local, local_rows);
       s.local_d_out = batch(max_local, local_rows);
       s.local_d_in = batch(max_local, local_rows);
-      std::size_t const largest = static_cast<std::size_t>(std::max(max_local, max_rows) * h);
-      std::size_t const exchange =
-          largest * sizeof(double) +
-          Collective::scratch_bytes(largest * sizeof(double), l.comm_->topology());
+      std::size_t const exchange = exchange_scratch_bytes<Collective>(
+          max_local, max_rows, static_cast<std::size_t>(h) * sizeof(double), l.comm_->topology());
       s.exchange = {carver.take<std::byte>(exchange), exchange};
-      s.plan = {integers(w * local_e), integers(w * local_e)};
+      s.received = integers(w * local_e);
       s.byte_counts = {carver.take<std::uint64_t>(2 * w), static_cast<std::size_t>(2 * w)};
       s.gathered = integers(w);
       s.gather_send = integers(w);
@@ -290,35 +288,34 @@ struct host_layer<layer<Gate, Layout, Collective, Expert>> {
       }
       return static_cast<index_t>(s.begin.size()) * per_expert;
     } else {
-      return detail::ragged_exchange::exchange_counts(
-          *l.comm_, s.local_rows, l.args_.expert_row_alignment, s.plan, s.begin, s.rows);
+      ragged_exchange::exchange_counts(host, *l.comm_, s.local_rows.data(), s.received.data(),
+                                       l.expert_shape().experts);
+      return ragged_exchange::lay_out_expert_batch(s.received, l.args_.expert_row_alignment,
+                                                   s.begin, s.rows);
     }
   }
 
   /// Moves local-batch rows to the ranks that own their experts (no-op on one rank).
   static void to_experts(layer_type const& l, host_state const& s, matrix_view<double const> local,
                          matrix_view<double> expert) {
-    if constexpr (!Collective::is_identity) {
-      if constexpr (Layout::drops_tokens)
-        detail::capacity_exchange<Collective>::to_experts(*l.comm_, s.routing.capacity, local,
-                                                          expert, s.exchange);
-      else
-        detail::ragged_exchange::to_experts(*l.comm_, s.plan, s.begin, local, expert, s.exchange,
-                                            s.byte_counts);
-    }
+    if constexpr (!Collective::is_identity)
+      layer_exchange<Layout, Collective>::to_experts(host, *l.comm_, exchange_of(s), local, expert);
   }
 
   /// The way back: expert-batch rows to the ranks their tokens live on.
   static void to_ranks(layer_type const& l, host_state const& s, matrix_view<double const> expert,
                        matrix_view<double> local) {
-    if constexpr (!Collective::is_identity) {
-      if constexpr (Layout::drops_tokens)
-        detail::capacity_exchange<Collective>::to_ranks(*l.comm_, s.routing.capacity, expert, local,
-                                                        s.exchange);
-      else
-        detail::ragged_exchange::to_ranks(*l.comm_, s.plan, s.begin, expert, local, s.exchange,
-                                          s.byte_counts);
-    }
+    if constexpr (!Collective::is_identity)
+      layer_exchange<Layout, Collective>::to_ranks(host, *l.comm_, exchange_of(s), expert, local);
+  }
+
+  /// What the exchanges of this call need (expert parallelism).
+  static typename layer_exchange<Layout, Collective>::call exchange_of(host_state const& s) {
+    return {.capacity = s.routing.capacity,
+            .plan = {s.local_rows, s.received},
+            .begin = s.begin,
+            .scratch = s.exchange,
+            .byte_counts = s.byte_counts};
   }
 
   /// The expert batch as the expert sees it.

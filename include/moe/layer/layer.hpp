@@ -44,7 +44,8 @@ namespace moe {
 /// An MoE layer.
 /// @tparam Gate       a gating policy (moe::gating::top_k<2>, moe::gating::top_any<>, …)
 /// @tparam Layout     a dispatch layout (moe::layout::capacity, moe::layout::ragged)
-/// @tparam Collective a collective (moe::comm::single_rank)
+/// @tparam Collective a collective (moe::comm::single_rank; with expert parallelism
+///                    moe::comm::linear_all_to_all or moe::comm::all_to_all_2dh)
 /// @tparam Expert     an expert (moe::expert::ffn<moe::act::gelu>, …)
 template <class Gate, class Layout, class Collective, class Expert>
 class layer {
@@ -84,7 +85,9 @@ class layer {
 
   /// A layer whose experts are split over the ranks of `comm` (expert parallelism): rank w
   /// holds experts [w·E/W, (w+1)·E/W), and its expert parameters are those E/W experts'.
-  /// Every rank builds its layer with the same arguments. `comm` is borrowed: it must
+  /// Every rank builds its layer with the same arguments, and calls forward and backward in
+  /// the same order (they communicate through `comm`, on either backend: on the CUDA one the
+  /// communicator's messages are enqueued on the call's stream). `comm` is borrowed: it must
   /// outlive the layer. Throws `moe::invalid_argument` when `can_implement(args)` fails or
   /// E is not a multiple of the world size.
   layer(layer_args const& args, comm::communicator_ref comm,
@@ -226,9 +229,15 @@ class layer {
   ///
   /// On the host, every view is host memory. On the CUDA backend every view is device memory
   /// and the work is enqueued on `cuda.stream` with `cuda.blas` for the GEMMs: the capacity
-  /// layout with a fixed capacity factor never synchronises (a CUDA graph can capture it);
-  /// dynamic capacity and the ragged layout read the expert batch's size on the host once
-  /// (one stream synchronisation each), because the expert GEMMs need it there.
+  /// layout with a fixed capacity factor never synchronises, on one rank or with expert
+  /// parallelism (a CUDA graph can capture it); dynamic capacity and the ragged layout read
+  /// the expert batch's size on the host once (one stream synchronisation each), because the
+  /// expert GEMMs need it there: dynamic capacity reads C (the maximum over the ranks, reduced
+  /// on the device), the ragged layout its rows per expert and, with expert parallelism, the
+  /// rows every rank sends it (exchanged on the device), from which the all-to-allv is sized
+  /// without another synchronisation. With expert parallelism and the capacity layout every
+  /// rank must pass as many tokens (the host backend checks it; the CUDA one cannot without
+  /// synchronising).
   /// @param[in]  x  (tokens, hidden), 1 ≤ tokens ≤ args().gate.tokens
   /// @param[in]  p  parameters
   /// @param[out] y  (tokens, hidden)
@@ -244,7 +253,9 @@ class layer {
 
   /// Backward, of the objective ⟨dy, y⟩ + the layer's losses, after `forward` in the same
   /// workspace (and on the CUDA backend the same stream): writes dx and every gradient (zero
-  /// for experts that received no token). Synchronises as the forward did.
+  /// for experts that received no token). Synchronises as the forward did: never with the
+  /// capacity layout and a fixed factor; otherwise once, reading back the forward's C or row
+  /// counts from the workspace (no count is exchanged again).
   /// @param[in]  dy (tokens, hidden), the same tokens as the forward call
   /// @param[out] dx (tokens, hidden)
   /// @param[out] g  gradients, overwritten
@@ -272,7 +283,9 @@ class layer {
 
   /// What the last forward call in `ws` decided (CUDA backend), in host memory. Synchronises
   /// `cuda.stream` and copies the call's scalars, load and assignments (tokens · k · 12
-  /// bytes, for the drops per expert) to the host: a report, not a per-step call.
+  /// bytes, for the drops per expert) to the host: a report, not a per-step call. With expert
+  /// parallelism the load and drops are this rank's tokens', the expert rows its expert
+  /// batch's (as on the host backend); it communicates nothing.
   [[nodiscard]] layer_stats stats(
       cuda_backend cuda, workspace ws, index_t tokens,
       std::source_location caller = std::source_location::current()) const {

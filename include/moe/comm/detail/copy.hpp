@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
-// Local byte moves of the collectives, on either backend: a plain copy and the reorder of a
-// grid of equal chunks (a transpose whose elements are chunks). Device moves are copies
-// enqueued on the caller's stream; no kernel is needed.
+// Local byte moves of the collectives, on either backend: a plain copy, zeroing, and the
+// reorder of a grid of equal chunks (a transpose whose elements are chunks). Device moves are
+// copies enqueued on the caller's stream; no kernel is needed.
 
 #include <moe/core/backend.hpp>
 #include <moe/core/error.hpp>
@@ -27,6 +27,14 @@ inline void copy_bytes(host_backend, std::byte* dst, std::byte const* src, std::
 
 inline void copy_bytes(cuda_backend b, std::byte* dst, std::byte const* src, std::size_t bytes) {
   if (bytes) MOE_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, b.stream));
+}
+
+inline void zero_bytes(host_backend, std::byte* dst, std::size_t bytes) {
+  if (bytes) std::memset(dst, 0, bytes);
+}
+
+inline void zero_bytes(cuda_backend b, std::byte* dst, std::size_t bytes) {
+  if (bytes) MOE_CUDA_TRY(cudaMemsetAsync(dst, 0, bytes, b.stream));
 }
 
 /// dst[c][r] = src[r][c] for a `rows` × `cols` grid of chunks of `chunk` bytes.
