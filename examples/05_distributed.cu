@@ -7,7 +7,8 @@
 // tokens, and the layer moves tokens to their experts' ranks and back with an all-to-all.
 // Forward and backward run once; rank 0 gathers every rank's outputs and input gradients
 // and prints one checksum of them, which is the same for every number of processes: the
-// split changes where the experts run, not what they compute.
+// split changes where the experts run, not what they compute. (On GPUs, cuBLAS may choose
+// other kernels for other batch shapes, and the last bits with them.)
 //
 //   mpirun -np N build/examples/05_distributed [--layout capacity|ragged]
 //          [--algorithm linear|2dh] [--backend host|cuda] [--ranks-per-node n] [--steps s]
@@ -28,6 +29,7 @@
 #include <moe/layer/kernels/layer.cuh>
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -143,11 +145,109 @@ void run_host(job const& j, options const& o, rank_batch& b) {
               static_cast<long long>(j.tokens), static_cast<long long>(s.capacity), per_step * 1e3);
 }
 
+#if defined(__CUDACC__) && defined(MOE_EXAMPLE_NCCL)
+/// A stream of this rank's own, destroyed at scope exit.
+struct owned_stream {
+  cudaStream_t get = nullptr;
+  owned_stream() { MOE_CUDA_TRY(cudaStreamCreateWithFlags(&get, cudaStreamNonBlocking)); }
+  owned_stream(owned_stream const&) = delete;
+  owned_stream& operator=(owned_stream const&) = delete;
+  ~owned_stream() { MOE_CUDA_TRY_LOG(cudaStreamDestroy(get)); }
+};
+
+/// Milliseconds of the work `work()` enqueues on `stream`, averaged over `repeats`.
+template <class Work>
+double milliseconds_of(cudaStream_t stream, int repeats, Work&& work) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  MOE_CUDA_TRY(cudaEventCreate(&start));
+  MOE_CUDA_TRY(cudaEventCreate(&stop));
+  MOE_CUDA_TRY(cudaEventRecord(start, stream));
+  for (int i = 0; i < repeats; ++i) work();
+  MOE_CUDA_TRY(cudaEventRecord(stop, stream));
+  MOE_CUDA_TRY(cudaEventSynchronize(stop));
+  float ms = 0;
+  MOE_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
+  MOE_CUDA_TRY(cudaEventDestroy(start));
+  MOE_CUDA_TRY(cudaEventDestroy(stop));
+  return static_cast<double>(ms) / repeats;
+}
+
+/// The CUDA backend over NCCL: each rank takes the GPU of its node-local rank, and MPI only
+/// shares NCCL's id (comm::make_nccl_comm).
+template <class Layout, class Collective>
+void run_cuda(job const& j, options const& o, rank_batch& b) {
+  using layer_t = moe::layer<gate_t, Layout, Collective, expert_t>;
+  moe::comm::mpi_node const node = moe::comm::mpi_node_of(MPI_COMM_WORLD);
+  int devices = 0;
+  MOE_CUDA_TRY(cudaGetDeviceCount(&devices));
+  MOE_CUDA_TRY(cudaSetDevice(node.local_rank % devices));
+  moe::comm::nccl_comm const nccl = moe::comm::make_nccl_comm(MPI_COMM_WORLD);
+  moe::comm::nccl_communicator comm(nccl.get(),
+                                    o.ranks_per_node > 0 ? o.ranks_per_node : node.ranks);
+  owned_stream stream;
+  moe::blas_handle blas;
+  moe::cuda_backend const cuda{stream.get, blas.get()};
+
+  layer_t layer(args_of(j), comm);
+  moe::device_parameters<layer_t, float> w(layer, stream.get, {.biases = true});
+  w.initialize(moe::initializer::torch_linear(), 2024);
+  std::size_t const bytes = b.x.size() * sizeof(float);
+  moe::device_buffer<> x(bytes, stream.get), dy(bytes, stream.get), y(bytes, stream.get),
+      dx(bytes, stream.get), ws(layer.template workspace_bytes<float>(cuda), stream.get);
+  auto floats = [&](moe::device_buffer<> const& buffer) {
+    return moe::make_view(reinterpret_cast<float*>(buffer.view().data()), j.tokens, hidden);
+  };
+  MOE_CUDA_TRY(cudaMemcpyAsync(floats(x).data_handle(), b.x.data(), bytes, cudaMemcpyHostToDevice,
+                               stream.get));
+  MOE_CUDA_TRY(cudaMemcpyAsync(floats(dy).data_handle(), b.dy.data(), bytes, cudaMemcpyHostToDevice,
+                               stream.get));
+  auto step = [&] {
+    layer.forward(cuda, moe::as_const(floats(x)), w.params(), floats(y), ws.view());
+    layer.backward(cuda, moe::as_const(floats(dy)), w.params(), floats(dx), w.gradients(),
+                   ws.view());
+  };
+  step();  // warm-up: NCCL connects its peers, cuBLAS loads its kernels
+  double const step_ms = milliseconds_of(stream.get, o.steps, step);
+  MOE_CUDA_TRY(cudaMemcpyAsync(b.y.data(), floats(y).data_handle(), bytes, cudaMemcpyDeviceToHost,
+                               stream.get));
+  MOE_CUDA_TRY(cudaMemcpyAsync(b.dx.data(), floats(dx).data_handle(), bytes, cudaMemcpyDeviceToHost,
+                               stream.get));
+
+  // The all-to-all alone, over a batch of the layer's dispatched size: [E, C, H] floats.
+  moe::layer_stats const s = layer.stats(cuda, ws.view(), j.tokens);
+  std::size_t const exchanged =
+      static_cast<std::size_t>(experts * std::max<moe::index_t>(s.capacity, 1) * hidden) *
+      sizeof(float);
+  moe::device_buffer<> send(exchanged, stream.get), received(exchanged, stream.get),
+      scratch(std::max<std::size_t>(Collective::scratch_bytes(exchanged, comm.topology()), 1),
+              stream.get);
+  MOE_CUDA_TRY(cudaMemsetAsync(send.view().data(), 1, exchanged, stream.get));
+  double const exchange_ms = milliseconds_of(stream.get, o.steps, [&] {
+    Collective::run(cuda, comm, moe::span<std::byte const>(send.view().data(), exchanged),
+                    moe::span<std::byte>(received.view().data(), exchanged),
+                    moe::span<std::byte>(scratch.view().data(), scratch.size()));
+  });
+  comm.check_async_error();
+  std::printf(
+      "rank %d: GPU %d, experts %lld..%lld, %lld tokens, capacity %lld, %.3f ms per step, "
+      "all-to-all of %zu bytes in %.3f ms (%.2f GB/s)\n",
+      j.rank, node.local_rank % devices, static_cast<long long>(layer.first_expert()),
+      static_cast<long long>(layer.first_expert() + layer.expert_shape().experts - 1),
+      static_cast<long long>(j.tokens), static_cast<long long>(s.capacity), step_ms, exchanged,
+      exchange_ms, static_cast<double>(exchanged) / (exchange_ms * 1e6));
+}
+#endif
+
 template <class Layout, class Collective>
 void run(job const& j, options const& o, rank_batch& b) {
   if (o.backend == "host") return run_host<Layout, Collective>(j, o, b);
+#if defined(__CUDACC__) && defined(MOE_EXAMPLE_NCCL)
+  run_cuda<Layout, Collective>(j, o, b);
+#else
   throw moe::error(
-      "--backend cuda: this build has no CUDA backend for the example (nvcc and NCCL)");
+      "--backend cuda: this build of the example has no CUDA backend (it needs "
+      "nvcc and NCCL); use --backend host");
+#endif
 }
 
 template <class Layout>
