@@ -9,14 +9,14 @@
 //
 // Each rank takes the GPU of its node-local rank. Every rank runs every iteration (a fixed
 // count, so that the ranks meet); an iteration's time is the slowest rank's, and rank 0
-// reports. `--ranks-per-node n` pretends the nodes hold n ranks (2DH's two levels on one
-// machine). Exits 0 with a message when some rank has no GPU.
+// reports (bench/support/mpi.hpp). `--ranks-per-node n` pretends the nodes hold n ranks
+// (2DH's two levels on one machine). Exits 0 with a message when some rank has no GPU.
 
 #include "../support/device.hpp"
 #include "../support/fixture.hpp"
+#include "../support/mpi.hpp"
 
 #include <moe/comm/all_to_all.hpp>
-#include <moe/comm/mpi_communicator.hpp>
 #include <moe/comm/nccl_bootstrap_mpi.hpp>
 #include <moe/comm/nccl_communicator.hpp>
 #include <moe/core/backend.hpp>
@@ -87,9 +87,7 @@ void all_to_all(benchmark::State& state, size_config const& config, rank_world& 
     MPI_Barrier(MPI_COMM_WORLD);
     timer.start();
     run();
-    double seconds = timer.stop();
-    MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    state.SetIterationTime(seconds);
+    state.SetIterationTime(moe::bench::slowest_over_ranks(timer.stop()));
   }
   world.comm.check_async_error();
   int const n = world.comm.size();
@@ -101,79 +99,28 @@ void all_to_all(benchmark::State& state, size_config const& config, rank_world& 
                                     counter::kIsIterationInvariantRate, counter::kIs1000);
 }
 
-/// Rank 0 reports; the others run the same iterations silently.
-class silent_reporter : public benchmark::BenchmarkReporter {
- public:
-  bool ReportContext(Context const&) override { return true; }
-  void ReportRuns(std::vector<Run> const&) override {}
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  int rank = 0, size = 1;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  // Only rank 0 writes --benchmark_out; the others drop it before Google Benchmark sees it.
-  int ranks_per_node = 0;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    std::string_view const arg = argv[i];
-    if (arg == "--ranks-per-node" && i + 1 < argc) {
-      ranks_per_node = std::atoi(argv[++i]);
-      continue;
-    }
-    if (rank != 0 && arg.starts_with("--benchmark_out")) continue;
-    args.push_back(argv[i]);
-  }
-  int count = static_cast<int>(args.size());
-  benchmark::Initialize(&count, args.data());
-
-  int devices = 0;
-  int has_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0 ? 1 : 0;
-  (void)cudaGetLastError();
-  MPI_Allreduce(MPI_IN_PLACE, &has_gpu, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  int status = 0;
-  if (!has_gpu) {
-    if (rank == 0) std::printf("all_to_all_mpi_bench: skipped, a rank has no CUDA device\n");
-  } else {
-    try {
-      moe::comm::mpi_node const node = moe::comm::mpi_node_of(MPI_COMM_WORLD);
-      MOE_CUDA_TRY(cudaSetDevice(node.local_rank % devices));
-      rank_world world(ranks_per_node > 0 ? ranks_per_node : node.ranks);
-      benchmark::AddCustomContext("ranks", std::to_string(size));
-      benchmark::AddCustomContext("ranks_per_node",
-                                  std::to_string(world.comm.topology().ranks_per_node));
-      for (auto const& config : sizes()) {
-        // A fixed count, the same on every rank: at least 5, about a second in all at 10 GB/s.
-        auto const iterations =
-            moe::bench::iterations_lasting(static_cast<double>(config.bytes) / 10e9 * 3, 100);
+  return moe::bench::mpi_cuda_benchmark_main(
+      argc, argv, "all_to_all_mpi_bench", [](moe::bench::mpi_rank const& me) {
+        rank_world world(me.ranks_per_node);
         auto family = [&world](auto collective) {
           return [&world](benchmark::State& state, size_config const& c) {
             all_to_all<decltype(collective)>(state, c, world);
           };
         };
-        for (auto* b : moe::bench::register_grid("linear_all_to_all", std::vector{config},
-                                                 family(moe::comm::linear_all_to_all{})))
-          b->Iterations(iterations);
-        for (auto* b : moe::bench::register_grid("all_to_all_2dh", std::vector{config},
-                                                 family(moe::comm::all_to_all_2dh{})))
-          b->Iterations(iterations);
-      }
-      if (rank == 0) {
-        benchmark::RunSpecifiedBenchmarks();
-      } else {
-        silent_reporter silent;
-        benchmark::RunSpecifiedBenchmarks(&silent);
-      }
-    } catch (moe::error const& e) {
-      std::fprintf(stderr, "all_to_all_mpi_bench (rank %d): %s\n", rank, e.what());
-      status = 1;
-    }
-  }
-  benchmark::Shutdown();
-  MPI_Allreduce(MPI_IN_PLACE, &status, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Finalize();
-  return status;
+        for (auto const& config : sizes()) {
+          // A fixed count, the same on every rank: at least 5, about a second at 10 GB/s.
+          auto const iterations =
+              moe::bench::iterations_lasting(static_cast<double>(config.bytes) / 10e9 * 3, 100);
+          for (auto* b : moe::bench::register_grid("linear_all_to_all", std::vector{config},
+                                                   family(moe::comm::linear_all_to_all{})))
+            b->Iterations(iterations);
+          for (auto* b : moe::bench::register_grid("all_to_all_2dh", std::vector{config},
+                                                   family(moe::comm::all_to_all_2dh{})))
+            b->Iterations(iterations);
+        }
+        moe::bench::run_benchmarks(me);
+      });
 }
