@@ -80,6 +80,12 @@ struct gate_args {
   /// weights are the unbiased s_e (aux-loss-free balancing, DeepSeek-V3). Update it between
   /// steps with `update_expert_bias` (losses.hpp).
   span<float const> expert_bias = {};
+  /// The tokens the capacity is sized for, in place of the call's T; 0 = the call's T. With
+  /// expert parallelism and a different T on each rank, the largest T over the ranks: every
+  /// rank then has the same C, so that the capacity layout's all-to-all moves equal blocks
+  /// (Tutel's `inequivalent_tokens`). At least the call's T, a multiple of the local groups.
+  /// moe::layer sets it itself, and takes 0 here.
+  index_t capacity_tokens = 0;
 };
 
 }  // namespace moe::gating

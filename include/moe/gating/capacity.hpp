@@ -27,6 +27,10 @@
 // double, as Python's floats (Megatron-Core's get_capacity, Tutel, GShard). The integer steps
 // saturate (core/checked.hpp): a capacity that does not fit index_t comes out as
 // `size_overflow`, which the layer rejects.
+//
+// The rules' S is that of `capacity_tokens` when set (expert parallelism with a different T
+// on each rank: the largest T, so that every rank has the same C), else the call's. At S = 0
+// (an empty call) they give tutel 0, gshard 4, deepspeed min_capacity, megatron 0, switch 4.
 
 #include <moe/core/checked.hpp>
 #include <moe/core/config.hpp>
@@ -39,6 +43,8 @@ namespace moe::gating {
 /// What capacity depends on, apart from the loads.
 struct capacity_args {
   index_t tokens = 0;  ///< T of the call, all groups together
+  /// T the rule sizes C for (gate_args::capacity_tokens), at least `tokens`; 0 = `tokens`.
+  index_t capacity_tokens = 0;
   index_t experts = 0;
   int k = 0;
   double factor = 1.0;  ///< f of the call (the training or the evaluation factor)
@@ -94,16 +100,23 @@ MOE_HOST_DEVICE constexpr index_t max_index(index_t a, index_t b) noexcept {
 
 }  // namespace detail
 
-/// S: the tokens of one local group.
+/// S: the tokens of one local group of the call.
 MOE_HOST_DEVICE constexpr index_t group_tokens(capacity_args const& a) noexcept {
   return a.groups > 1 ? a.tokens / a.groups : a.tokens;
+}
+
+/// The S the rule sizes C for: that of `capacity_tokens` when set, else the call's. It also
+/// bounds every group's load over the ranks that size for it.
+MOE_HOST_DEVICE constexpr index_t sized_group_tokens(capacity_args const& a) noexcept {
+  index_t const t = a.capacity_tokens > 0 ? a.capacity_tokens : a.tokens;
+  return a.groups > 1 ? t / a.groups : t;
 }
 
 /// The per-group capacity a factor of magnitude |f| gives under `a.rounding`, before the
 /// alignment (0 for dropless, which has none). Tutel's: k · ⌊|f| · ⌈S/E⌉⌋.
 MOE_HOST_DEVICE constexpr index_t factor_capacity(capacity_args const& a) noexcept {
   double const f = a.factor < 0 ? -a.factor : a.factor;
-  index_t const s = group_tokens(a), e = a.experts > 0 ? a.experts : 1;
+  index_t const s = sized_group_tokens(a), e = a.experts > 0 ? a.experts : 1;
   auto const k = static_cast<index_t>(a.k);
   switch (a.rounding) {
     case capacity_rounding::tutel:
@@ -166,7 +179,8 @@ MOE_HOST_DEVICE constexpr index_t resolve_capacity(capacity_args const& a,
 /// An upper bound of the capacity over all routings of up to `a.tokens` tokens, for sizing
 /// buffers: an expert receives each token at most once, so no group's load exceeds S.
 MOE_HOST_DEVICE constexpr index_t capacity_bound(capacity_args const& a) noexcept {
-  return is_dynamic_capacity(a) ? resolve_capacity(a, group_tokens(a)) : resolve_capacity(a, 0);
+  return is_dynamic_capacity(a) ? resolve_capacity(a, sized_group_tokens(a))
+                                : resolve_capacity(a, 0);
 }
 
 /// The capacity arguments of a call of `tokens` tokens with gate arguments `args`, k experts
@@ -175,6 +189,7 @@ MOE_HOST_DEVICE constexpr capacity_args capacity_args_of(gate_args const& args, 
                                                          capacity_rounding rounding,
                                                          index_t tokens) noexcept {
   return {.tokens = tokens,
+          .capacity_tokens = args.capacity_tokens,
           .experts = args.experts,
           .k = k,
           .factor = args.training ? args.capacity_factor : args.eval_capacity_factor,

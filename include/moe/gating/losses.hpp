@@ -16,6 +16,9 @@
 //                  "seq_aux_loss"): switch_aux of each local group (a sequence), averaged
 //   z_loss       = mean_t (logsumexp_e l_{t,e})²              (ST-MoE)
 //
+// An empty call (T = 0: a rank with no tokens under expert parallelism) has every loss 0,
+// and no gradient: a mean over no token is taken as 0, never 0/0.
+//
 // Gradients: ∂/∂p_{t,e} = E · f_{g,e} / (G' · S'), f the fraction the loss multiplies me by
 // (ce, or count / (k·S')), S' the tokens it averages over, G' the groups (1 for switch_aux);
 // then through p = s / Σ s where the scores do not sum to one.
@@ -61,7 +64,8 @@ struct sequence_aux {
 static_assert(aux_loss_policy<sequence_aux>);
 static_assert(!aux_loss_policy<int> && !aux_loss_policy<softmax>);
 
-/// me and ce of the GShard aux loss, over the tokens of one call (host memory).
+/// me and ce of the GShard aux loss, over the tokens of one call (host memory); all 0 over
+/// an empty call (a mean over no token is taken as 0, so that its loss is 0, not 0/0).
 /// @param[in]  scores (tokens, experts)
 /// @param[in]  expert (tokens, k)  column 0 is each token's 1st choice
 /// @param[out] mean_score, first_choice_fraction (experts)
@@ -74,6 +78,7 @@ inline void gshard_aux_terms(matrix_view<double const> scores,
     for (index_t e = 0; e < experts; ++e) mean_score[e] += scores(t, e);
     first_choice_fraction[expert(t, 0)] += 1;
   }
+  if (tokens == 0) return;
   for (index_t e = 0; e < experts; ++e) {
     mean_score[e] /= static_cast<double>(tokens);
     first_choice_fraction[e] /= static_cast<double>(tokens);

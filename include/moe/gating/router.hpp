@@ -57,15 +57,25 @@
 
 namespace moe::gating {
 
-/// What the T of one call (x's rows) must be under `args`: at least 1 and a multiple of the
-/// local groups. The router and every entry point that takes x run this one check.
+/// What the T of one call (x's rows) must be under `args`: a multiple of the local groups
+/// (0 is one: an empty call routes nothing, and its losses are 0); and `args.capacity_tokens`,
+/// when set, at least T and a multiple of the local groups too. The router and every entry
+/// point that takes x run this one check.
 inline status check_call_tokens(gate_args const& args, index_t tokens, char const* argument = "x") {
-  if (tokens < 1) return status::failure(argument, "has no tokens");
-  if (args.groups > 1 && tokens % args.groups != 0)
-    return status::failure(argument, "has " + std::to_string(tokens) +
-                                         " tokens, not a multiple of the " +
-                                         std::to_string(args.groups) + " local groups");
-  return {};
+  auto const split_into_groups = [&](index_t n, char const* name, char const* verb) {
+    if (args.groups > 1 && n % args.groups != 0)
+      return status::failure(name, std::string(verb) + std::to_string(n) +
+                                       " tokens, not a multiple of the " +
+                                       std::to_string(args.groups) + " local groups");
+    return status{};
+  };
+  if (auto s = split_into_groups(tokens, argument, "has "); !s) return s;
+  if (args.capacity_tokens == 0) return {};
+  if (args.capacity_tokens < tokens)
+    return status::failure("capacity_tokens", "is " + std::to_string(args.capacity_tokens) +
+                                                  ", fewer than the call's " +
+                                                  std::to_string(tokens) + " tokens");
+  return split_into_groups(args.capacity_tokens, "capacity_tokens", "is ");
 }
 
 /// The values of `args.expert_bias`, host memory on the host backend: all finite. The

@@ -12,7 +12,10 @@
 //
 // Capacity layout: the local batch is [E, C, H]; the all-to-all (any collective) delivers
 // [W, E_local, C, H], which a reorder makes [E_local, W·C, H]: Tutel's flexible layout, so
-// the expert's shapes do not depend on W. Ragged layout: per-expert row counts are
+// the expert's shapes do not depend on W. C is the same on every rank (on the host backend
+// sized for the largest T over them, host_layer.hpp), so the blocks agree whatever each
+// rank's T: a rank with fewer tokens, or none, sends its unused slots as zero rows, and with
+// C = 0 the empty blocks are still exchanged. Ragged layout: per-expert row counts are
 // exchanged first (on the backend's memory), the expert batch is laid out from them on the
 // host, then the rows move by all_to_allv with byte counts every rank already knows; the
 // expert batch's segments are padded to the row alignment, padding rows zero. The way back

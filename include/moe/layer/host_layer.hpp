@@ -85,9 +85,10 @@ struct host_layer<layer<Gate, Layout, Collective, Expert>> {
     index_t const tokens = x.extent(0);
     workspace_carver carver(ws);
     auto state = carve(l, carver, tokens, l.max_local_rows(), l.max_expert_rows());
-    check_tokens_agree(l, state, tokens);
+    gating::gate_args gate = sizes::gate_args_of(l.args_);
+    gate.capacity_tokens = capacity_tokens_of(l, state, tokens);
     gating::routing_summary const summary =
-        gating::route(host, Gate{}, sizes::gate_args_of(l.args_), x, p.gate_weight, state.routing,
+        gating::route(host, Gate{}, gate, x, p.gate_weight, state.routing,
                       [&](index_t load) { return max_over_ranks(l, state, load); });
     index_t const local_rows = lay_out_local_batch(l, state, summary.capacity);
     index_t const expert_rows = lay_out_expert_batch(l, state, summary.capacity, local_rows);
@@ -238,26 +239,25 @@ struct host_layer<layer<Gate, Layout, Collective, Expert>> {
     return *carver.take<forward_header>(1);
   }
 
-  /// With a capacity the all-to-all moves equal blocks, so every rank must route the same
-  /// number of tokens; all ranks see the same gathered counts and throw alike.
-  static void check_tokens_agree(layer_type const& l, host_state const& s, index_t tokens) {
-    if constexpr (!Collective::is_identity && Layout::drops_tokens) {
-      detail::all_gather(*l.comm_, tokens, s.gathered, s.gather_send);
-      for (std::size_t w = 0; w < s.gathered.size(); ++w)
-        MOE_EXPECTS(s.gathered[w] == tokens, "x",
-                    "has " + std::to_string(tokens) + " tokens on rank " +
-                        std::to_string(l.comm_->rank()) + " but " + std::to_string(s.gathered[w]) +
-                        " on rank " + std::to_string(w) +
-                        ": with the capacity layout every rank routes as many tokens");
-    }
+  /// The tokens the capacity is sized for (gate_args::capacity_tokens). With the capacity
+  /// layout over several ranks, the largest T over them: the all-to-all moves equal [E, C, H]
+  /// blocks, so every rank needs the same C whatever its own T (Tutel's inequivalent_tokens).
+  /// Every rank gathers, an empty one too, so the collectives stay in step. Elsewhere 0, the
+  /// call's own T (the ragged layout routes with dynamic capacity and exchanges counts).
+  static index_t capacity_tokens_of(layer_type const& l, host_state const& s, index_t tokens) {
+    if constexpr (!Collective::is_identity && Layout::drops_tokens)
+      return max_over_ranks(l, s, tokens);
+    else
+      return 0;
   }
 
-  /// The largest load over the ranks, for dynamic capacity (Tutel's all-reduce MAX).
-  static index_t max_over_ranks(layer_type const& l, host_state const& s, index_t load) {
+  /// The largest `value` over the ranks: a load, for dynamic capacity (Tutel's all-reduce
+  /// MAX), or a token count.
+  static index_t max_over_ranks(layer_type const& l, host_state const& s, index_t value) {
     if constexpr (Collective::is_identity) {
-      return load;
+      return value;
     } else {
-      detail::all_gather(*l.comm_, load, s.gathered, s.gather_send);
+      detail::all_gather(*l.comm_, value, s.gathered, s.gather_send);
       return *std::max_element(s.gathered.begin(), s.gathered.end());
     }
   }

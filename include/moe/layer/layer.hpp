@@ -111,6 +111,11 @@ class layer {
     if (args.gate.tokens < 1)
       return status::failure("tokens",
                              "must be at least 1, got " + std::to_string(args.gate.tokens));
+    if (args.gate.capacity_tokens != 0)
+      return status::failure("capacity_tokens",
+                             "is the layer's to set per call (the largest T over the ranks); "
+                             "leave it 0, got " +
+                                 std::to_string(args.gate.capacity_tokens));
     if (args.hidden < 1)
       return status::failure("hidden", "must be at least 1, got " + std::to_string(args.hidden));
     if (args.ffn < 1)
@@ -170,7 +175,8 @@ class layer {
   [[nodiscard]] index_t first_expert() const noexcept { return rank_ * expert_shape().experts; }
 
   /// Checks a forward call, as forward does before any work, and writes nothing: x's tokens
-  /// (1 to args().gate.tokens, a multiple of the local groups), the views' extents, the
+  /// (0 to args().gate.tokens, a multiple of the local groups; at least 1 on the CUDA
+  /// backend for now), the views' extents, the
   /// workspace's size, and on the host the values of `gate.expert_bias` (host memory there);
   /// on the CUDA backend a cuBLAS handle (its workspace size needs <moe/layer/kernels/layer.cuh>).
   template <element T, class Backend>
@@ -181,6 +187,7 @@ class layer {
     if (auto s = check_backend(on); !s) return s;
     if constexpr (std::is_same_v<Backend, host_backend>)
       if (auto s = gating::check_host_expert_bias(gate_args_of(args_)); !s) return s;
+    if (auto s = check_backend_tokens(on, x.extent(0), "x"); !s) return s;
     if (auto s = check_call(x, "x", y, "y", p); !s) return s;
     return check_workspace<T>(on, ws);
   }
@@ -205,6 +212,7 @@ class layer {
                                          " tokens; the forward call had " +
                                          std::to_string(h.forward_tokens));
     }
+    if (auto s = check_backend_tokens(on, dy.extent(0), "dy"); !s) return s;
     if (auto s = check_call(dy, "dy", dx, "dx", p); !s) return s;
     return check_params(g, "gradients");
   }
@@ -235,10 +243,17 @@ class layer {
   /// expert GEMMs need it there: dynamic capacity reads C (the maximum over the ranks, reduced
   /// on the device), the ragged layout its rows per expert and, with expert parallelism, the
   /// rows every rank sends it (exchanged on the device), from which the all-to-allv is sized
-  /// without another synchronisation. With expert parallelism and the capacity layout every
-  /// rank must pass as many tokens (the host backend checks it; the CUDA one cannot without
-  /// synchronising).
-  /// @param[in]  x  (tokens, hidden), 1 ≤ tokens ≤ args().gate.tokens
+  /// without another synchronisation.
+  ///
+  /// A call may have no tokens (0 ≤ tokens ≤ args().gate.tokens; the CUDA backend takes at
+  /// least 1 for now): y is then empty, and with expert parallelism the rank still computes
+  /// the rows the others send its experts, issuing every collective they issue. With the
+  /// capacity layout over several ranks, T may differ between the ranks on the host backend:
+  /// C is sized for the largest T (gathered over the ranks; Tutel's `inequivalent_tokens`), so
+  /// every rank sends blocks of one size, and a rank with fewer tokens leaves its unused slots
+  /// zero. The CUDA backend needs as many tokens on every rank there (it would have to
+  /// synchronise to learn the largest T, and cannot check it without synchronising).
+  /// @param[in]  x  (tokens, hidden), 0 ≤ tokens ≤ args().gate.tokens
   /// @param[in]  p  parameters
   /// @param[out] y  (tokens, hidden)
   /// @param[in,out] ws workspace of `workspace_bytes` bytes; keeps what backward needs
@@ -255,7 +270,9 @@ class layer {
   /// workspace (and on the CUDA backend the same stream): writes dx and every gradient (zero
   /// for experts that received no token). Synchronises as the forward did: never with the
   /// capacity layout and a fixed factor; otherwise once, reading back the forward's C or row
-  /// counts from the workspace (no count is exchanged again).
+  /// counts from the workspace (no count is exchanged again). After an empty call dx is
+  /// empty, the gate weight's gradient zero (an empty call has no loss), and the expert
+  /// gradients those of the rows this rank's experts received from the others.
   /// @param[in]  dy (tokens, hidden), the same tokens as the forward call
   /// @param[out] dx (tokens, hidden)
   /// @param[out] g  gradients, overwritten
@@ -355,15 +372,29 @@ class layer {
     return {};
   }
 
-  /// The checks every call shares: the tokens of `in` (1 to the layer's, a multiple of the
+  /// What a call's tokens must be on `on`, beyond check_call's: at least 1 on the CUDA
+  /// backend, whose router and expert kernels do not yet take an empty call.
+  [[nodiscard]] static status check_backend_tokens(host_backend, index_t, char const*) noexcept {
+    return {};
+  }
+  [[nodiscard]] static status check_backend_tokens(cuda_backend, index_t tokens,
+                                                   char const* name) noexcept {
+    if (tokens < 1)
+      return status::failure(name,
+                             "has no tokens: the CUDA backend takes at least 1 per call "
+                             "for now (the host backend takes an empty call)");
+    return {};
+  }
+
+  /// The checks every call shares: the tokens of `in` (0 to the layer's, a multiple of the
   /// local groups), `in`'s and `out`'s extents, the parameters'.
   template <element T>
   [[nodiscard]] status check_call(matrix_view<T const> in, char const* in_name, matrix_view<T> out,
                                   char const* out_name, params<T> const& p) const {
     index_t const tokens = in.extent(0);
-    if (tokens < 1 || tokens > args_.gate.tokens)
+    if (tokens < 0 || tokens > args_.gate.tokens)
       return status::failure(in_name, "has " + std::to_string(tokens) +
-                                          " tokens; the layer takes 1 to " +
+                                          " tokens; the layer takes 0 to " +
                                           std::to_string(args_.gate.tokens));
     if (auto s = gating::check_call_tokens(gate_args_of(args_), tokens, in_name); !s) return s;
     if (auto s = check_extents(in, in_name, {tokens, args_.hidden}); !s) return s;

@@ -105,12 +105,17 @@ status check_scratch(workspace scratch, Carve&& carve) noexcept {
 }
 
 /// What `route` and `route_backward` check of a call before any work: T = x's rows (as every
-/// entry point that takes x, check_call_tokens; within what slot assignment sorts), W_gate's
-/// extents, and the routing state `r` carved for T, E, k and the local groups.
+/// entry point that takes x, check_call_tokens; at least 1, as the host's empty call is not
+/// yet the device kernels'; within what slot assignment sorts), W_gate's extents, and the
+/// routing state `r` carved for T, E, k and the local groups.
 template <class T>
 status check_routing_call(gate_args const& args, int k, matrix_view<T const> x,
                           matrix_view<T const> w_gate, device_routing const& r) {
   index_t const tokens = x.extent(0), experts = args.experts;
+  if (tokens < 1)
+    return status::failure("x",
+                           "has no tokens: the CUDA router takes at least 1 per call for "
+                           "now (the host router takes an empty call)");
   if (auto s = check_call_tokens(args, tokens); !s) return s;
   if (auto s = check_slot_sizes(tokens, k, experts, args.groups); !s) return s;
   for (status s :

@@ -31,12 +31,14 @@ namespace moe::gating::detail {
 
 /// The aux loss of routing `r` and, when `d_scores_of` is given, its gradient: for each
 /// token t, `d_scores_of(t, g)` receives g = ∂loss/∂p_{t,·} (experts) to map into the
-/// scores. Groups of the loss: G local groups when Aux averages per group, else one.
+/// scores. Groups of the loss: G local groups when Aux averages per group, else one. An
+/// empty call's loss is 0 (losses.hpp).
 template <class Score, class Aux, class DScores>
 double aux_loss(host_routing const& r, index_t local_groups, DScores&& d_scores_of) {
   index_t const tokens = r.tokens(), experts = r.experts();
   int const k = r.k();
   index_t const groups = Aux::per_group ? local_groups : 1, size = tokens / groups;
+  if (size == 0) return 0;
   int const counted = Aux::first_choice_only ? 1 : k;
   auto const e_count = static_cast<std::size_t>(experts);
   span<double> const mean = r.scratch.first(e_count);
@@ -249,7 +251,8 @@ double route_losses(index_t groups, host_routing& r) {
       (void)aux_probabilities<Score>(row_of(r.scores, t), p);
       for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] += p[e];
     }
-    for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] /= static_cast<double>(tokens);
+    for (std::size_t e = 0; e < e_count; ++e)
+      if (tokens > 0) r.mean_score[e] /= static_cast<double>(tokens);
   }
   return aux_loss<Score, Aux>(r, groups, nullptr);
 }

@@ -25,9 +25,10 @@
 // workspaces and threads.
 //
 // With the capacity layout every rank must route as many tokens (a fixed factor sizes C from
-// them). The host backend checks this with an all-gather; this backend cannot without a
-// synchronisation, so it is the caller's promise (a simulated world reports the unequal
-// messages that break it).
+// them). The host backend sizes C for the largest T over the ranks, learnt by an all-gather;
+// this backend cannot learn it without a synchronisation, so equal T is the caller's promise
+// (a simulated world reports the unequal messages that break it). An empty call is the host
+// backend's only, for now (layer.hpp rejects it here).
 //
 // The workspace is carved the same way by forward, backward and `stats`, from the layer's
 // arguments and the call's token count alone, so backward finds what forward left there.
