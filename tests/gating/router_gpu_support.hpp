@@ -235,6 +235,7 @@ struct case_config {
   /// b of W_gate's grid (fill_w); 0: 6, or the finest grid T and H keep exact (at most 12)
   /// when the priority orders by weight
   int w_bits = 0;
+  index_t capacity_tokens = 0;  ///< gate_args::capacity_tokens: T the capacity is sized for
 };
 
 /// The finest grid of W_gate (fill_w's b) that keeps m exact in T and the logits in float.
@@ -524,7 +525,8 @@ gating::routing_summary compare_with_host(cuda_context& cuda, G const& gate, cas
                          .scaling_factor = c.scaling,
                          .jitter = c.jitter,
                          .jitter_on = c.jitter_on,
-                         .gate_noise = c.gate_noise};
+                         .gate_noise = c.gate_noise,
+                         .capacity_tokens = c.capacity_tokens};
   REQUIRE(gate.k(args) == k);
 
   host_tensor<T> x(T_ * H), w(H * E), dx0(T_ * H);

@@ -162,6 +162,11 @@ TEST_CASE("CUDA route matches the host under other capacity rules, scaling and e
       cuda, fixed_t{}, {.tokens = 128, .experts = 64, .hidden = 8, .k = 8, .factor = 0.25f});
   using dropless_t = gating::with<gating::top_k<2>, gating::dropless>;
   compare_with_host<dropless_t, float>(cuda, dropless_t{}, c);
+  // Sized for more tokens than the call's (expert parallelism with a different T per rank):
+  // the capacity of 800 tokens, 100 slots where the call's 500 would give 64.
+  case_config sized = c;
+  sized.capacity_tokens = 800;
+  compare_with_host<gating::top_k<2>, float>(cuda, gating::top_k<2>{}, sized);
   // Evaluation: the evaluation factor, which overflows here.
   case_config eval = c;
   eval.training = false;
@@ -312,6 +317,11 @@ TEST_CASE("CUDA route and route_backward reject bad arguments and write nothing"
   CHECK(gating::can_implement(cuda.backend(), gate, args, x_dev.cview(T_ - 1, H), w_view, r,
                               scratch.view())
             .argument() == "r.logits");
+  // An empty call: the host router takes it, the CUDA one not yet, and says so.
+  status const empty = gating::can_implement(cuda.backend(), gate, args, x_dev.cview(0, H), w_view,
+                                             r, scratch.view());
+  CHECK(empty.argument() == "x");
+  CHECK(empty.message().find("CUDA router") != std::string::npos);
   gating::gate_args too_many = args;
   too_many.k = 9;  // k > E
   rejects(cuda.backend(), too_many, w_view, r, scratch.view(), "k");

@@ -615,6 +615,7 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
     };
     test::expect_rejected(forward(cuda, cx(tokens, h + 1), p, tokens, h, good_ws), "x");
     test::expect_rejected(forward(cuda, cx(tokens + 1, h), p, tokens + 1, h, good_ws), "x");
+    test::expect_rejected(forward(cuda, cx(0, h), p, 0, h, good_ws), "x");  // no tokens
     test::expect_rejected(forward(cuda, cx(tokens, h), p, tokens - 1, h, good_ws), "y");
     test::expect_rejected(forward(cuda, cx(tokens, h), p, tokens, h + 1, good_ws), "y");
     auto bad_gate = p;
@@ -674,6 +675,11 @@ TEST_CASE("rejected CUDA calls throw invalid_argument and leave every output unt
               .argument() == "ws");
     CHECK(layer.can_implement(no_blas, cx(tokens, h), p, yv(tokens, h), good_ws).argument() ==
           "cuda.blas");
+    // An empty call: the host backend takes it, the CUDA one not yet, and says so.
+    status const empty = layer.can_implement(cuda, cx(0, h), p, yv(0, h), good_ws);
+    CHECK(empty.argument() == "x");
+    CHECK(empty.message().find("CUDA backend") != std::string::npos);
+    CHECK(layer.can_implement(cuda, cdy(0, h), p, dxv(0, h), g, good_ws).argument() == "dy");
     CHECK(layer.can_implement(cuda, cdy(tokens, h), p, dxv(tokens, h), g, good_ws).ok());
     CHECK(layer.can_implement(cuda, cdy(tokens, h), p, dxv(tokens, h - 1), g, good_ws).argument() ==
           "dx");

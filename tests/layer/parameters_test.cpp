@@ -89,7 +89,7 @@ TEST_CASE("host_parameters: views over owned memory, zero gradients, seeded init
     CHECK(std::all_of(w.values(i).begin(), w.values(i).end(), [](double v) { return v == 0; }));
   CHECK(l.can_implement<double>(host, make_view(static_cast<double const*>(nullptr), 0, 6),
                                 w.params(), make_view(static_cast<double*>(nullptr), 0, 6), {})
-            .argument() == "x");  // the parameters pass; the empty x is what is rejected
+            .argument() == "ws");  // the parameters and the empty call pass; no workspace
 
   SUBCASE("torch_linear: U(−1/√fan_in, 1/√fan_in), biases too, spread over the interval") {
     w.initialize(initializer::torch_linear(), 7);

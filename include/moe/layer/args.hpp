@@ -63,7 +63,8 @@ struct layer_params {
 };
 
 /// What one forward call decided, read back with `layer::stats`, in host memory on either
-/// backend. Printable: `std::cout << stats` (or `to_string(stats)`) gives one line.
+/// backend. Printable: `std::cout << stats` (or `to_string(stats)`) gives one line. An empty
+/// call (no tokens) reports no load, no drops and losses of 0 (a mean over no token is 0).
 struct layer_stats {
   index_t tokens = 0;
   /// C of the call; with a dropless layout, the largest per-expert load (nothing is dropped).

@@ -176,9 +176,9 @@ class layer {
 
   /// Checks a forward call, as forward does before any work, and writes nothing: x's tokens
   /// (0 to args().gate.tokens, a multiple of the local groups; at least 1 on the CUDA
-  /// backend for now), the views' extents, the
-  /// workspace's size, and on the host the values of `gate.expert_bias` (host memory there);
-  /// on the CUDA backend a cuBLAS handle (its workspace size needs <moe/layer/kernels/layer.cuh>).
+  /// backend for now), the views' extents, the workspace's size, and on the host the values
+  /// of `gate.expert_bias` (host memory there); on the CUDA backend a cuBLAS handle (its
+  /// workspace size needs <moe/layer/kernels/layer.cuh>).
   template <element T, class Backend>
   requires backend<Backend>
   [[nodiscard]] status can_implement(Backend on, matrix_view<std::type_identity_t<T> const> x,
