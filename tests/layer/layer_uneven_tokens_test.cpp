@@ -317,6 +317,14 @@ TEST_CASE("uneven tokens: one rank with no tokens") {
   check_every_composition(topology{2, 2}, {5, 0, 3, 6}, seed);
 }
 
+TEST_CASE("uneven tokens: no rank has a token") {
+  // Every call empty: C is 0 with Tutel's rule, and the [E, 0, H] blocks are still exchanged.
+  std::uint64_t const seed = test::fresh_seed();
+  INFO("seed " << seed);
+  check_every_composition(topology{2, 1}, {0, 0}, seed);
+  check_every_composition(topology{2, 2}, {0, 0, 0, 0}, seed);
+}
+
 TEST_CASE("uneven tokens: every token on one rank") {
   std::uint64_t const seed = test::fresh_seed();
   INFO("seed " << seed);

@@ -17,7 +17,8 @@
 //      drops; random routing (training, k = 2) then leaves out the 2nd choice unless
 //      2 · w_1 > u(t).
 //   4. each group orders its assignments by the priority; positions per (group, expert); the
-//      largest position count goes through `reduce_max_load`; C_g = the capacity policy's;
+//      largest position count goes through `reduce_max_load`; C_g = the capacity policy's
+//      (sized for `capacity_tokens` when set, so that ranks with different T agree on it);
 //      kept iff position < C_g. Slots: a group's kept assignments of expert e follow those of
 //      the groups before it (slot = kept so far), dropped ones get C + (dropped so far), so
 //      that kept ⇔ slot < C = G · C_g and the capacity layout's [E, C, H] holds every group.
