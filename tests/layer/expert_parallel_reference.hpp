@@ -37,6 +37,15 @@ inline double max_relative_error(span<double const> got, span<double const> want
   return worst;
 }
 
+/// Writes each token's provenance into its row: rows(t, 0) = `rank`, rows(t, 1) = t, so that
+/// a row delivered to the wrong token names the token it came from. Needs hidden ≥ 2.
+inline void write_provenance(matrix_view<double> rows, int rank) {
+  for (index_t t = 0; t < rows.extent(0); ++t) {
+    rows(t, 0) = static_cast<double>(rank);
+    rows(t, 1) = static_cast<double>(t);
+  }
+}
+
 /// A small layer of `experts` experts, 6 tokens per rank, with dynamic capacity: nothing is
 /// dropped, on one rank or many, so that every rank's rows can equal the one-rank layer's.
 inline layer_args small_args(index_t experts) {
@@ -48,16 +57,18 @@ inline layer_args small_args(index_t experts) {
           .ffn = 7};
 }
 
-/// The one-rank layer on `global_tokens` tokens: parameters, inputs and results.
+/// The one-rank layer on `global_tokens` tokens (0 too): parameters, inputs and results.
 template <class Gate, class Layout, class Expert>
 struct one_rank_reference {
   using layer_type = moe::layer<Gate, Layout, comm::single_rank, Expert>;
 
   /// With `uniform_gate` every score ties, so that every token picks the lowest experts and
-  /// the last experts receive no row.
+  /// the last experts receive no row. With `tokens_per_rank`, the global batch is the ranks'
+  /// runs in rank order (summing to `global_tokens`), each token's row marked with its
+  /// provenance (write_provenance).
   one_rank_reference(layer_args args, index_t global_tokens, std::mt19937_64& rng,
-                     bool uniform_gate = false)
-      : layer(with_tokens(args, global_tokens)),
+                     bool uniform_gate = false, std::vector<index_t> const& tokens_per_rank = {})
+      : layer(with_tokens(args, std::max<index_t>(global_tokens, 1))),  // a call may be empty
         whole(layer, {.biases = true}),
         x(global_tokens * args.hidden),
         dy(global_tokens * args.hidden),
@@ -67,6 +78,12 @@ struct one_rank_reference {
     randomize(whole, rng, 0.5);
     if (uniform_gate) std::fill(whole.values(0).begin(), whole.values(0).end(), 0.0);
     x.randomize(rng);
+    index_t first = 0;
+    for (std::size_t r = 0; r < tokens_per_rank.size(); ++r) {
+      write_provenance(make_view(x.data.data() + first * h, tokens_per_rank[r], h),
+                       static_cast<int>(r));
+      first += tokens_per_rank[r];
+    }
     dy.randomize(rng);
     std::vector<std::byte> ws(layer.workspace_bytes(host));
     layer.forward(host, x.cview(global_tokens, h), whole.params(), y.view(global_tokens, h), ws);

@@ -11,7 +11,7 @@
 // Every token carries its provenance: x[t][0] = its rank, x[t][1] = its index there, the rest
 // random, so that a row that lands at the wrong token names where it came from.
 
-#include "../support/parameters.hpp"
+#include "expert_parallel_reference.hpp"
 
 #include <moe/moe.hpp>
 
@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -32,180 +32,99 @@ using comm::simulated_world;
 using comm::topology;
 using expert_t = expert::ffn<act::gelu>;
 
-/// The largest error relative to want's largest magnitude; NaN where got holds one.
-double max_relative_error(span<double const> got, span<double const> want) {
-  double worst = 0, scale = 0;
-  for (double v : want) scale = std::max(scale, std::abs(v));
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    double const error = std::abs(got[i] - want[i]) / std::max(scale, 1e-300);
-    if (std::isnan(error) || error > worst) worst = error;
+/// The first of a rank's rows that differs from the reference's rows from `first` on, named
+/// by its rank, its index there and the provenance its input row carries; empty when none.
+std::string first_wrong_row(std::vector<double> const& rows, test::host_tensor<double> const& want,
+                            test::host_tensor<double> const& x, index_t first, int rank,
+                            index_t hidden) {
+  auto const tokens = static_cast<index_t>(rows.size()) / hidden;
+  for (index_t t = 0; t < tokens; ++t) {
+    auto const mine = rows.begin() + t * hidden;
+    auto const row = static_cast<std::size_t>((first + t) * hidden);
+    if (std::equal(mine, mine + hidden, want.data.begin() + static_cast<std::ptrdiff_t>(row)))
+      continue;
+    std::ostringstream out;
+    out << "rank " << rank << " token " << t << " (x carries rank " << x.data[row] << ", token "
+        << x.data[row + 1] << "): got " << mine[0] << " " << mine[1] << " …, want "
+        << want.data[row] << " " << want.data[row + 1] << " …";
+    return out.str();
   }
-  return worst;
+  return {};
 }
 
-/// The global batch of W ranks with `counts[r]` tokens each, concatenated in rank order.
-struct global_batch {
-  std::vector<index_t> counts, first;  // (W) tokens per rank, and the first global row of each
-  index_t tokens = 0, hidden = 0;
-
-  global_batch(std::vector<index_t> c, index_t h) : counts(std::move(c)), hidden(h) {
-    for (index_t n : counts) {
-      first.push_back(tokens);
-      tokens += n;
-    }
-  }
-  [[nodiscard]] index_t largest() const { return *std::max_element(counts.begin(), counts.end()); }
-
-  /// x with provenance: row (r, t) starts with r and t, the rest drawn from `rng`.
-  void fill_with_provenance(test::host_tensor<double>& x, std::mt19937_64& rng) const {
-    x.randomize(rng);
-    for (std::size_t r = 0; r < counts.size(); ++r)
-      for (index_t t = 0; t < counts[r]; ++t) {
-        x.data[static_cast<std::size_t>((first[r] + t) * hidden)] = static_cast<double>(r);
-        x.data[static_cast<std::size_t>((first[r] + t) * hidden + 1)] = static_cast<double>(t);
-      }
-  }
-
-  /// The first row of `got` that differs from `want`, named by its rank, its index there and
-  /// the provenance its input row carries; empty when all are equal.
-  [[nodiscard]] std::string first_difference(test::host_tensor<double> const& got,
-                                             test::host_tensor<double> const& want,
-                                             test::host_tensor<double> const& x) const {
-    for (std::size_t r = 0; r < counts.size(); ++r)
-      for (index_t t = 0; t < counts[r]; ++t) {
-        auto const row = static_cast<std::size_t>((first[r] + t) * hidden);
-        if (!std::equal(got.data.begin() + row, got.data.begin() + row + hidden,
-                        want.data.begin() + row)) {
-          std::ostringstream out;
-          out << "rank " << r << " token " << t << " (x carries rank " << x.data[row] << ", token "
-              << x.data[row + 1] << "): got " << got.data[row] << " " << got.data[row + 1]
-              << " …, want " << want.data[row] << " " << want.data[row + 1] << " …";
-          return out.str();
-        }
-      }
-    return {};
-  }
-};
-
-/// What each rank reports besides its outputs.
-struct rank_result {
-  layer_stats stats;
-  bool gate_gradient_zero = false;
-  bool sentinel_untouched = true;  // an empty call's views pointed at a poisoned sentinel
-};
-
 /// A W-rank layer with `counts[r]` tokens on rank r against the one-rank layer on the global
-/// batch. Returns each rank's result for the caller's further checks.
+/// batch (the ranks' tokens in rank order). Returns each rank's stats.
 template <int K, class Layout, class Collective>
-std::vector<rank_result> check_against_single_rank(topology t, std::vector<index_t> counts,
+std::vector<layer_stats> check_against_single_rank(topology t, std::vector<index_t> const& counts,
                                                    layer_args args, std::uint64_t seed) {
   CAPTURE(t.ranks_per_node);
   CAPTURE(t.nodes);
-  std::string const counts_text = [&] {
-    std::string s;
-    for (index_t n : counts) s += std::to_string(n) + " ";
-    return s;
-  }();
+  std::string counts_text;
+  for (index_t n : counts) counts_text += std::to_string(n) + " ";
   CAPTURE(counts_text);
   int const w = t.size();
   REQUIRE(static_cast<int>(counts.size()) == w);
-  index_t const h = args.hidden, e = args.gate.experts, local_e = e / w;
-  global_batch const batch(std::move(counts), h);
-  index_t const global_tokens = batch.tokens;
+  index_t const h = args.hidden;
+  std::vector<index_t> first(counts.size(), 0);  // each rank's first row of the global batch
+  for (std::size_t r = 1; r < counts.size(); ++r) first[r] = first[r - 1] + counts[r - 1];
+  index_t const global_tokens = first.back() + counts.back();
   std::mt19937_64 rng(seed);
+  test::one_rank_reference<gating::top_k<K>, Layout, expert_t> const ref(args, global_tokens, rng,
+                                                                         false, counts);
+  REQUIRE(ref.stats.dropped == 0);
 
-  // The reference: one rank, all experts, all tokens.
-  layer_args global_args = args;
-  global_args.gate.tokens = std::max<index_t>(global_tokens, 1);
-  using single_t = moe::layer<gating::top_k<K>, Layout, comm::single_rank, expert_t>;
-  single_t single(global_args);
-  host_parameters<single_t, double> whole(single, {.biases = true});
-  test::randomize(whole, rng, 0.5);
-  test::host_tensor<double> x(global_tokens * h), dy(global_tokens * h);
-  batch.fill_with_provenance(x, rng);
-  dy.randomize(rng);
-  std::vector<std::byte> ws(single.workspace_bytes(host));
-  test::host_tensor<double> y_ref(global_tokens * h), dx_ref(global_tokens * h);
-  single.forward(host, x.cview(global_tokens, h), whole.params(), y_ref.view(global_tokens, h), ws);
-  single.backward(host, dy.cview(global_tokens, h), whole.params(), dx_ref.view(global_tokens, h),
-                  whole.gradients(), ws);
-  REQUIRE(single.stats(host, ws).dropped == 0);
-
-  // W ranks: rank r routes its counts[r] tokens and holds experts [r·E_l, (r+1)·E_l).
-  test::host_tensor<double> y(global_tokens * h), dx(global_tokens * h);
-  host_parameters<single_t, double> gathered(single, {.biases = true});
-  std::vector<test::host_tensor<double>> gate_grads(w, test::host_tensor<double>(h * e));
-  std::vector<test::host_tensor<double>> sentinels(w, test::host_tensor<double>(4 * h));
-  y.poison();
-  dx.poison();
-  test::poison_gradients(gathered);
-  std::vector<rank_result> results(static_cast<std::size_t>(w));
+  // Each rank's expert gradients go back to their place in `gathered`; its gate weight
+  // gradient (a partial sum over its tokens) into the sum of all ranks'.
   using parallel_t = moe::layer<gating::top_k<K>, Layout, Collective, expert_t>;
+  host_parameters<typename decltype(ref)::layer_type, double> gathered(ref.layer, {.biases = true});
+  test::poison_gradients(gathered);
+  test::host_tensor<double> gate_sum(h * args.gate.experts);
+  std::vector<std::string> wrong_y(counts.size()), wrong_dx(counts.size());
+  std::vector<int> gate_gradient_zero(counts.size(), 0);
+  std::vector<layer_stats> stats(counts.size());
   simulated_world world(t);
   world.run([&](simulated_world::rank_communicator& comm) {
     int const r = comm.rank();
     auto const ru = static_cast<std::size_t>(r);
-    index_t const tokens = batch.counts[ru];
-    parallel_t layer(args, comm);
-    host_parameters<parallel_t, double> part(layer, {.biases = true});
-    test::poison_gradients(part);
-    auto within = [&](auto whole_tensor, std::size_t i) {
-      std::size_t const n = part.values(i).size();
-      return i == 0 ? whole_tensor : whole_tensor.subspan(static_cast<std::size_t>(r) * n, n);
-    };
-    for (std::size_t i = 0; i < part.shapes().size(); ++i)
-      std::ranges::copy(within(whole.values(i), i), part.values(i).begin());
-    std::vector<std::byte> rank_ws(layer.workspace_bytes(host));
-    // An empty call's views point at a poisoned sentinel: nothing may be written there.
-    sentinels[ru].poison();
-    auto rows = [&](auto& tensor) {
-      return tokens == 0 ? sentinels[ru].data.data() : tensor.data.data() + batch.first[ru] * h;
-    };
-    layer.forward(host, make_view(static_cast<double const*>(rows(x)), tokens, h), part.params(),
-                  make_view(rows(y), tokens, h), rank_ws);
-    layer.backward(host, make_view(static_cast<double const*>(rows(dy)), tokens, h), part.params(),
-                   make_view(rows(dx), tokens, h), part.gradients(), rank_ws);
-    std::ranges::copy(part.gradients(0), gate_grads[ru].data.begin());
-    for (std::size_t i = 1; i < part.shapes().size(); ++i)
-      std::ranges::copy(part.gradients(i), within(gathered.gradients(i), i).begin());
-    results[ru].stats = layer.stats(host, rank_ws);
-    results[ru].gate_gradient_zero =
-        std::ranges::all_of(part.gradients(0), [](double v) { return v == 0.0; });
-    results[ru].sentinel_untouched = sentinels[ru].is_poisoned();
+    auto const run = test::run_rank<parallel_t>(comm, args, ref, first[ru], counts[ru]);
+    wrong_y[ru] = first_wrong_row(run.y, ref.y, ref.x, first[ru], r, h);
+    wrong_dx[ru] = first_wrong_row(run.dx, ref.dx, ref.x, first[ru], r, h);
+    for (std::size_t i = 1; i < run.part.shapes().size(); ++i)
+      std::ranges::copy(
+          run.part.gradients(i),
+          ref.part_of(gathered.gradients(i), i, r, run.part.gradients(i).size()).begin());
+    gate_gradient_zero[ru] =
+        std::ranges::all_of(run.part.gradients(0), [](double v) { return v == 0.0; });
+    stats[ru] = run.stats;
+    static std::mutex sum;  // the ranks are threads
+    std::lock_guard lock(sum);
+    for (std::size_t i = 0; i < gate_sum.data.size(); ++i)
+      gate_sum.data[i] += run.part.gradients(0)[i];
   });
 
-  std::string const y_difference = batch.first_difference(y, y_ref, x);
-  CHECK_MESSAGE(y_difference.empty(), "y differs at " << y_difference);
-  std::string const dx_difference = batch.first_difference(dx, dx_ref, x);
-  CHECK_MESSAGE(dx_difference.empty(), "dx differs at " << dx_difference);
-  for (std::size_t i = 1; i < 5; ++i) {  // w1, b1, w2, b2: every expert's, from its rank
-    CAPTURE(whole.shapes()[i].name);
-    CHECK(max_relative_error(gathered.gradients(i), whole.gradients(i)) <= 1e-12);
-  }
-  test::host_tensor<double> gate_sum(h * e);
-  for (auto const& gg : gate_grads)
-    for (std::size_t i = 0; i < gate_sum.data.size(); ++i) gate_sum.data[i] += gg.data[i];
-  CHECK(max_relative_error(gate_sum.flat(), whole.gradients(0)) <= 1e-12);
-
-  for (std::size_t r = 0; r < results.size(); ++r) {
+  for (std::size_t r = 0; r < counts.size(); ++r) {
     CAPTURE(r);
-    rank_result const& got = results[r];
-    CHECK(got.stats.tokens == batch.counts[r]);
-    CHECK(got.stats.dropped == 0);
-    CHECK(got.sentinel_untouched);
-    CHECK(std::isfinite(got.stats.aux_loss));
-    CHECK(std::isfinite(got.stats.z_loss));
-    if (batch.counts[r] == 0) {
-      CHECK(got.gate_gradient_zero);
-      CHECK(got.stats.aux_loss == 0);
-      CHECK(got.stats.z_loss == 0);
-      CHECK(std::ranges::all_of(got.stats.load, [](std::int64_t l) { return l == 0; }));
+    CHECK_MESSAGE(wrong_y[r].empty(), "y differs at " << wrong_y[r]);
+    CHECK_MESSAGE(wrong_dx[r].empty(), "dx differs at " << wrong_dx[r]);
+    CHECK(stats[r].tokens == counts[r]);
+    CHECK(stats[r].dropped == 0);
+    CHECK(std::isfinite(stats[r].aux_loss));
+    CHECK(std::isfinite(stats[r].z_loss));
+    if (counts[r] == 0) {  // an empty call: no loss, no load, no gate gradient
+      CHECK(gate_gradient_zero[r] == 1);
+      CHECK(stats[r].aux_loss == 0);
+      CHECK(stats[r].z_loss == 0);
+      CHECK(std::ranges::all_of(stats[r].load, [](std::int64_t l) { return l == 0; }));
     }
-    // One capacity on every rank, whatever its own T.
-    CHECK(got.stats.capacity == results[0].stats.capacity);
+    CHECK(stats[r].capacity == stats[0].capacity);  // one C, whatever each rank's T
   }
-  (void)local_e;
-  return results;
+  // Every expert's gradients, from its rank (an empty rank's from the rows it received).
+  for (std::size_t i = 1; i < 5; ++i) {  // w1, b1, w2, b2
+    CAPTURE(ref.whole.shapes()[i].name);
+    CHECK(test::max_relative_error(gathered.gradients(i), ref.whole.gradients(i)) <= 1e-12);
+  }
+  CHECK(test::max_relative_error(gate_sum.flat(), ref.whole.gradients(0)) <= 1e-12);
+  return stats;
 }
 
 /// The provenance probe: experts that pass their rows through (relu(x + 64) − 64 with
@@ -224,12 +143,11 @@ void check_provenance(topology t, std::vector<index_t> const& counts, std::uint6
                         .hidden = h,
                         .ffn = h};
   using probe_t = moe::layer<gating::top_k<1>, Layout, Collective, expert::ffn<act::relu>>;
-  global_batch const batch(counts, h);
   std::vector<std::string> misrouted(counts.size());
   simulated_world world(t);
   world.run([&](simulated_world::rank_communicator& comm) {
     auto const r = static_cast<std::size_t>(comm.rank());
-    index_t const tokens = batch.counts[r], local_e = e / comm.size();
+    index_t const tokens = counts[r], local_e = e / comm.size();
     probe_t layer(args, comm);
     host_parameters<probe_t, double> w(layer, {.biases = true});
     std::mt19937_64 gate_rng(seed);  // the same gate on every rank
@@ -245,10 +163,7 @@ void check_provenance(topology t, std::vector<index_t> const& counts, std::uint6
     std::mt19937_64 rng(seed + r + 1);
     test::host_tensor<double> x(tokens * h), y(tokens * h);
     x.randomize(rng);
-    for (index_t i = 0; i < tokens; ++i) {
-      x.data[static_cast<std::size_t>(i * h)] = static_cast<double>(r);
-      x.data[static_cast<std::size_t>(i * h + 1)] = static_cast<double>(i);
-    }
+    test::write_provenance(x.view(tokens, h), static_cast<int>(r));
     y.poison();
     std::vector<std::byte> ws(layer.workspace_bytes(host));
     layer.forward(host, x.cview(tokens, h), w.params(), y.view(tokens, h), ws);
@@ -287,12 +202,11 @@ void check_every_composition(topology t, std::vector<index_t> const& counts, std
   index_t const experts = 8, largest = *std::max_element(counts.begin(), counts.end());
   // f = E gives k · E · ⌈T/E⌉ ≥ k · T slots: no expert overflows on one rank or many.
   double const no_drops = static_cast<double>(experts);
-  for (auto const& results :
-       {check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(
-            t, counts, uneven_args(experts, no_drops), seed),
-        check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(
-            t, counts, uneven_args(experts, no_drops), seed)})
-    CHECK(results[0].stats.capacity == tutel_rule(2, no_drops, largest, experts));
+  for (auto const& stats : {check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(
+                                t, counts, uneven_args(experts, no_drops), seed),
+                            check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(
+                                t, counts, uneven_args(experts, no_drops), seed)})
+    CHECK(stats[0].capacity == tutel_rule(2, no_drops, largest, experts));
   check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(
       t, counts, uneven_args(experts, 0.0), seed);  // dynamic: the largest load over the ranks
   check_against_single_rank<1, layout::capacity, comm::linear_all_to_all>(
