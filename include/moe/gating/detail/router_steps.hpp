@@ -251,8 +251,8 @@ double route_losses(index_t groups, host_routing& r) {
       (void)aux_probabilities<Score>(row_of(r.scores, t), p);
       for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] += p[e];
     }
-    for (std::size_t e = 0; e < e_count; ++e)
-      if (tokens > 0) r.mean_score[e] /= static_cast<double>(tokens);
+    if (tokens > 0)  // an empty call's means are 0
+      for (std::size_t e = 0; e < e_count; ++e) r.mean_score[e] /= static_cast<double>(tokens);
   }
   return aux_loss<Score, Aux>(r, groups, nullptr);
 }
