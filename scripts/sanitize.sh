@@ -2,11 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 #
 # The host test programs under sanitizers, as scripts/test.sh runs them after the main ctest:
-#   asan  core, gating, layout, expert, layer, tune and comm tests with AddressSanitizer and
-#         UBSan (-fno-sanitize-recover=undefined), Debug, CCCL_ENABLE_ASSERTIONS (mdspan's
-#         extent and index checks), in build-asan/;
-#   tsan  comm and layer tests (the simulated world's threads) with ThreadSanitizer, in
-#         build-tsan/.
+#   asan  core, gating, layout, expert, layer, layer_uneven_tokens, tune and comm tests with
+#         AddressSanitizer and UBSan (-fno-sanitize-recover=undefined), Debug,
+#         CCCL_ENABLE_ASSERTIONS (mdspan's extent and index checks), in build-asan/;
+#   tsan  comm, layer and layer_uneven_tokens tests (the simulated world's threads) with
+#         ThreadSanitizer, in build-tsan/.
 # Both are host-only builds (no .cu file, no CUDA compiler) without the emulated CUDA
 # runtime, whose fibers the sanitizers cannot follow. Only those test programs are built.
 #
