@@ -42,38 +42,38 @@ layer_args args_with_factor(float factor) {
   return {.gate = {.tokens = 64, .experts = 8, .capacity_factor = factor}, .hidden = 32, .ffn = 48};
 }
 
-/// One layer with its parameters, gradients, input and workspace in device memory.
-template <class Layout>
+/// One layer with its parameters, gradients, input and workspace in device memory, on its
+/// own stream and cuBLAS handle. `Layer` is built from the arguments and, with expert
+/// parallelism, the rank's communicator; the inputs are drawn from `seed`.
+template <class Layer>
 struct layer_call {
-  layer_of<Layout> layer;
   test::owned_stream s;
   blas_handle blas;
   cuda_backend cuda{s.stream, blas.get()};
+  Layer layer;
   index_t tokens, hidden;
-  device_parameters<layer_of<Layout>, float> w{layer, s.stream};
+  device_parameters<Layer, float> w{layer, s.stream};
   device_array<float> x, y, dy, dx;
   device_array<std::byte> ws;
 
-  explicit layer_call(layer_args const& a)
-      : layer(a),
+  template <class... Communicator>
+  layer_call(std::uint64_t seed, layer_args const& a, Communicator&... comm)
+      : layer(a, comm...),
         tokens(a.gate.tokens),
         hidden(a.hidden),
-        x(count(a.gate.tokens * a.hidden)),
+        x(static_cast<std::size_t>(a.gate.tokens * a.hidden)),
         y(x.size()),
         dy(x.size()),
         dx(x.size()),
         ws(layer.template workspace_bytes<float>(cuda)) {
     w.initialize(initializer::uniform(0.5), 11);
-    std::mt19937_64 rng(11);
-    for (auto* array : {&x, &dy}) array->upload(random_values(array->size(), rng), s.stream);
-  }
-
-  static std::size_t count(index_t n) { return static_cast<std::size_t>(n); }
-  static std::vector<float> random_values(std::size_t n, std::mt19937_64& rng) {
+    std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> u(-0.5f, 0.5f);
-    std::vector<float> v(n);
-    for (auto& e : v) e = u(rng);
-    return v;
+    for (auto* array : {&x, &dy}) {
+      std::vector<float> values(array->size());
+      for (auto& v : values) v = u(rng);
+      array->upload(values, s.stream);
+    }
   }
 
   void forward() {
@@ -116,7 +116,7 @@ void check_common(counters const& c) {
 /// The counters of one forward and one backward of `call`, reported as `what` and held to
 /// check_common.
 template <class Layout>
-std::array<counters, 2> count_pass(layer_call<Layout>& call, std::string const& what) {
+std::array<counters, 2> count_pass(layer_call<layer_of<Layout>>& call, std::string const& what) {
   std::array<counters, 2> const c{call.count_of([&] { call.forward(); }),
                                   call.count_of([&] { call.backward(); })};
   report((what + ", forward").c_str(), c[0]);
@@ -128,7 +128,7 @@ std::array<counters, 2> count_pass(layer_call<Layout>& call, std::string const& 
 }  // namespace
 
 TEST_CASE("the capacity layer with a fixed factor never synchronises or allocates") {
-  layer_call<layout::capacity> call(args_with_factor(1.25f));
+  layer_call<layer_of<layout::capacity>> call(11, args_with_factor(1.25f));
   call.forward();  // set-up outside the counted calls, as a trainer's first step
   call.backward();
   for (counters const& c : count_pass(call, "capacity, f = 1.25")) {
@@ -150,7 +150,7 @@ TEST_CASE("the capacity layer with a fixed factor never synchronises or allocate
 TEST_CASE("dynamic capacity reads the capacity back once per forward and once per backward") {
   for (float factor : {0.0f, -1.5f}) {
     INFO("capacity factor " << factor);
-    layer_call<layout::capacity> call(args_with_factor(factor));
+    layer_call<layer_of<layout::capacity>> call(11, args_with_factor(factor));
     for (counters const& c : count_pass(call, "capacity, dynamic"))
       CHECK(c.host_synchronizations == 1);
 
@@ -165,7 +165,7 @@ TEST_CASE("dynamic capacity reads the capacity back once per forward and once pe
 }
 
 TEST_CASE("the ragged layout reads the expert batch back once per forward and per backward") {
-  layer_call<layout::ragged> call(args_with_factor(1.0f));
+  layer_call<layer_of<layout::ragged>> call(11, args_with_factor(1.0f));
   for (counters const& c : count_pass(call, "ragged")) {
     CHECK(c.host_synchronizations == 1);
     CHECK(c.device_to_host_copies >= 1);
@@ -174,45 +174,10 @@ TEST_CASE("the ragged layout reads the expert batch back once per forward and pe
 
 namespace {
 
-/// One rank's expert-parallel layer with its parameters, input and workspace in device
-/// memory, on its own stream and cuBLAS handle.
+/// One rank's expert-parallel layer, its inputs drawn from the rank's own seed.
 template <class Layout>
-struct expert_parallel_rank {
-  using layer_type = moe::layer<gating::top_k<2>, Layout, comm::linear_all_to_all, expert_type>;
-  test::owned_stream s;
-  blas_handle blas;
-  cuda_backend cuda{s.stream, blas.get()};
-  layer_type layer;
-  index_t tokens, hidden;
-  device_parameters<layer_type, float> w{layer, s.stream};
-  device_array<float> x, y, dy, dx;
-  device_array<std::byte> ws;
-
-  expert_parallel_rank(layer_args const& a, comm::device_simulated_world::rank_communicator& c)
-      : layer(a, c),
-        tokens(a.gate.tokens),
-        hidden(a.hidden),
-        x(static_cast<std::size_t>(a.gate.tokens * a.hidden)),
-        y(x.size()),
-        dy(x.size()),
-        dx(x.size()),
-        ws(layer.template workspace_bytes<float>(cuda)) {
-    w.initialize(initializer::uniform(0.5), 11);
-    std::mt19937_64 rng(11 + static_cast<std::uint64_t>(c.rank()));
-    for (auto* array : {&x, &dy})
-      array->upload(layer_call<Layout>::random_values(array->size(), rng), s.stream);
-  }
-
-  void forward() {
-    layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, hidden), w.params(),
-                  make_view(y.data(), tokens, hidden), workspace{ws.data(), ws.size()});
-  }
-  void backward() {
-    layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, hidden),
-                   w.params(), make_view(dx.data(), tokens, hidden), w.gradients(),
-                   workspace{ws.data(), ws.size()});
-  }
-};
+using expert_parallel_layer =
+    moe::layer<gating::top_k<2>, Layout, comm::linear_all_to_all, expert_type>;
 
 /// Forward and backward of an expert-parallel layer on every rank of a two-rank world; the
 /// counters of all ranks together during forward and during backward (after a first call,
@@ -223,7 +188,7 @@ std::array<counters, 2> count_expert_parallel(layer_args const& a, std::string c
   std::barrier<> together(world.size());
   std::array<counters, 3> snapshots;
   world.run([&](comm::device_simulated_world::rank_communicator& c) {
-    expert_parallel_rank<Layout> rank(a, c);
+    layer_call<expert_parallel_layer<Layout>> rank(11 + static_cast<std::uint64_t>(c.rank()), a, c);
     // The snapshot between steps, taken by rank 0 while every rank waits.
     auto snapshot = [&](std::size_t i) {
       together.arrive_and_wait();
@@ -270,7 +235,8 @@ TEST_CASE("expert parallelism with a fixed factor captures in a CUDA graph in gl
   // two separate captures cannot; NCCL's calls are capturable).
   comm::device_simulated_world world({.ranks_per_node = 1, .nodes = 1});
   world.run([&](comm::device_simulated_world::rank_communicator& c) {
-    expert_parallel_rank<layout::capacity> rank(args_with_factor(1.25f), c);
+    layer_call<expert_parallel_layer<layout::capacity>> rank(
+        11 + static_cast<std::uint64_t>(c.rank()), args_with_factor(1.25f), c);
     rank.forward();  // set-up outside the capture
     rank.backward();
     test::captured_graph const graph(rank.s.stream, cudaStreamCaptureModeGlobal, [&] {

@@ -108,34 +108,43 @@ std::vector<std::vector<double>> gradients_of(host_parameters<Layer, T> const& p
   return out;
 }
 
+/// Runs `body(comm, rank, tokens, results)` on every rank of a `World` of topology `t`,
+/// rank r routing `tokens[r]` tokens; returns every rank's results.
+template <class World, class Body>
+std::vector<rank_results> on_every_rank(topology t, std::vector<index_t> const& tokens, Body body) {
+  std::vector<rank_results> results(static_cast<std::size_t>(t.size()));
+  World world(t);
+  world.run([&](typename World::rank_communicator& c) {
+    auto const r = static_cast<std::size_t>(c.rank());
+    body(c, c.rank(), tokens[r], results[r]);
+  });
+  return results;
+}
+
 /// The reference: the host backend's expert-parallel layer, in double.
 template <class Layout, class Collective>
 std::vector<rank_results> run_on_host(topology t, layer_args const& a,
                                       world_inputs<Layout> const& in) {
   using Layer = parallel_layer<Layout, Collective>;
-  std::vector<rank_results> results(static_cast<std::size_t>(t.size()));
   index_t const h = a.hidden;
-  simulated_world world(t);
-  world.run([&](simulated_world::rank_communicator& c) {
-    int const r = c.rank();
-    index_t const tokens = in.tokens[static_cast<std::size_t>(r)];
-    Layer const layer(a, c);
-    host_parameters<Layer, double> part(layer, with_biases);
-    in.copy_part(r, part);
-    std::vector<double> const x = test::widen(in.x[static_cast<std::size_t>(r)]);
-    std::vector<double> const dy = test::widen(in.dy[static_cast<std::size_t>(r)]);
-    rank_results& out = results[static_cast<std::size_t>(r)];
-    out.y.assign(x.size(), std::nan(""));
-    out.dx.assign(x.size(), std::nan(""));
-    host_buffer ws(layer.workspace_bytes(host));
-    layer.forward(host, make_view(x.data(), tokens, h), part.params(),
-                  make_view(out.y.data(), tokens, h), ws.view());
-    layer.backward(host, make_view(dy.data(), tokens, h), part.params(),
-                   make_view(out.dx.data(), tokens, h), part.gradients(), ws.view());
-    out.grads = gradients_of(part);
-    out.stats = layer.stats(host, ws.view());
-  });
-  return results;
+  return on_every_rank<simulated_world>(
+      t, in.tokens,
+      [&](simulated_world::rank_communicator& c, int r, index_t tokens, rank_results& out) {
+        Layer const layer(a, c);
+        host_parameters<Layer, double> part(layer, with_biases);
+        in.copy_part(r, part);
+        std::vector<double> const x = test::widen(in.x[static_cast<std::size_t>(r)]);
+        std::vector<double> const dy = test::widen(in.dy[static_cast<std::size_t>(r)]);
+        out.y.assign(x.size(), std::nan(""));
+        out.dx.assign(x.size(), std::nan(""));
+        host_buffer ws(layer.workspace_bytes(host));
+        layer.forward(host, make_view(x.data(), tokens, h), part.params(),
+                      make_view(out.y.data(), tokens, h), ws.view());
+        layer.backward(host, make_view(dy.data(), tokens, h), part.params(),
+                       make_view(out.dx.data(), tokens, h), part.gradients(), ws.view());
+        out.grads = gradients_of(part);
+        out.stats = layer.stats(host, ws.view());
+      });
 }
 
 /// The CUDA backend's expert-parallel layer, one stream and cuBLAS handle per virtual rank;
@@ -144,41 +153,37 @@ template <class Layout, class Collective>
 std::vector<rank_results> run_on_device(topology t, layer_args const& a,
                                         world_inputs<Layout> const& in) {
   using Layer = parallel_layer<Layout, Collective>;
-  std::vector<rank_results> results(static_cast<std::size_t>(t.size()));
   index_t const h = a.hidden;
-  device_simulated_world world(t);
-  world.run([&](device_simulated_world::rank_communicator& c) {
-    int const r = c.rank();
-    index_t const tokens = in.tokens[static_cast<std::size_t>(r)];
-    test::owned_stream s;
-    blas_handle blas;
-    cuda_backend const cuda{s.stream, blas.get()};
-    Layer const layer(a, c);
-    host_parameters<Layer, float> part(layer, with_biases);
-    in.copy_part(r, part);
-    device_parameters<Layer, float> params(layer, s.stream, with_biases);
-    params.copy_from(part);
-    std::size_t const n = in.x[static_cast<std::size_t>(r)].size();
-    device_array<float> x(n), dy(n), y(n), dx(n);
-    x.upload(in.x[static_cast<std::size_t>(r)], s.stream);
-    dy.upload(in.dy[static_cast<std::size_t>(r)], s.stream);
-    device_array<std::byte> ws(layer.template workspace_bytes<float>(cuda));
-    y.poison(s.stream);
-    dx.poison(s.stream);
-    ws.poison(s.stream);
-    workspace const w{ws.data(), ws.size()};
-    layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, h), params.params(),
-                  make_view(y.data(), tokens, h), w);
-    layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, h),
-                   params.params(), make_view(dx.data(), tokens, h), params.gradients(), w);
-    rank_results& out = results[static_cast<std::size_t>(r)];
-    out.stats = layer.stats(cuda, w, tokens);
-    out.y = test::widen(y.download(s.stream));
-    out.dx = test::widen(dx.download(s.stream));
-    params.copy_to(part);
-    out.grads = gradients_of(part);
-  });
-  return results;
+  return on_every_rank<device_simulated_world>(
+      t, in.tokens,
+      [&](device_simulated_world::rank_communicator& c, int r, index_t tokens, rank_results& out) {
+        test::owned_stream s;
+        blas_handle blas;
+        cuda_backend const cuda{s.stream, blas.get()};
+        Layer const layer(a, c);
+        host_parameters<Layer, float> part(layer, with_biases);
+        in.copy_part(r, part);
+        device_parameters<Layer, float> params(layer, s.stream, with_biases);
+        params.copy_from(part);
+        std::size_t const n = in.x[static_cast<std::size_t>(r)].size();
+        device_array<float> x(n), dy(n), y(n), dx(n);
+        x.upload(in.x[static_cast<std::size_t>(r)], s.stream);
+        dy.upload(in.dy[static_cast<std::size_t>(r)], s.stream);
+        device_array<std::byte> ws(layer.template workspace_bytes<float>(cuda));
+        y.poison(s.stream);
+        dx.poison(s.stream);
+        ws.poison(s.stream);
+        workspace const w{ws.data(), ws.size()};
+        layer.forward(cuda, make_view(static_cast<float const*>(x.data()), tokens, h),
+                      params.params(), make_view(y.data(), tokens, h), w);
+        layer.backward(cuda, make_view(static_cast<float const*>(dy.data()), tokens, h),
+                       params.params(), make_view(dx.data(), tokens, h), params.gradients(), w);
+        out.stats = layer.stats(cuda, w, tokens);
+        out.y = test::widen(y.download(s.stream));
+        out.dx = test::widen(dx.download(s.stream));
+        params.copy_to(part);
+        out.grads = gradients_of(part);
+      });
 }
 
 /// The one-rank CUDA layer on the global batch (every rank's tokens, rank after rank): its y
