@@ -103,22 +103,27 @@ TEST_CASE("expert parallelism over MPI: every rank's rows equal the one-rank lay
   check_against_single_rank<3, layout::ragged, comm::all_to_all_2dh>(nodes, padded, seed);
 }
 
-TEST_CASE("expert parallelism over MPI: a different number of tokens on each rank, one none") {
+TEST_CASE("expert parallelism over MPI: skewed token counts, one rank empty, all on one rank") {
   std::uint64_t const seed = shared_seed();
   INFO("seed " << seed);
   mpi_communicator flat(MPI_COMM_WORLD);
   mpi_communicator nodes(MPI_COMM_WORLD, {.ranks_per_node = 2});
-  std::vector<index_t> counts;  // 1, 0, 5, 4 with 4 ranks
-  for (int r = 0; r < flat.size(); ++r) counts.push_back(r == 1 ? 0 : 1 + (5 * r) % 6);
-  index_t const experts = 2 * flat.size();
-  layer_args no_drops = test::small_args(experts);
-  no_drops.gate.capacity_factor = static_cast<double>(experts);  // C from the largest T
-  check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(flat, no_drops, seed,
-                                                                          counts);
-  check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(
-      nodes, test::small_args(experts), seed, counts);
-  check_against_single_rank<2, layout::ragged, comm::all_to_all_2dh>(
-      nodes, test::small_args(experts), seed, counts);
+  int const w = flat.size();
+  std::vector<index_t> skewed, one_rank(static_cast<std::size_t>(w), 0);
+  for (int r = 0; r < w; ++r) skewed.push_back(r == 1 ? 0 : 1 + (5 * r) % 6);  // 1, 0, 5, 4
+  one_rank.back() = 6;  // every token on the last rank
+  index_t const experts = 2 * w;
+  for (std::vector<index_t> const& counts : {skewed, one_rank}) {
+    CAPTURE(counts.front());
+    layer_args no_drops = test::small_args(experts);
+    no_drops.gate.capacity_factor = static_cast<double>(experts);  // C from the largest T
+    check_against_single_rank<2, layout::capacity, comm::linear_all_to_all>(flat, no_drops, seed,
+                                                                            counts);
+    check_against_single_rank<2, layout::capacity, comm::all_to_all_2dh>(
+        nodes, test::small_args(experts), seed, counts);
+    check_against_single_rank<2, layout::ragged, comm::all_to_all_2dh>(
+        nodes, test::small_args(experts), seed, counts);
+  }
 }
 
 TEST_CASE("expert parallelism over MPI: experts that do not split evenly are rejected alike") {
