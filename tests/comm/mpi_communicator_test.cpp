@@ -8,6 +8,7 @@
 #include <moe/comm/all_to_all.hpp>
 #include <moe/comm/mpi_communicator.hpp>
 
+#include "../support/mpi.hpp"
 #include "../support/random.hpp"
 
 #include <doctest/doctest.h>
@@ -34,13 +35,6 @@ int world_size() {
   int size = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   return size;
-}
-
-/// One seed for every rank: rank 0's fresh one.
-std::uint64_t shared_seed() {
-  std::uint64_t seed = moe::test::fresh_seed();
-  MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
-  return seed;
 }
 
 /// Byte i of the chunk rank `src` sends rank `dst`: a function of all three, so that a chunk
@@ -96,7 +90,7 @@ TEST_CASE("mpi_communicator: the world of the processes, and its nodes") {
 }
 
 TEST_CASE("mpi_communicator: linear, 2DH and all_to_allv equal the direct exchange") {
-  std::uint64_t const seed = shared_seed();
+  std::uint64_t const seed = moe::test::shared_seed();
   INFO("seed " << seed);
   for (int per_node : {0, 1, 2}) {
     if (per_node > 0 && world_size() % per_node != 0) continue;

@@ -6,6 +6,7 @@
 // dynamic capacity, the same tokens on every rank or a different number on each (one rank
 // with none); and a bad composition is rejected on every rank alike.
 
+#include "../support/mpi.hpp"
 #include "expert_parallel_reference.hpp"
 
 #include <moe/comm/mpi_communicator.hpp>
@@ -22,13 +23,6 @@ namespace {
 using namespace moe;
 using comm::mpi_communicator;
 using expert_t = expert::ffn<act::gelu>;
-
-/// One seed for every rank: rank 0's fresh one.
-std::uint64_t shared_seed() {
-  std::uint64_t seed = test::fresh_seed();
-  MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
-  return seed;
-}
 
 /// Every rank computes the reference itself (the same seed gives the same batch), runs its
 /// part over MPI, and checks its own rows and gradients; the gate gradient's partial sums are
@@ -84,7 +78,7 @@ void check_against_single_rank(mpi_communicator& comm, layer_args args, std::uin
 }  // namespace
 
 TEST_CASE("expert parallelism over MPI: every rank's rows equal the one-rank layer's") {
-  std::uint64_t const seed = shared_seed();
+  std::uint64_t const seed = test::shared_seed();
   INFO("seed " << seed);
   mpi_communicator flat(MPI_COMM_WORLD);
   // Two ranks per pretend node: with 4 ranks, 2DH runs both of its levels.
@@ -104,7 +98,7 @@ TEST_CASE("expert parallelism over MPI: every rank's rows equal the one-rank lay
 }
 
 TEST_CASE("expert parallelism over MPI: skewed token counts, one rank empty, all on one rank") {
-  std::uint64_t const seed = shared_seed();
+  std::uint64_t const seed = test::shared_seed();
   INFO("seed " << seed);
   mpi_communicator flat(MPI_COMM_WORLD);
   mpi_communicator nodes(MPI_COMM_WORLD, {.ranks_per_node = 2});

@@ -324,6 +324,7 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
     std::vector<std::int64_t> const load = copy_to_host(cuda, r.load.data_handle(), a.gate.experts);
     std::vector<std::int32_t> const expert = copy_to_host(cuda, r.expert.data_handle(), tokens * k);
     std::vector<std::int64_t> const slot = copy_to_host(cuda, r.slot.data_handle(), tokens * k);
+    MOE_CUDA_TRY(cudaStreamSynchronize(cuda.stream));  // one wait for the three copies
     return l.stats_of(summary, rows, {load.data(), load.size()},
                       gating::dropped_per_expert(make_view(expert.data(), tokens, k),
                                                  make_view(slot.data(), tokens, k),
@@ -331,13 +332,13 @@ struct cuda_layer<layer<Gate, Layout, Collective, Expert>> {
   }
 
  private:
-  /// `count` elements of device memory at `from`, on the host once the stream has them.
+  /// `count` elements of device memory at `from`, copied to the host on `cuda.stream`: read
+  /// them once the stream has been synchronised. (A returned vector keeps its buffer.)
   template <class U>
   static std::vector<U> copy_to_host(cuda_backend cuda, U const* from, index_t count) {
     std::vector<U> to(static_cast<std::size_t>(count));
     MOE_CUDA_TRY(cudaMemcpyAsync(to.data(), from, to.size() * sizeof(U), cudaMemcpyDeviceToHost,
                                  cuda.stream));
-    MOE_CUDA_TRY(cudaStreamSynchronize(cuda.stream));
     return to;
   }
 
